@@ -1,0 +1,242 @@
+"""Owns the configuration: one TOML file, command-line overrides, the `ENABLE_*`
+environment flags and the size profiles, folded into one frozen `Config`.
+
+Loaded once at start and passed in; no other module reads the environment or the file.
+An unknown key or a bad value raises `ConfigError` naming the key, e.g.
+`config: [classifier] spam_cutof: unknown key (known: ham_cutoff, max_bytes, model, spam_cutoff)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from atlas_milter.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/atlas-milter/atlas-milter.toml")
+
+# Size profiles: worker count, memory limit for streaming (MB), batch size for the bulk writer.
+PROFILES: dict[str, dict[str, int]] = {
+    "small": {"workers": 2, "memory_limit_mb": 200, "batch_size": 100},
+    "medium": {"workers": 4, "memory_limit_mb": 500, "batch_size": 500},
+    "large": {"workers": 8, "memory_limit_mb": 1000, "batch_size": 1000},
+}
+
+FEATURE_FLAGS = {
+    "ENABLE_MONITORING": "monitoring",
+    "ENABLE_CACHING": "caching",
+    "ENABLE_BULK_OPS": "bulk_ops",
+    "ENABLE_PARALLEL": "parallel",
+    "ENABLE_STREAMING": "streaming",
+}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def auto_profile(cpus: int | None = None, mem_mb: int | None = None) -> str:
+    """Pick a profile from the machine: the largest whose worker count the CPUs can feed
+    and whose memory limit is at most a quarter of RAM."""
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    if mem_mb is None:
+        try:
+            mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        except (ValueError, OSError, AttributeError):
+            mem_mb = 1024
+    for name in ("large", "medium"):
+        prof = PROFILES[name]
+        if cpus >= prof["workers"] and mem_mb >= 4 * prof["memory_limit_mb"]:
+            return name
+    return "small"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    model: str = ""  # path to a model file; empty means the model shipped in the package
+    spam_cutoff: float = 0.0  # 0 means: the cutoff stored in the model
+    ham_cutoff: float = 0.0  # 0 means: the cutoff stored in the model
+    max_bytes: int = 512 * 1024  # bytes of each message analysed; the rest is ignored
+
+    def __post_init__(self) -> None:
+        for key in ("spam_cutoff", "ham_cutoff"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"config: [classifier] {key}: must be between 0 and 1")
+        if self.spam_cutoff and self.ham_cutoff and self.ham_cutoff > self.spam_cutoff:
+            raise ConfigError("config: [classifier] ham_cutoff: must not exceed spam_cutoff")
+        if self.max_bytes < 1024:
+            raise ConfigError("config: [classifier] max_bytes: must be at least 1024")
+
+
+@dataclass(frozen=True)
+class PerformanceConfig:
+    profile: str = "auto"  # small | medium | large | auto
+    workers: int = 0  # 0 means: from the profile
+    memory_limit_mb: int = 0  # 0 means: from the profile
+    batch_size: int = 0  # 0 means: from the profile
+    chunk_size: int = 100  # messages per streaming chunk
+    cache_size: int = 10000  # verdicts kept in the TTL cache
+    cache_ttl: float = 3600.0  # seconds a cached verdict stays valid
+    flush_interval: float = 1.0  # seconds between bulk-writer flushes
+    queue_size: int = 10000  # records the bulk writer may hold before it refuses more
+
+    def __post_init__(self) -> None:
+        if self.profile not in (*PROFILES, "auto"):
+            raise ConfigError(
+                f"config: [performance] profile: {self.profile!r} is not one of small, medium, large, auto"
+            )
+        for key in ("workers", "memory_limit_mb", "batch_size", "chunk_size", "cache_size", "queue_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config: [performance] {key}: must not be negative")
+        for key in ("chunk_size", "queue_size"):
+            if getattr(self, key) == 0:
+                raise ConfigError(f"config: [performance] {key}: must be at least 1")
+        if self.cache_ttl <= 0 or self.flush_interval <= 0:
+            raise ConfigError("config: [performance] cache_ttl and flush_interval: must be positive")
+
+    def resolved(self) -> "PerformanceConfig":
+        """This config with the profile's numbers filled in where a key was left at 0."""
+        name = auto_profile() if self.profile == "auto" else self.profile
+        prof = PROFILES[name]
+        return dataclasses.replace(
+            self,
+            profile=name,
+            workers=self.workers or prof["workers"],
+            memory_limit_mb=self.memory_limit_mb or prof["memory_limit_mb"],
+            batch_size=self.batch_size or prof["batch_size"],
+        )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    db: str = "atlas-milter.db"  # SQLite database of verdicts
+
+
+@dataclass(frozen=True)
+class StatsdConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8125
+    prefix: str = "atlas"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"config: [statsd] port: {self.port} is not a port number")
+
+
+@dataclass(frozen=True)
+class Features:
+    """The `ENABLE_*` switches; all on by default. Off gives the plain sequential path."""
+
+    monitoring: bool = True
+    caching: bool = True
+    bulk_ops: bool = True
+    parallel: bool = True
+    streaming: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    log_level: str = "info"
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    statsd: StatsdConfig = field(default_factory=StatsdConfig)
+    features: Features = field(default_factory=Features)
+
+    def __post_init__(self) -> None:
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"config: log_level: {self.log_level!r} is not one of debug, info, warning, error")
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"config: {where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {where}: expected a list, got {type(value).__name__}")
+        return tuple(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {where}: expected a table, got {type(value).__name__}")
+        return value
+    return value
+
+
+def build_section(cls: type, table: Mapping[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a TOML table, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config: {where}{key}: unknown key (known: {', '.join(sorted(known))})")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config: [{name}]: expected a table")
+            kwargs[name] = build_section(hint, value, f"[{name}] ")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def parse_bool_flag(name: str, value: str) -> bool:
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"environment: {name}={value!r}: use true or false")
+
+
+def features_from_env(env: Mapping[str, str]) -> dict[str, bool]:
+    return {attr: parse_bool_flag(var, env[var]) for var, attr in FEATURE_FLAGS.items() if var in env}
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read the TOML file (or the default one when present), apply the `ENABLE_*` flags from
+    `env` and then `overrides` ({"section.key": value}, e.g. from CLI flags), and validate."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config: {path}: no such file (pass --config with an existing file)") from None
+        except PermissionError:
+            raise ConfigError(f"config: {path}: permission denied") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path}: not valid TOML: {exc}") from None
+    feats = features_from_env(env)
+    if feats:
+        data.setdefault("features", {}).update(feats)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        target = data.setdefault(section, {}) if section else data
+        target[key] = value
+    return build_section(Config, data, "")
+
+
+def config_as_dict(config: Any) -> dict[str, Any]:
+    """The effective configuration as plain data (for `check-config` and the docs test)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,293 @@
+"""Owns turning raw message bytes into a `ParsedMessage`: headers decoded, body text
+extracted (plain and HTML), URLs, attachments, sender domains, and the body digest that
+keys the verdict cache.
+
+It must survive anything: mbox `From ` lines, CRLF or LF, broken or missing MIME
+boundaries, unknown or lying charsets, base64/QP errors, NUL bytes, megabyte lines,
+deep nesting. Only the first `max_bytes` of a message are analysed; a message that cannot
+be parsed as MIME at all is read as plain text, and the reason is kept in `defects`.
+It knows nothing about scoring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+from dataclasses import dataclass, field
+from email.header import decode_header
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
+
+DEFAULT_MAX_BYTES = 512 * 1024
+MAX_PARTS = 200  # MIME parts walked per message; the rest are counted, not read
+MAX_TEXT_CHARS = 200_000  # decoded text kept per message
+MAX_PART_BYTES = 256 * 1024  # bytes of one text part decoded
+MAX_HEADERS = 500  # headers kept per message
+
+_PARSER = BytesParser(policy=compat32)
+_ADDR_RE = re.compile(r"[\w.+'=~!#$%&*/?^`{|}-]+@([\w-]+(?:\.[\w-]+)+)", re.UNICODE)
+_ANGLE_ADDR_RE = re.compile(r"<\s*([^<>\s]*@[^<>\s]*)\s*>")
+_URL_RE = re.compile(r"""(?i)\b(?:https?://|www\.)[^\s"'<>()\[\]{}\\^`|]{2,300}""")
+_SCRIPT_STYLE_RE = re.compile(r"(?is)<(script|style)\b.*?</\1\s*>|<!--.*?-->")
+_TAG_RE = re.compile(r"(?s)<[^>]{0,4000}>")
+_HREF_RE = re.compile(r"""(?i)\b(?:href|src)\s*=\s*["']?\s*([^"'\s>]{1,300})""")
+_IMG_RE = re.compile(r"(?i)<img\b")
+_WS_RE = re.compile(r"\s+")
+
+
+@dataclass(slots=True)
+class ParsedMessage:
+    """What the classifier and the policy need to know about one message."""
+
+    subject: str = ""
+    sender: str = ""  # envelope-free From: address, lowercased
+    sender_name: str = ""  # display name of From:
+    sender_domain: str = ""
+    reply_to_domain: str = ""
+    return_path_domain: str = ""
+    message_id: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)  # (lowercased name, decoded value)
+    text: str = ""  # plain text of the body (HTML converted), capped
+    html_parts: int = 0
+    text_parts: int = 0
+    image_tags: int = 0
+    urls: list[str] = field(default_factory=list)
+    attachments: list[tuple[str, str]] = field(default_factory=list)  # (filename, content type)
+    content_types: list[str] = field(default_factory=list)
+    charsets: list[str] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+    size: int = 0  # bytes of the raw message
+    truncated: bool = False  # only the first max_bytes were analysed
+
+    def header(self, name: str, default: str = "") -> str:
+        low = name.lower()
+        for key, value in self.headers:
+            if key == low:
+                return value
+        return default
+
+
+def _to_text(data: bytes, charset: str | None) -> str:
+    """Decode bytes with the declared charset, falling back when it is unknown or lies."""
+    if charset:
+        charset = charset.strip().strip('"').lower()
+        try:
+            return data.decode(charset)
+        except (LookupError, UnicodeDecodeError, ValueError, TypeError):
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
+def _str_from_surrogates(value: str) -> str:
+    """compat32 keeps non-ASCII header bytes as surrogate escapes: turn them back into text."""
+    try:
+        value.encode("ascii")
+        return value
+    except UnicodeEncodeError:
+        raw = value.encode("ascii", errors="surrogateescape") if _has_surrogates(value) else value.encode("utf-8", "replace")
+        return _to_text(raw, None)
+
+
+def _has_surrogates(value: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def decode_header_value(value: object) -> str:
+    """Decode RFC 2047 encoded words, tolerating unknown charsets and garbage."""
+    value = str(value) if not isinstance(value, str) else value
+    value = _str_from_surrogates(value)
+    if "=?" not in value:
+        return _WS_RE.sub(" ", value).strip()
+    try:
+        parts = decode_header(value)
+    except Exception:  # email.errors.HeaderParseError and friends on hostile input
+        return _WS_RE.sub(" ", value).strip()
+    out = []
+    for chunk, charset in parts:
+        if isinstance(chunk, bytes):
+            out.append(_to_text(chunk, charset))
+        else:
+            out.append(chunk)
+    return _WS_RE.sub(" ", "".join(out)).strip()
+
+
+def _domain_of(address_field: str) -> tuple[str, str, str]:
+    """(address, display name, domain) of a From:/Reply-To: value, lowercased address."""
+    angle = _ANGLE_ADDR_RE.search(address_field)
+    if angle:
+        addr = angle.group(1)
+        name = address_field[: angle.start()].strip().strip('"').strip()
+    else:
+        addr = address_field.strip()
+        name = ""
+        paren = addr.find("(")
+        if paren > 0:
+            name = addr[paren:].strip("() ")
+            addr = addr[:paren].strip()
+    addr = addr.lower()
+    match = _ADDR_RE.search(addr)
+    domain = match.group(1).strip(".").lower() if match else ""
+    return addr[:254], name[:200], domain[:253]
+
+
+def html_to_text(markup: str) -> tuple[str, list[str], int]:
+    """Text, link targets and the number of <img> tags of an HTML body (fast, regex based)."""
+    links = _HREF_RE.findall(markup)
+    images = len(_IMG_RE.findall(markup))
+    markup = _SCRIPT_STYLE_RE.sub(" ", markup)
+    text = _TAG_RE.sub(" ", markup)
+    text = html.unescape(text)
+    return text, links, images
+
+
+def _strip_mbox_from(raw: bytes) -> bytes:
+    if raw.startswith(b"From "):
+        nl = raw.find(b"\n")
+        return raw[nl + 1 :] if nl >= 0 else b""
+    return raw
+
+
+def _read_part_text(part: Message, parsed: ParsedMessage) -> str:
+    try:
+        payload = part.get_payload(decode=True)
+    except Exception as exc:  # broken base64/QP, odd transfer encodings
+        parsed.defects.append(f"payload: {type(exc).__name__}")
+        payload = None
+    if payload is None:
+        raw = part.get_payload()
+        payload = raw.encode("ascii", "surrogateescape") if isinstance(raw, str) else b""
+    if len(payload) > MAX_PART_BYTES:
+        payload = payload[:MAX_PART_BYTES]
+        parsed.truncated = True
+    try:
+        charset = part.get_content_charset()
+    except Exception:
+        charset = None
+    if charset:
+        parsed.charsets.append(charset[:40])
+    return _to_text(payload.replace(b"\x00", b" "), charset)
+
+
+def _walk(msg: Message, parsed: ParsedMessage) -> list[str]:
+    texts: list[str] = []
+    stack = [msg]
+    seen = 0
+    while stack:
+        part = stack.pop()
+        seen += 1
+        if seen > MAX_PARTS:
+            parsed.defects.append("too many MIME parts")
+            break
+        ctype = part.get_content_type()
+        parsed.content_types.append(ctype)
+        if part.is_multipart():
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack.extend(reversed(payload))
+            continue
+        filename = None
+        try:
+            filename = part.get_filename()
+        except Exception:
+            parsed.defects.append("bad filename")
+        disposition = (part.get("Content-Disposition") or "")
+        disposition = str(disposition).lower()
+        maintype = part.get_content_maintype()
+        if filename or "attachment" in disposition or maintype not in ("text", "message", "multipart"):
+            parsed.attachments.append((decode_header_value(filename or "")[:200], ctype))
+            continue
+        if ctype == "text/html":
+            markup = _read_part_text(part, parsed)
+            text, links, images = html_to_text(markup)
+            parsed.html_parts += 1
+            parsed.image_tags += images
+            parsed.urls.extend(links)
+            texts.append(text)
+        elif maintype == "text":
+            parsed.text_parts += 1
+            texts.append(_read_part_text(part, parsed))
+        elif ctype == "message/rfc822":
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack.extend(reversed(payload))
+    return texts
+
+
+def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessage:
+    """Parse raw message bytes. Never raises on message content."""
+    parsed = ParsedMessage(size=len(raw))
+    if len(raw) > max_bytes:
+        raw = raw[:max_bytes]
+        parsed.truncated = True
+    raw = _strip_mbox_from(raw)
+    if b"\x00" in raw:
+        raw = raw.replace(b"\x00", b" ")
+        parsed.defects.append("NUL bytes")
+    try:
+        msg = _PARSER.parsebytes(raw)
+        texts = _fill_from_mime(msg, parsed)
+    except (RecursionError, Exception) as exc:  # the email package can fail on hostile structure
+        parsed.defects.append(f"unparseable MIME ({type(exc).__name__}); read as plain text")
+        head, _, body = raw.partition(b"\n\n")
+        texts = [_to_text(body, None)]
+    text = "\n".join(texts)
+    if len(text) > MAX_TEXT_CHARS:
+        text = text[:MAX_TEXT_CHARS]
+        parsed.truncated = True
+    parsed.text = text
+    parsed.urls.extend(_URL_RE.findall(text))
+    return parsed
+
+
+def _fill_from_mime(msg: Message, parsed: ParsedMessage) -> list[str]:
+    headers = []
+    for name, value in msg._headers[:MAX_HEADERS]:  # raw (name, value) pairs, in order
+        headers.append((str(name).lower(), decode_header_value(value)[:2000]))
+    parsed.headers = headers
+    if len(msg._headers) > MAX_HEADERS:
+        parsed.defects.append("too many headers")
+    parsed.subject = parsed.header("subject")[:500]
+    parsed.sender, parsed.sender_name, parsed.sender_domain = _domain_of(parsed.header("from"))
+    parsed.reply_to_domain = _domain_of(parsed.header("reply-to"))[2]
+    parsed.return_path_domain = _domain_of(parsed.header("return-path"))[2]
+    parsed.message_id = parsed.header("message-id")[:300]
+    if msg.defects:
+        parsed.defects.extend(type(d).__name__ for d in msg.defects[:5])
+    return _walk(msg, parsed)
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """Cheap identity of a message for the verdict cache, computed without MIME parsing."""
+
+    sender: str
+    subject: str
+    body_digest: str
+
+
+_FROM_HDR_RE = re.compile(rb"(?im)^from:[ \t]*(.*(?:\r?\n[ \t].*)*)")
+_SUBJECT_HDR_RE = re.compile(rb"(?im)^subject:[ \t]*(.*(?:\r?\n[ \t].*)*)")
+_BODY_SPLIT_RE = re.compile(rb"\r?\n\r?\n")
+_BYTES_WS_RE = re.compile(rb"\s+")
+
+
+def fingerprint(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Fingerprint:
+    """Sender, subject and a digest of the normalised body (case and white space folded),
+    read straight from the bytes: a campaign re-sent to many recipients, with different
+    envelope and To: headers, maps to one fingerprint."""
+    raw = _strip_mbox_from(raw[:max_bytes])
+    split = _BODY_SPLIT_RE.search(raw)
+    head, body = (raw[: split.start()], raw[split.end() :]) if split else (raw, b"")
+    sender = _FROM_HDR_RE.search(head)
+    subject = _SUBJECT_HDR_RE.search(head)
+    norm = _BYTES_WS_RE.sub(b"", body.lower())
+    return Fingerprint(
+        sender=sender.group(1).decode("latin-1").strip()[:300] if sender else "",
+        subject=subject.group(1).decode("latin-1").strip()[:500] if subject else "",
+        body_digest=hashlib.blake2b(norm, digest_size=16).hexdigest(),
+    )

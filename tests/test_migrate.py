@@ -1,0 +1,188 @@
+"""migrate.py against real SQLite files in tmp_path, plus the sqlite3 command line."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from atlas_milter import migrate
+from atlas_milter.errors import StoreError
+
+REPO_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+PERF_INDEXES = {
+    "idx_processed_emails_uid_folder",
+    "idx_processed_emails_created_at",
+    "idx_processed_emails_verdict",
+    "idx_processed_emails_sender_domain",
+    "idx_processed_emails_queue_id",
+    "idx_domains_domain",
+}
+ALL_NAMES = ["0001_initial", "0002_add_performance_indexes"]
+
+
+def names(db: Path, kind: str) -> set[str]:
+    with sqlite3.connect(db) as conn:
+        return {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = ?", (kind,))}
+
+
+def recorded(db: Path) -> list[int]:
+    with sqlite3.connect(db) as conn:
+        return [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+
+
+def test_package_finds_the_numbered_files_only():
+    found = migrate.available_migrations()
+    assert [m.name for m in found] == ALL_NAMES
+    assert [m.version for m in found] == [1, 2]
+    # The package directory is the top-level folder, through the symlink.
+    assert migrate.MIGRATIONS_DIR.resolve() == REPO_MIGRATIONS.resolve()
+    assert (REPO_MIGRATIONS / "add_performance_indexes.sql").read_text() == found[1].sql()
+
+
+def test_fresh_database_gets_everything_and_rerun_applies_nothing(tmp_path):
+    db = tmp_path / "v.db"
+    assert migrate.apply_migrations(db) == ALL_NAMES
+    assert {"processed_emails", "domains", "learning_events", "schema_migrations"} <= names(db, "table")
+    assert PERF_INDEXES | {"uq_processed_emails_mailbox_uid"} <= names(db, "index")
+    assert recorded(db) == [1, 2]
+    assert migrate.apply_migrations(db) == []
+    assert recorded(db) == [1, 2]
+    assert [s["status"] for s in migrate.migration_status(db)] == ["applied", "applied"]
+
+
+def test_connection_pragmas(tmp_path):
+    conn = migrate.connect(tmp_path / "v.db", busy_timeout=2.5)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2500
+    finally:
+        conn.close()
+
+
+def test_rollback_last_drops_the_indexes_and_reapply_restores_them(tmp_path):
+    db = tmp_path / "v.db"
+    migrate.apply_migrations(db)
+    assert migrate.rollback_last(db) == "0002_add_performance_indexes"
+    assert not PERF_INDEXES & names(db, "index")
+    assert "uq_processed_emails_mailbox_uid" in names(db, "index")  # belongs to 0001
+    assert recorded(db) == [1]
+    assert [s["status"] for s in migrate.migration_status(db)] == ["applied", "pending"]
+
+    assert migrate.apply_migrations(db) == ["0002_add_performance_indexes"]
+    assert PERF_INDEXES <= names(db, "index")
+    assert recorded(db) == [1, 2]
+
+
+def test_rollback_everything_then_nothing_left(tmp_path):
+    db = tmp_path / "v.db"
+    migrate.apply_migrations(db)
+    assert migrate.rollback_last(db) == "0002_add_performance_indexes"
+    assert migrate.rollback_last(db) == "0001_initial"
+    assert names(db, "table") == {"schema_migrations"}
+    assert migrate.rollback_last(db) is None
+
+
+def test_every_migration_has_a_rollback_block():
+    for m in migrate.available_migrations():
+        rollback = m.rollback_sql()
+        assert rollback.startswith("DROP "), m.name
+        assert "--" not in rollback, m.name
+
+
+def test_a_failing_migration_leaves_nothing_behind(tmp_path):
+    mdir = tmp_path / "migrations"
+    mdir.mkdir()
+    (mdir / "0001_ok.sql").write_text("CREATE TABLE a (x);\n")
+    (mdir / "0002_bad.sql").write_text("CREATE TABLE b (x);\nINSERT INTO nowhere VALUES (1);\n")
+    db = tmp_path / "v.db"
+    with pytest.raises(StoreError, match="no such table: nowhere"):
+        migrate.apply_migrations(db, directory=mdir)
+    assert "b" not in names(db, "table")  # 0002 ran in its own transaction, rolled back
+    assert "a" in names(db, "table")
+    assert recorded(db) == [1]
+
+
+def test_split_statements_respects_strings_and_comments():
+    sql = "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('a;b'); -- c;\n-- rollback:\n-- DROP TABLE t;\n"
+    assert migrate.split_statements(sql) == [
+        "CREATE TABLE t (x TEXT);",
+        "INSERT INTO t VALUES ('a;b');",
+        "-- c;\n-- rollback:\n-- DROP TABLE t;",
+    ]
+
+
+def test_migration_status_of_a_missing_database_does_not_create_it(tmp_path):
+    db = tmp_path / "absent.db"
+    assert [s["status"] for s in migrate.migration_status(db)] == ["pending", "pending"]
+    assert not db.exists()
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the sqlite3 command-line tool is not installed")
+def test_add_performance_indexes_runs_with_the_sqlite3_cli(tmp_path):
+    db = tmp_path / "v.db"
+    migrate.apply_migrations(db)
+    migrate.rollback_last(db)
+    assert not PERF_INDEXES & names(db, "index")
+    script = REPO_MIGRATIONS / "add_performance_indexes.sql"
+    for _ in range(2):  # running it again is harmless
+        with open(script, "rb") as fh:
+            done = subprocess.run(["sqlite3", str(db)], stdin=fh, capture_output=True, timeout=30)
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stderr == b""
+        assert PERF_INDEXES <= names(db, "index")
+
+
+def assert_one_line_locked(exc: StoreError, db: Path) -> None:
+    text = str(exc)
+    assert "\n" not in text
+    assert text == f"database {db} is locked by another process; stop it or retry"
+
+
+def test_locked_fresh_database_raises_store_error(tmp_path):
+    db = tmp_path / "v.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreError) as info:
+            migrate.apply_migrations(db, busy_timeout=0.1)
+        assert_one_line_locked(info.value, db)
+    finally:
+        holder.close()
+    assert migrate.apply_migrations(db) == ALL_NAMES  # and it works once released
+
+
+def test_locked_wal_database_with_pending_migration_raises_store_error(tmp_path):
+    db = tmp_path / "v.db"
+    migrate.apply_migrations(db)
+    migrate.rollback_last(db)
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreError) as info:
+            migrate.apply_migrations(db, busy_timeout=0.1)
+        assert_one_line_locked(info.value, db)
+        with pytest.raises(StoreError, match="locked"):
+            migrate.rollback_last(db, busy_timeout=0.1)
+    finally:
+        holder.close()
+    assert recorded(db) == [1]
+
+
+def test_not_a_database_raises_store_error(tmp_path):
+    db = tmp_path / "v.db"
+    db.write_bytes(b"this is not sqlite at all, just some text " * 100)
+    with pytest.raises(StoreError, match=r"is not a usable SQLite database .*; move it aside"):
+        migrate.apply_migrations(db)
+    with pytest.raises(StoreError, match="not a usable SQLite database"):
+        migrate.migration_status(db)
+
+
+def test_missing_directory_raises_store_error(tmp_path):
+    db = tmp_path / "no" / "such" / "dir" / "v.db"
+    with pytest.raises(StoreError, match="cannot open database .*directory is writable"):
+        migrate.apply_migrations(db)
