@@ -44,6 +44,11 @@ _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _DIGITS_RE = re.compile(r"\d")
 _IP_URL_RE = re.compile(r"^(?:https?://)?\d{1,3}(?:\.\d{1,3}){3}")
 _URL_HOST_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//([^/:?#@]*@)?([^/:?#]+)", re.I)
+# Headers whose mere presence says something about the sending software, anywhere.
+_TELLING_HEADERS = frozenset({
+    "x-priority", "x-msmail-priority", "x-mimeole", "organization", "user-agent", "x-mailer",
+    "disposition-notification-to", "x-originating-ip", "importance", "x-accept-language",
+})
 _SHORT_TLDS = {"uk", "au", "jp", "br", "nz", "za", "cn", "kr", "tw", "in", "il"}
 
 
@@ -115,6 +120,19 @@ def features(msg: ParsedMessage) -> set[str]:
             add("sig:reply-to-elsewhere")
     if not msg.message_id:
         add("sig:no-message-id")
+    for name, value in msg.headers:
+        if name in _TELLING_HEADERS:
+            add("hdr:" + name)
+            if name in ("x-mailer", "user-agent"):
+                product = _SUBJ_WORD_RE.findall(value.lower())[:2]
+                if product:
+                    add("mailer:" + " ".join(product))
+    if not msg.header("date"):
+        add("sig:no-date")
+    if subject.lower().startswith("re:") and not (msg.header("in-reply-to") or msg.header("references")):
+        add("sig:reply-without-thread")
+    for encoding in set(msg.encodings[:10]):
+        add("cte:" + encoding)
 
     hosts = set()
     for url in msg.urls[:200]:

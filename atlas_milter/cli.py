@@ -1,5 +1,323 @@
-"""The `atlas-milter` command (placeholder until the core lands)."""
+"""The `atlas-milter` command: parses options, calls one library function per command,
+prints. A user mistake (bad flag, bad config key, unreadable file, locked database) is one
+`Error: …` line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from atlas_milter import __version__
+from atlas_milter.errors import AtlasError, ModelError
+
+log = logging.getLogger("atlas_milter")
 
 
-def main(argv=None) -> int:
+# --- helpers shared by commands -----------------------------------------------------
+
+def _load_config(args: argparse.Namespace, **overrides: Any):
+    from atlas_milter.config import load_config
+
+    over = dict(overrides)
+    if getattr(args, "model", None):
+        over["classifier.model"] = args.model
+    if getattr(args, "db", None):
+        over["store.db"] = args.db
+    if getattr(args, "statsd", None):
+        host, _, port = args.statsd.rpartition(":")
+        if not host or not port.isdigit():
+            raise AtlasError(f"--statsd {args.statsd}: use HOST:PORT, e.g. 127.0.0.1:8125")
+        over["statsd.host"], over["statsd.port"] = host, int(port)
+    return load_config(args.config, over)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fmt_reasons(reasons: Sequence[tuple[str, float]], n: int = 3) -> str:
+    return ", ".join(f"{name} {weight:+.2f}" for name, weight in reasons[:n])
+
+
+def _finite(value: float) -> float | None:
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
+# --- commands -----------------------------------------------------------------------
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from atlas_milter.pipeline import Pipeline
+    from atlas_milter.sources import LocalSource, source_kind
+
+    config = _load_config(args)
+    for spec in args.sources:
+        source_kind(spec)  # a missing source is an error before any work starts
+    unreadable: list[str] = []
+
+    def on_error(message: str) -> None:
+        unreadable.append(message)
+        print(f"Error: {message}", file=sys.stderr)
+
+    pipeline = Pipeline(config, with_store=bool(args.db))
+    try:
+        def show(result):
+            if args.db:
+                pipeline.record(result, source="classify", folder=None)
+            if args.json:
+                print(json.dumps({"path": result.key, **result.verdict.as_dict(), "subject": result.summary.subject}), flush=False)
+            else:
+                v = result.verdict
+                print(f"{result.key}: {v.verdict.upper()} score={v.score:.3f} ({_fmt_reasons(v.reasons)})")
+            return result
+
+        for spec in args.sources:
+            pipeline.process_source(LocalSource(on_error), spec, show)
+        sys.stdout.flush()
+    finally:
+        pipeline.close()
+    return 1 if unreadable else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from atlas_milter.classifier import save_model
+    from atlas_milter.evaluate import train_from_sources
+
+    if not args.index and not (args.ham and args.spam):
+        raise AtlasError("train needs --ham SRC and --spam SRC, or --index CSV --split train")
+    config = _load_config(args)
+    model = train_from_sources(
+        args.ham or (), args.spam or (), args.index, args.split,
+        name=args.name or Path(args.output).name.split(".")[0], max_bytes=config.classifier.max_bytes,
+    )
+    save_model(model, args.output)
+    print(
+        f"wrote {args.output}: {model.meta['trained_on']['ham']} ham, {model.meta['trained_on']['spam']} spam, "
+        f"{len(model.weights)} features, spam cutoff {model.spam_cutoff}, ham cutoff {model.ham_cutoff}, "
+        f"version {model.version}"
+    )
     return 0
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from atlas_milter.classifier import learn, load_model, save_model
+    from atlas_milter.message import parse_message
+    from atlas_milter.sources import iter_source
+
+    if not args.spam and not args.ham:
+        raise AtlasError("learn needs --spam FILE... or --ham FILE...")
+    config = _load_config(args)
+    target = args.model or config.classifier.model
+    if not target:
+        raise AtlasError("learn updates a model file: give --model PATH (a new path starts from the shipped model)")
+    model = load_model(target if Path(target).exists() else None)
+    for label, specs in (("spam", args.spam or ()), ("ham", args.ham or ())):
+        for spec in specs:
+            for item in iter_source(spec):
+                score = learn(model, parse_message(item.raw, config.classifier.max_bytes), label == "spam")
+                print(f"{item.key}: learned as {label}, now scores {score:.3f}")
+    save_model(model, target)
+    print(f"wrote {target} (version {model.version})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from atlas_milter.classifier import load_model
+    from atlas_milter.evaluate import evaluate, labelled_items
+    from atlas_milter.policy import Cutoffs
+
+    if not args.index and not (args.ham or args.spam):
+        raise AtlasError("eval needs --index CSV [--split test], or --ham SRC and --spam SRC")
+    config = _load_config(args)
+    model = load_model(config.classifier.model or None)
+    spam_cut = config.classifier.spam_cutoff or model.spam_cutoff
+    cutoffs = Cutoffs(spam=spam_cut, ham=min(config.classifier.ham_cutoff or model.ham_cutoff, spam_cut))
+    report = evaluate(model, labelled_items(args.ham or (), args.spam or (), args.index, args.split), cutoffs,
+                      config.classifier.max_bytes)
+    data = report.as_dict()
+    if args.json:
+        print(json.dumps({k: (_finite(v) if isinstance(v, float) else v) for k, v in data.items()}))
+    else:
+        print(f"messages      {report.n} ({report.n_ham} ham, {report.n_spam} spam)")
+        print(f"ROC AUC       {report.auc:.5f}")
+        print(f"spam recall   {report.spam_recall:.2%} at spam cutoff {cutoffs.spam}")
+        print(f"ham FPR       {report.ham_fpr:.3%}")
+        print(f"unsure        {report.unsure_rate:.2%} (ham cutoff {cutoffs.ham})")
+        print(f"speed         {report.msgs_per_s:.0f} messages/s (parse + score, one process)")
+        print(f"model         {report.model_version}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from atlas_milter.pipeline import Pipeline
+    from atlas_milter.sources import LocalSource
+    from atlas_milter.store import query_stats
+
+    config = _load_config(args)
+    sample = resources.files("atlas_milter").joinpath("data", "sample")
+    counts: Counter[str] = Counter()
+    pipeline = Pipeline(config)
+    try:
+        def show(result):
+            v = result.verdict
+            counts[v.verdict] += 1
+            pipeline.record(result, source="demo", folder="sample", action="record")
+            print(f"{v.verdict.upper():6} {v.score:.3f}  {result.summary.subject[:60]:60}  {_fmt_reasons(v.reasons, 2)}")
+            return result
+
+        with resources.as_file(sample) as folder:
+            stats = pipeline.process_source(LocalSource(), str(folder), show)
+        pipeline.flush()
+    finally:
+        pipeline.close()
+    summary = query_stats(config.store.db)
+    print(
+        f"\n{stats.processed} messages in {stats.elapsed:.2f} s: "
+        + ", ".join(f"{counts[k]} {k}" for k in ("spam", "unsure", "ham"))
+        + f"; database {config.store.db} now holds {summary['total']} verdicts"
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from atlas_milter.migrate import apply_migrations, migration_status, rollback_last
+
+    config = _load_config(args)
+    db = config.store.db
+    if args.status:
+        for row in migration_status(db):
+            print(f"{row['version']:04d} {row['name']:40} {row['status']} {row.get('applied_at') or ''}")
+        return 0
+    if args.rollback:
+        undone = rollback_last(db)
+        print(f"rolled back {undone}" if undone else "nothing to roll back")
+        return 0
+    applied = apply_migrations(db)
+    print("applied " + ", ".join(applied) if applied else f"{db} is up to date")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from atlas_milter.store import query_stats
+
+    config = _load_config(args)
+    if not Path(config.store.db).exists():
+        raise AtlasError(f"{config.store.db}: no such database (give --db PATH)")
+    data = query_stats(config.store.db, top=args.top)
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    print(f"verdicts      {data['total']} ({data['first'] or '-'} .. {data['last'] or '-'})")
+    print("by verdict    " + ", ".join(f"{k} {v}" for k, v in data["by_verdict"].items()))
+    print("by action     " + ", ".join(f"{k} {v}" for k, v in data["by_action"].items()))
+    lat = data["latency_ms"]
+    print("latency ms    " + ", ".join(f"{k} {v}" for k, v in lat.items()))
+    print("top sender domains:")
+    for row in data["top_domains"]:
+        print(f"  {row['domain']:40} {row.get('count', '')}  spam {row['spam']} ham {row['ham']} unsure {row['unsure']}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from atlas_milter.classifier import load_model
+    from atlas_milter.config import config_as_dict
+
+    config = _load_config(args)
+    model = load_model(config.classifier.model or None)
+    effective = config_as_dict(config)
+    effective["performance"] = config_as_dict(config.performance.resolved())
+    print(json.dumps(effective, indent=2, sort_keys=True))
+    print(f"model {model.version}: spam cutoff {model.spam_cutoff}, ham cutoff {model.ham_cutoff}", file=sys.stderr)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlas-milter", description="Mail classification: milter, IMAP IDLE, backfill.")
+    parser.add_argument("--version", action="version", version=f"atlas-milter {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML configuration (default /etc/atlas-milter/atlas-milter.toml when present)")
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="override log_level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("classify", parents=[common], help="classify messages: files, directories, Maildirs, mboxes or - for stdin")
+    p.add_argument("sources", nargs="+", metavar="SRC")
+    p.add_argument("--json", action="store_true", help="one JSON object per message per line")
+    p.add_argument("--model", metavar="PATH", help="model file (default: the shipped model)")
+    p.add_argument("--db", metavar="PATH", help="also record each verdict in this database")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("train", parents=[common], help="train a model from labelled mail")
+    p.add_argument("--ham", nargs="+", metavar="SRC")
+    p.add_argument("--spam", nargs="+", metavar="SRC")
+    p.add_argument("--index", metavar="CSV", help="an index.csv with path,label,split columns")
+    p.add_argument("--split", metavar="NAME", help="use only this split of --index (e.g. train)")
+    p.add_argument("--name", help="model name recorded in its version")
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="model file to write (.json or .json.gz)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("learn", parents=[common], help="update a model from messages you label")
+    p.add_argument("--spam", nargs="+", metavar="FILE")
+    p.add_argument("--ham", nargs="+", metavar="FILE")
+    p.add_argument("--model", metavar="PATH", help="model file to update (created from the shipped model if absent)")
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("eval", parents=[common], help="measure a model on labelled mail")
+    p.add_argument("--index", metavar="CSV")
+    p.add_argument("--split", metavar="NAME")
+    p.add_argument("--ham", nargs="+", metavar="SRC")
+    p.add_argument("--spam", nargs="+", metavar="SRC")
+    p.add_argument("--model", metavar="PATH")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", parents=[common], help="run the shipped sample mailbox through the pipeline into a database")
+    p.add_argument("--db", metavar="PATH", default=None, help="database to write (default atlas-demo.db)")
+    p.add_argument("--model", metavar="PATH")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("migrate", parents=[common], help="apply (or roll back) database migrations")
+    p.add_argument("--db", metavar="PATH")
+    p.add_argument("--rollback", action="store_true", help="undo the last applied migration")
+    p.add_argument("--status", action="store_true", help="list applied and pending migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("stats", parents=[common], help="totals, top sender domains and latency from a database")
+    p.add_argument("--db", metavar="PATH")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("check-config", parents=[common], help="print the effective configuration; non-zero on errors")
+    p.add_argument("--model", metavar="PATH")
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo" and not args.db:
+        args.db = "atlas-demo.db"
+    try:
+        _setup_logging(args.log_level or "warning")
+        return args.func(args)
+    except AtlasError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

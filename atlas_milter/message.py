@@ -57,6 +57,7 @@ class ParsedMessage:
     attachments: list[tuple[str, str]] = field(default_factory=list)  # (filename, content type)
     content_types: list[str] = field(default_factory=list)
     charsets: list[str] = field(default_factory=list)
+    encodings: list[str] = field(default_factory=list)  # transfer encodings of text parts
     defects: list[str] = field(default_factory=list)
     size: int = 0  # bytes of the raw message
     truncated: bool = False  # only the first max_bytes were analysed
@@ -170,6 +171,9 @@ def _read_part_text(part: Message, parsed: ParsedMessage) -> str:
         charset = None
     if charset:
         parsed.charsets.append(charset[:40])
+    encoding = str(part.get("Content-Transfer-Encoding") or "").strip().lower()
+    if encoding:
+        parsed.encodings.append(encoding[:30])
     return _to_text(payload.replace(b"\x00", b" "), charset)
 
 
@@ -265,13 +269,15 @@ def _fill_from_mime(msg: Message, parsed: ParsedMessage) -> list[str]:
 class Fingerprint:
     """Cheap identity of a message for the verdict cache, computed without MIME parsing."""
 
-    sender: str
-    subject: str
+    sender: str  # raw From: value
+    subject: str  # raw Subject: value
+    message_id: str
     body_digest: str
 
 
 _FROM_HDR_RE = re.compile(rb"(?im)^from:[ \t]*(.*(?:\r?\n[ \t].*)*)")
 _SUBJECT_HDR_RE = re.compile(rb"(?im)^subject:[ \t]*(.*(?:\r?\n[ \t].*)*)")
+_MSGID_HDR_RE = re.compile(rb"(?im)^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)")
 _BODY_SPLIT_RE = re.compile(rb"\r?\n\r?\n")
 _BYTES_WS_RE = re.compile(rb"\s+")
 
@@ -285,9 +291,27 @@ def fingerprint(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Fingerprint:
     head, body = (raw[: split.start()], raw[split.end() :]) if split else (raw, b"")
     sender = _FROM_HDR_RE.search(head)
     subject = _SUBJECT_HDR_RE.search(head)
+    message_id = _MSGID_HDR_RE.search(head)
     norm = _BYTES_WS_RE.sub(b"", body.lower())
     return Fingerprint(
         sender=sender.group(1).decode("latin-1").strip()[:300] if sender else "",
         subject=subject.group(1).decode("latin-1").strip()[:500] if subject else "",
+        message_id=message_id.group(1).decode("latin-1").strip()[:300] if message_id else "",
         body_digest=hashlib.blake2b(norm, digest_size=16).hexdigest(),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The few header facts a verdict record keeps, decoded from a fingerprint."""
+
+    sender: str
+    sender_domain: str
+    subject: str
+    message_id: str
+
+
+def summarise(fp: Fingerprint) -> Summary:
+    sender, _, domain = _domain_of(decode_header_value(_to_text(fp.sender.encode("latin-1"), None)))
+    subject = decode_header_value(_to_text(fp.subject.encode("latin-1"), None))
+    return Summary(sender=sender, sender_domain=domain, subject=subject[:500], message_id=fp.message_id.strip())

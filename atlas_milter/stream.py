@@ -101,16 +101,19 @@ class StreamingEmailProcessor:
         self,
         source: MessageSource,
         folder: str,
-        fn: Callable[[Item], Any],
+        fn: Callable[[Item], Any] | None,
         on_chunk: Callable[[StreamStats], None] | None = None,
+        batch_fn: Callable[[list[Item]], list[Any]] | None = None,
     ) -> StreamStats:
-        """Call `fn((key, raw))` for every message of `folder`; return the counts."""
+        """Call `fn((key, raw))` for every message of `folder`; return the counts.
+        With `batch_fn`, each whole chunk goes to `batch_fn(chunk)` instead, which returns
+        one result per item (so a caller can share work across a chunk, e.g. a cache)."""
         stats = StreamStats(final_chunk_size=self.chunk_size)
         started = time.monotonic()
         messages = source.iter_messages(folder)
         size = self.chunk_size
         while chunk := list(itertools.islice(messages, size)):
-            self._process_chunk(chunk, fn, stats)
+            self._process_chunk(chunk, fn, stats, batch_fn)
             del chunk  # drop the raw messages before the next chunk is read
             rss = self._rss_probe()
             size = self._next_size(size, rss)
@@ -124,8 +127,16 @@ class StreamingEmailProcessor:
         stats.elapsed = time.monotonic() - started
         return stats
 
-    def _process_chunk(self, chunk: list[Item], fn: Callable[[Item], Any], stats: StreamStats) -> None:
-        if self.pool is not None:
+    def _process_chunk(
+        self,
+        chunk: list[Item],
+        fn: Callable[[Item], Any] | None,
+        stats: StreamStats,
+        batch_fn: Callable[[list[Item]], list[Any]] | None = None,
+    ) -> None:
+        if batch_fn is not None:
+            results = batch_fn(chunk)
+        elif self.pool is not None:
             results = self.pool.process_emails_parallel(chunk, fn, batch_size=len(chunk))
         else:
             results = [self._call(fn, i, item) for i, item in enumerate(chunk)]

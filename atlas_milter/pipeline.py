@@ -1,0 +1,286 @@
+"""Owns chaining the stages, the one place where they meet:
+
+    fingerprint → cache → parse + classify (worker pool, deadline) → policy → record (store)
+
+every stage timed by `performance_monitor`. Front doors (milter, IMAP, backfill, the CLI)
+call `Pipeline.classify` / `Pipeline.record` for one message, or `process_batch` /
+`process_source` for many. Each `ENABLE_*` flag turns its optimisation off and leaves
+the plain path: inline scoring, no cache, one INSERT and COMMIT per record, whole source
+loaded before processing, no timers.
+
+Worker processes score with a model they received once at start (`init_worker`); the
+parent process owns the cache, the store and the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from atlas_milter.cache import ClassificationCache, configure_cache
+from atlas_milter.classifier import Model, load_model
+from atlas_milter.config import Config
+from atlas_milter.message import Summary, fingerprint, parse_message, summarise
+from atlas_milter.monitor import (
+    STAGE_CACHE_LOOKUP,
+    STAGE_CLASSIFY,
+    STAGE_PARSE,
+    STAGE_TOTAL,
+    PerformanceMetrics,
+    configure_from_config,
+    performance_monitor,
+    verdict_counter,
+)
+from atlas_milter.policy import Cutoffs, decide
+from atlas_milter.pool import ItemError, ParallelEmailProcessor
+from atlas_milter.store import BulkOperationManager, DirectRecordWriter, configure_store
+from atlas_milter.stream import StreamingEmailProcessor, StreamStats
+from atlas_milter.verdict import Score, Verdict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What scoring one message found; small and picklable (crosses process boundaries)."""
+
+    score: Score
+    defects: tuple[str, ...] = ()
+    truncated: bool = False
+    size: int = 0
+    parse_s: float = 0.0
+    classify_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One message through the pipeline."""
+
+    key: str
+    verdict: Verdict
+    summary: Summary
+    elapsed_ms: float
+    defects: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+def analyse(raw: bytes, model: Model, max_bytes: int) -> Analysis:
+    """Parse and score one message. Never raises on message content."""
+    t0 = time.perf_counter()
+    parsed = parse_message(raw, max_bytes)
+    t1 = time.perf_counter()
+    score = model.score(parsed)
+    t2 = time.perf_counter()
+    return Analysis(score, tuple(parsed.defects[:5]), parsed.truncated, parsed.size, t1 - t0, t2 - t1)
+
+
+# --- worker-process side -------------------------------------------------------------
+_worker_model: Model | None = None
+_worker_max_bytes: int = 0
+
+
+def init_worker(model: Model, max_bytes: int) -> None:
+    """Pool initializer: keep the model for every later call in this worker process."""
+    global _worker_model, _worker_max_bytes
+    _worker_model, _worker_max_bytes = model, max_bytes
+
+
+def analyse_in_worker(raw: bytes) -> Analysis:
+    if _worker_model is None:
+        raise RuntimeError("worker not initialised with a model")
+    return analyse(raw, _worker_model, _worker_max_bytes)
+
+
+class Pipeline:
+    """The classification pipeline configured once from a `Config`."""
+
+    def __init__(self, config: Config, model: Model | None = None, with_store: bool = True) -> None:
+        self.config = config
+        self.features = config.features
+        self.perf = config.performance.resolved()
+        self.max_bytes = config.classifier.max_bytes
+        self.model = model if model is not None else load_model(config.classifier.model or None)
+        self.cutoffs = Cutoffs(
+            spam=config.classifier.spam_cutoff or self.model.spam_cutoff,
+            ham=config.classifier.ham_cutoff or min(self.model.ham_cutoff, config.classifier.spam_cutoff or 1.0),
+        )
+        self.metrics = configure_from_config(config)
+        self.cache: ClassificationCache | None = (
+            configure_cache(self.perf.cache_size, self.perf.cache_ttl) if self.features.caching else None
+        )
+        self.store: BulkOperationManager | DirectRecordWriter | None = None
+        if with_store:
+            self.store = configure_store(
+                config.store.db,
+                batch_size=self.perf.batch_size,
+                flush_interval=self.perf.flush_interval,
+                queue_size=self.perf.queue_size,
+                bulk=self.features.bulk_ops,
+            )
+        self.pool: ParallelEmailProcessor | None = None
+        if self.features.parallel and self.perf.workers > 1:
+            self.pool = ParallelEmailProcessor(
+                self.perf.workers,
+                use_processes=True,
+                initializer=init_worker,
+                initargs=(self.model, self.max_bytes),
+                max_in_flight=self.perf.workers * 4,
+            )
+
+    # --- one message ---------------------------------------------------------------
+    def _lookup(self, raw: bytes) -> tuple[Any, Score | None]:
+        with performance_monitor(STAGE_CACHE_LOOKUP):
+            fp = fingerprint(raw, self.max_bytes)
+            hit = self.cache.get(fp.sender, fp.subject, fp.body_digest) if self.cache is not None else None
+        return fp, hit
+
+    def _finish(self, key: str, fp: Any, analysis: Analysis | None, cached: Score | None, started: float) -> Result:
+        if analysis is not None:
+            self.metrics.record(STAGE_PARSE, analysis.parse_s)
+            self.metrics.record(STAGE_CLASSIFY, analysis.classify_s)
+            score = analysis.score
+            if self.cache is not None:
+                self.cache.set(fp.sender, fp.subject, score, fp.body_digest)
+        else:
+            assert cached is not None
+            score = cached
+        verdict = decide(score, self.cutoffs, cache_hit=analysis is None)
+        self.metrics.incr(verdict_counter(verdict.verdict))
+        elapsed = time.perf_counter() - started
+        self.metrics.record(STAGE_TOTAL, elapsed)
+        return Result(
+            key=key,
+            verdict=verdict,
+            summary=summarise(fp),
+            elapsed_ms=elapsed * 1000.0,
+            defects=analysis.defects if analysis else (),
+        )
+
+    def classify(self, raw: bytes, key: str = "", timeout: float | None = None) -> Result:
+        """Classify one message. With the pool, `timeout` bounds the wait (TimeoutError,
+        or PoolBusy when too much is in flight): the caller applies its failure action."""
+        started = time.perf_counter()
+        fp, cached = self._lookup(raw)
+        analysis = None
+        if cached is None:
+            if self.pool is not None:
+                analysis = self.pool.run(analyse_in_worker, raw, timeout=timeout)
+            else:
+                analysis = analyse(raw, self.model, self.max_bytes)
+        return self._finish(key, fp, analysis, cached, started)
+
+    # --- many messages -------------------------------------------------------------
+    def process_batch(self, items: list[tuple[str, bytes]]) -> list[Result | ItemError]:
+        """Classify a chunk: cache hits answered at once, identical messages in the chunk
+        scored once, the rest spread over the pool. One result per item, in order."""
+        started = time.perf_counter()
+        looked_up = [self._lookup(raw) for _, raw in items]
+        to_score: dict[tuple[str, str, str], int] = {}  # fingerprint -> first index in chunk
+        for i, (fp, cached) in enumerate(looked_up):
+            if cached is None:
+                to_score.setdefault((fp.sender, fp.subject, fp.body_digest), i)
+        firsts = list(to_score.values())
+        raws = [items[i][1] for i in firsts]
+        if self.pool is not None and len(raws) > 1:
+            analyses = self.pool.process_emails_parallel(raws, analyse_in_worker, batch_size=len(raws))
+        else:
+            analyses = [self._analyse_inline(i, raw) for i, raw in enumerate(raws)]
+        by_key = {k: analyses[n] for n, k in enumerate(to_score)}
+        share = (time.perf_counter() - started) / max(1, len(items))
+        results: list[Result | ItemError] = []
+        seen: set[tuple[str, str, str]] = set()
+        for i, ((key, _), (fp, cached)) in enumerate(zip(items, looked_up)):
+            t0 = time.perf_counter() - share
+            if cached is not None:
+                results.append(self._finish(key, fp, None, cached, t0))
+                continue
+            fkey = (fp.sender, fp.subject, fp.body_digest)
+            analysis = by_key[fkey]
+            if isinstance(analysis, ItemError):
+                results.append(ItemError(i, analysis.error))
+            elif fkey in seen:  # a copy of a message scored earlier in this chunk
+                results.append(self._finish(key, fp, None, analysis.score, t0))
+            else:
+                seen.add(fkey)
+                results.append(self._finish(key, fp, analysis, None, t0))
+        return results
+
+    def _analyse_inline(self, index: int, raw: bytes) -> Analysis | ItemError:
+        try:
+            return analyse(raw, self.model, self.max_bytes)
+        except Exception as exc:  # a bug, not bad mail: report it for this item only
+            log.exception("classification failed")
+            return ItemError(index, f"{type(exc).__name__}: {exc}")
+
+    def process_source(
+        self,
+        source: Any,
+        folder: str,
+        on_result: Callable[[Result], Any],
+        on_chunk: Callable[[StreamStats], None] | None = None,
+    ) -> StreamStats:
+        """Run every message of `source.iter_messages(folder)` through the pipeline and
+        hand each Result to `on_result` (which records or prints it). Streams in chunks
+        when ENABLE_STREAMING is on; otherwise loads the whole folder first (the plain path)."""
+
+        def batch(chunk: list[tuple[str, bytes]]) -> list[Any]:
+            out = []
+            for result in self.process_batch(chunk):
+                if not isinstance(result, ItemError):
+                    result = on_result(result)
+                out.append(result)
+            return out
+
+        chunk_size = self.perf.chunk_size
+        if self.features.streaming:
+            streamer = StreamingEmailProcessor(chunk_size, self.perf.memory_limit_mb)
+            return streamer.process_email_stream(source, folder, None, on_chunk=on_chunk, batch_fn=batch)
+        everything = list(source.iter_messages(folder))
+        loaded = _ListSource(everything)
+        streamer = StreamingEmailProcessor(max(1, len(everything)), 1e9)
+        return streamer.process_email_stream(loaded, folder, None, on_chunk=on_chunk, batch_fn=batch)
+
+    # --- recording -----------------------------------------------------------------
+    def record(self, result: Result, source: str, action: str = "", **meta: Any) -> bool:
+        """Queue the verdict record of one message (returns False when the store refused it)."""
+        if self.store is None:
+            return True
+        verdict = result.verdict
+        row = {
+            "source": source,
+            "message_id": result.summary.message_id[:300] or None,
+            "sender": result.summary.sender or None,
+            "sender_domain": result.summary.sender_domain or None,
+            "subject": result.summary.subject,
+            "score": round(verdict.score, 6),
+            "verdict": verdict.verdict,
+            "action": action or None,
+            "reasons": [[n, round(w, 4)] for n, w in verdict.reasons],
+            "model_version": verdict.model_version,
+            "cache_hit": int(verdict.cache_hit),
+            "elapsed_ms": round(result.elapsed_ms, 3),
+            "error": verdict.error or None,
+            **meta,
+        }
+        return self.store.add_email_record(row)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.store.flush_all(timeout) if self.store is not None else True
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        if self.store is not None:
+            self.store.close()
+        self.metrics.flush()
+
+
+class _ListSource:
+    def __init__(self, items: list[tuple[str, bytes]]) -> None:
+        self.items = items
+
+    def iter_messages(self, folder: str) -> Iterable[tuple[str, bytes]]:
+        return iter(self.items)

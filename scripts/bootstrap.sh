@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Bootstrap a development/CI environment for atlas-milter. Idempotent; seconds when already done.
+#
+#   scripts/bootstrap.sh            .venv + `pip install -e '.[test]'` (and libmilter-dev, which pymilter
+#                                   compiles against, when it is missing)
+#   scripts/bootstrap.sh --system   also the real servers the integration tests drive: postfix,
+#                                   dovecot-imapd, miltertest, sqlite3, node/npm, and npm `statsd` in
+#                                   .cache/statsd (git-ignored)
+#
+# System packages come from apt-get, only when something is missing and only as root; otherwise this
+# prints one line naming what to install and exits 1.  Set PYTHON=/path/to/python3.11 to pick the
+# interpreter.  Recipes: shared/docs/infra-recipes.md.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+CACHE=$ROOT/.cache
+STATSD_VERSION=0.9.0
+
+system=0
+for arg in "$@"; do
+    case $arg in
+        --system) system=1 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "bootstrap: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+t_start=$SECONDS
+
+mkdir -p "$CACHE"
+# Two bootstraps at once (parallel make, two shells) would race on .venv and apt: serialise.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$CACHE/bootstrap.lock"
+    flock 9
+fi
+
+# ----------------------------------------------------------------- system packages
+missing=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+[ -f /usr/include/libmilter/mfapi.h ] || missing+=(libmilter-dev)
+if [ "$system" = 1 ]; then
+    { [ -x /usr/sbin/postfix ] && [ -x /usr/sbin/postconf ]; } || missing+=(postfix)
+    { [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/imap ]; } || missing+=(dovecot-imapd)
+    command -v miltertest >/dev/null 2>&1 || missing+=(miltertest)
+    command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
+    # node/npm usually come from NodeSource (nodejs bundles npm there): Debian's npm package would
+    # conflict with it, so ask apt only for what is really absent.
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    command -v npm >/dev/null 2>&1 || missing+=(npm)
+    command -v script >/dev/null 2>&1 || missing+=(bsdutils)   # postfix diagnostics (tests/servers.py)
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: missing system packages: please install ${missing[*]} (as root: apt-get install ${missing[*]}), then rerun" >&2
+        exit 1
+    fi
+    log "installing system packages: ${missing[*]}"
+    t0=$SECONDS
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    if [[ " ${missing[*]} " == *" postfix "* ]]; then
+        # "No configuration": writes no /etc/postfix/main.cf and never starts a system instance.
+        echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    fi
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    log "system packages installed in $((SECONDS - t0))s"
+fi
+
+# ----------------------------------------------------------------- Python venv
+pick_python() {
+    local cand
+    for cand in "${PYTHON:-}" python3.11 python3; do
+        [ -n "$cand" ] || continue
+        command -v "$cand" >/dev/null 2>&1 || continue
+        if "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            command -v "$cand"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# The stamp records what the venv was built from; editable install means code edits need no reinstall.
+stamp_file=$VENV/.bootstrap-stamp
+want_stamp=$(sha256sum pyproject.toml | cut -d' ' -f1)
+
+if [ -x "$VENV/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want_stamp" ] \
+    && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    :
+else
+    if ! py=$(pick_python); then
+        echo "bootstrap: need Python >= 3.11 (python3.11 or python3 on PATH, or PYTHON=...)" >&2
+        exit 1
+    fi
+    t0=$SECONDS
+    if ! [ -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        rm -rf "$VENV"
+        log "creating .venv with $py ($("$py" -V 2>&1))"
+        "$py" -m venv "$VENV"
+    fi
+    rm -f "$stamp_file"
+    log "pip install -e '.[test]'"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+    echo "$want_stamp" > "$stamp_file"
+    log "venv ready in $((SECONDS - t0))s"
+fi
+
+# ----------------------------------------------------------------- StatsD daemon (npm)
+if [ "$system" = 1 ]; then
+    sd=$CACHE/statsd
+    sd_stamp=$sd/.installed-$STATSD_VERSION
+    if ! [ -f "$sd_stamp" ] || ! [ -f "$sd/node_modules/statsd/stats.js" ]; then
+        t0=$SECONDS
+        log "npm install statsd@$STATSD_VERSION into .cache/statsd"
+        rm -rf "$sd"
+        mkdir -p "$sd"
+        # --ignore-scripts: only modern-syslog has one (a native build for the syslog backend, unused).
+        npm install --prefix "$sd" --no-audit --no-fund --ignore-scripts --loglevel=error \
+            "statsd@$STATSD_VERSION" >/dev/null
+        touch "$sd_stamp"
+        log "statsd installed in $((SECONDS - t0))s"
+    fi
+fi
+
+log "ready ($((SECONDS - t_start))s)"

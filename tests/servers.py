@@ -1,0 +1,734 @@
+"""Private, throw-away instances of the real servers the integration tests drive.
+
+Nothing here imports pytest: the classes can be used from a script or a REPL as well
+(``with PostfixInstance(dir) as pf: ...``).  Each instance lives entirely inside the
+directory it is given, listens on 127.0.0.1 only, on a port picked at run time (bind
+port 0) unless one is passed in, and leaves the system's own configuration alone.
+
+Recipes and gotchas: shared/docs/infra-recipes.md (items 2, 5 and 6).
+
+* ``PostfixInstance``  Postfix 3.7 configured with ``postfix -c DIR``, chroot off, virtual(8)
+  delivery into a Maildir for user@example.test (uid/gid 65534), optional smtpd milter.
+* ``DovecotInstance``  Dovecot 2.3 IMAP with its own base_dir/instance_name, one
+  passwd-file user (user@example.test) whose password is also written to a file.
+* ``StatsdInstance``   the npm ``statsd`` daemon (Etsy) with a long flush interval, read
+  back through its admin TCP port.
+
+Postfix and Dovecot must be started as root (their master processes drop privileges).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import weakref
+from pathlib import Path
+from typing import Callable, Iterator
+
+LOCALHOST = "127.0.0.1"
+MAIL_DOMAIN = "example.test"
+MAIL_USER = "user@example.test"
+VIRTUAL_UID = 65534  # nobody/nogroup: valid for virtual(8) (>= 100) and Dovecot (>= 500)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STATSD_DIR = REPO_ROOT / ".cache" / "statsd"  # filled by scripts/bootstrap.sh --system
+
+# Debian puts the daemons in sbin, which a non-login PATH can lack.
+_EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+class ServerError(RuntimeError):
+    """A private server failed to start, stop or answer; the message carries its log tail."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def find_binary(name: str) -> str | None:
+    """``shutil.which`` that also looks in the sbin directories."""
+    found = shutil.which(name)
+    if found:
+        return found
+    path = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
+    return shutil.which(name, path=path)
+
+
+def _binary(name: str) -> str:
+    found = find_binary(name)
+    if not found:
+        raise ServerError(f"{name}: not installed (run scripts/bootstrap.sh --system)")
+    return found
+
+
+def free_port(kind: str = "tcp") -> int:
+    """A port on 127.0.0.1 that nothing is bound to right now (``kind`` is "tcp" or "udp")."""
+    sock_type = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, sock_type) as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+def tcp_port_open(port: int, host: str = LOCALHOST) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def udp_port_bound(port: int, host: str = LOCALHOST) -> bool:
+    """True when some process has bound ``host:port``/udp (read from /proc/net/udp, no traffic sent)."""
+    want = "%s:%04X" % ("".join(f"{int(b):02X}" for b in reversed(host.split("."))), port)
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[1] == want for line in lines if len(line.split()) > 1)
+
+
+def log_tail(*paths: Path | None, lines: int = 40) -> str:
+    out = []
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        tail = text.splitlines()[-lines:]
+        if tail:
+            out.append(f"--- {path} (last {len(tail)} lines) ---")
+            out.extend(tail)
+    return "\n".join(out) if out else "(no log output)"
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen | None = None,
+    logs: tuple[Path | None, ...] = (),
+    interval: float = 0.05,
+) -> float:
+    """Poll ``ready()`` until true; returns the seconds waited.
+
+    Raises ServerError (with the log tail) on timeout, or as soon as ``proc`` exits.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        if ready():
+            return time.monotonic() - start
+        if proc is not None and proc.poll() is not None:
+            raise ServerError(f"{what}: process exited with code {proc.returncode}\n{log_tail(*logs)}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"{what}: not ready after {timeout:.0f}s\n{log_tail(*logs)}")
+        time.sleep(interval)
+
+
+def _prepare_base(tmpdir: Path) -> Path:
+    """Create ``tmpdir`` and make it and its parents traversable.
+
+    Postfix, Dovecot and virtual(8) run as unprivileged users (postfix, dovenull, 65534)
+    that must reach their queue/run/mail directories inside it.  pytest's own tmp dirs
+    (/tmp/pytest-of-root) are mode 0700, so pass a directory made with
+    ``tempfile.mkdtemp()`` in /tmp instead.
+    """
+    tmpdir = Path(tmpdir).resolve()
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(tmpdir, 0o755)
+    for parent in tmpdir.parents:
+        if not os.stat(parent).st_mode & 0o001:
+            raise ServerError(
+                f"{parent} is not world-traversable: private servers cannot reach {tmpdir}; "
+                "use a directory under /tmp (tempfile.mkdtemp)"
+            )
+    return tmpdir
+
+
+_live: "weakref.WeakSet[_Server]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:  # last resort, e.g. a script that forgot stop()
+    for server in list(_live):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+class _Server:
+    proc: subprocess.Popen | None = None
+    name = "server"
+
+    def start(self, timeout: float = 30.0) -> "_Server":
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self):
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, argv: list[str], log: Path, cwd: Path | None = None) -> None:
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd
+            )
+        _live.add(self)
+
+    def _reap(self, timeout: float) -> None:
+        """Wait for our process; SIGKILL its process group if it does not go."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+        _live.discard(self)
+
+
+# --------------------------------------------------------------------------- Postfix
+
+
+class PostfixInstance(_Server):
+    """A private Postfix: SMTP on 127.0.0.1:``smtp_port``, Maildir delivery for user@example.test.
+
+    ``milter`` is a Postfix milter spec (``inet:127.0.0.1:8894``, note the Postfix syntax,
+    not libmilter's ``inet:8894@127.0.0.1``) or None.  ``mail_root`` defaults to
+    ``tmpdir/mail``; point it at ``DovecotInstance.mail_root`` to have Dovecot serve what
+    Postfix delivers (both use the ``<domain>/<user>`` layout and uid 65534).
+    """
+
+    name = "postfix"
+
+    def __init__(
+        self,
+        tmpdir: Path | str,
+        smtp_port: int | None = None,
+        milter: str | None = None,
+        milter_default_action: str = "tempfail",
+        *,
+        mail_root: Path | str | None = None,
+        extra_config: dict[str, str] | None = None,
+    ) -> None:
+        self.base = _prepare_base(Path(tmpdir))
+        self.smtp_port = smtp_port or free_port()
+        self.milter = milter
+        self.milter_default_action = milter_default_action
+        self.conf_dir = self.base / "conf"
+        self.queue_dir = self.base / "queue"
+        self.data_dir = self.base / "data"
+        self.mail_root = Path(mail_root) if mail_root else self.base / "mail"
+        self.maillog_path = self.base / "maillog"
+        self.stdout_path = self.base / "postfix.out"
+        self.extra_config = dict(extra_config or {})
+        self.user = MAIL_USER
+        self.host = LOCALHOST
+        self._configured = False
+
+    # -- paths
+    @property
+    def maildir(self) -> Path:
+        """The Maildir of user@example.test (``new/`` and ``cur/`` below it)."""
+        local, domain = self.user.split("@")
+        return self.mail_root / domain / local
+
+    # -- configuration
+    def _postconf(self, *args: str) -> None:
+        self._run([_binary("postconf"), "-c", str(self.conf_dir), *args])
+
+    def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise ServerError(
+                f"{' '.join(argv)}: exit {res.returncode}\n{res.stdout}{res.stderr}\n"
+                f"{self._diagnose()}\n{log_tail(self.maillog_path, self.stdout_path)}"
+            )
+        return res
+
+    def _diagnose(self) -> str:
+        """Postfix prints errors only to a TTY (else to syslog, absent here): rerun check under script(1)."""
+        script = find_binary("script")
+        postfix = find_binary("postfix")
+        if not (script and postfix):
+            return ""
+        res = subprocess.run(
+            [script, "-qec", f"{postfix} -c {self.conf_dir} check", "/dev/null"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+        )
+        return f"postfix check (via script): exit {res.returncode}\n{res.stdout}{res.stderr}".strip()
+
+    def configure(self) -> None:
+        if self._configured:
+            return
+        for d in (self.conf_dir, self.queue_dir, self.data_dir, self.mail_root):
+            d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.data_dir, user="postfix")
+        os.chown(self.mail_root, VIRTUAL_UID, VIRTUAL_UID)
+        shutil.copy("/etc/postfix/master.cf", self.conf_dir / "master.cf")
+        settings = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.queue_dir),
+            "data_directory": str(self.data_dir),
+            "maillog_file": str(self.maillog_path),
+            "maillog_file_prefixes": f"/var, /dev/stdout, {self.base}",
+            "myhostname": "mx.atlas.test",
+            "mydomain": "atlas.test",
+            "myorigin": "$myhostname",
+            "mydestination": "",
+            "inet_interfaces": LOCALHOST,
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "alias_maps": "",
+            "alias_database": "",
+            "biff": "no",
+            "smtputf8_enable": "no",
+            "virtual_mailbox_domains": MAIL_DOMAIN,
+            "virtual_mailbox_base": str(self.mail_root),
+            "virtual_mailbox_maps": f"texthash:{self.conf_dir}/vmailbox",
+            "virtual_uid_maps": f"static:{VIRTUAL_UID}",
+            "virtual_gid_maps": f"static:{VIRTUAL_UID}",
+            "smtpd_milters": self.milter or "",
+            "non_smtpd_milters": "",
+            "milter_default_action": self.milter_default_action,
+            "milter_connect_timeout": "5s",
+            # A dead SMTP client must not hold a test for Postfix's default 300 s.
+            "smtpd_timeout": "30s",
+            # Deliver at once; never sit in the deferred queue longer than a test.
+            "queue_run_delay": "1s",
+            "minimal_backoff_time": "1s",
+            "maximal_backoff_time": "2s",
+        }
+        settings.update(self.extra_config)
+        (self.conf_dir / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        local, domain = self.user.split("@")
+        (self.conf_dir / "vmailbox").write_text(f"{self.user} {domain}/{local}/\n")  # trailing / = Maildir
+        addr = f"{LOCALHOST}:{self.smtp_port}"
+        self._postconf("-M#", "smtp/inet")  # no port 25
+        self._postconf("-M", f"{addr}/inet={addr} inet n - n - - smtpd")
+        self._postconf("-F", "*/*/chroot = n")
+        self._configured = True
+
+    # -- lifecycle
+    def start(self, timeout: float = 60.0) -> "PostfixInstance":
+        if self.running:
+            return self
+        self.configure()
+        t0 = time.monotonic()
+        # start-fg keeps `postfix-script` (and under it master -s) as our child: no daemon to chase.
+        self._spawn([_binary("postfix"), "-c", str(self.conf_dir), "start-fg"], self.stdout_path)
+        try:
+            wait_until(
+                lambda: tcp_port_open(self.smtp_port),
+                timeout=timeout, what=f"postfix on {LOCALHOST}:{self.smtp_port}", proc=self.proc,
+                logs=(self.maillog_path, self.stdout_path),
+            )
+        except ServerError as exc:
+            diag = self._diagnose()
+            self.stop()
+            raise ServerError(f"{exc}\n{diag}") from None
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self._run([_binary("postfix"), "-c", str(self.conf_dir), "stop"], check=False)
+        self._reap(timeout=15)
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """``postfix reload`` and wait until the master logged it (new smtpd processes use the new config)."""
+        before = self.maillog().count("reload -- version")
+        self._run([_binary("postfix"), "-c", str(self.conf_dir), "reload"])
+        wait_until(
+            lambda: self.maillog().count("reload -- version") > before,
+            timeout=timeout, what="postfix reload", proc=self.proc, logs=(self.maillog_path,),
+        )
+
+    def postconf(self, **settings: str) -> None:
+        """Edit main.cf (``postconf -e``); call reload() afterwards when running."""
+        self._postconf("-e", *(f"{k}={v}" for k, v in settings.items()))
+
+    def set_milter(self, spec: str | None, default_action: str | None = None) -> None:
+        """Point smtpd_milters at ``spec`` (Postfix syntax, e.g. ``inet:127.0.0.1:8894``; None = no milter)."""
+        self.milter = spec
+        settings = {"smtpd_milters": spec or ""}
+        if default_action:
+            self.milter_default_action = default_action
+            settings["milter_default_action"] = default_action
+        self.postconf(**settings)
+        if self.running:
+            self.reload()
+
+    @contextlib.contextmanager
+    def milter_set(self, spec: str | None, default_action: str | None = None) -> Iterator["PostfixInstance"]:
+        """Use ``spec`` inside the block, then restore the previous milter settings."""
+        old_spec, old_action = self.milter, self.milter_default_action
+        self.set_milter(spec, default_action)
+        try:
+            yield self
+        finally:
+            self.set_milter(old_spec, old_action)
+
+    # -- observation
+    def maillog(self) -> str:
+        try:
+            return self.maillog_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def mailbox_messages(self) -> list[Path]:
+        """Delivered message files of user@example.test (Maildir new/ and cur/), oldest first."""
+        files = [p for sub in ("new", "cur") for p in (self.maildir / sub).glob("*") if p.is_file()]
+        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def wait_for_message(
+        self, needle: str | bytes | None = None, timeout: float = 15.0, *, count: int = 1
+    ) -> list[Path]:
+        """Wait until ``count`` delivered messages contain ``needle`` (any message when None); returns them."""
+        if isinstance(needle, str):
+            needle = needle.encode()
+        found: list[Path] = []
+
+        def ready() -> bool:
+            nonlocal found
+            found = [p for p in self.mailbox_messages() if needle is None or needle in p.read_bytes()]
+            return len(found) >= count
+
+        wait_until(ready, timeout=timeout, what=f"delivery of {needle!r} to {self.maildir}",
+                   proc=self.proc, logs=(self.maillog_path,))
+        return found
+
+    def clear_mailbox(self) -> None:
+        for p in self.mailbox_messages():
+            p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- Dovecot
+
+
+class DovecotInstance(_Server):
+    """A private Dovecot IMAP server on 127.0.0.1:``port`` with one user, user@example.test.
+
+    The password is random; it is in ``password`` and in the file ``password_file``.
+    Mail lives in ``mail_root/<domain>/<user>`` (Maildir), owned by uid 65534.
+    """
+
+    name = "dovecot"
+
+    def __init__(self, tmpdir: Path | str, port: int | None = None, *, password: str | None = None) -> None:
+        self.base = _prepare_base(Path(tmpdir))
+        self.port = port or free_port()
+        self.host = LOCALHOST
+        self.user = MAIL_USER
+        self.password = password or secrets.token_urlsafe(12)
+        self.conf_path = self.base / "dovecot.conf"
+        self.run_dir = self.base / "run"
+        self.mail_root = self.base / "mail"
+        self.users_path = self.base / "users"
+        self.password_file = self.base / "password"
+        self.log_path = self.base / "dovecot.log"
+        self.stdout_path = self.base / "dovecot.out"
+        self.instance_name = f"atlas-dovecot-{self.port}"
+        self._configured = False
+
+    @property
+    def maildir(self) -> Path:
+        """Maildir of user@example.test (INBOX; other folders are ``.Name`` subdirectories)."""
+        local, domain = self.user.split("@")
+        return self.mail_root / domain / local
+
+    def configure(self) -> None:
+        if self._configured:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mail_root.mkdir(parents=True, exist_ok=True)
+        os.chown(self.mail_root, VIRTUAL_UID, VIRTUAL_UID)
+        self.users_path.write_text(f"{self.user}:{{PLAIN}}{self.password}\n")
+        self.password_file.write_text(self.password + "\n")
+        os.chmod(self.password_file, 0o600)
+        b = self.base
+        self.conf_path.write_text(f"""\
+protocols = imap
+listen = {LOCALHOST}
+base_dir = {self.run_dir}
+instance_name = {self.instance_name}
+log_path = {self.log_path}
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:{self.mail_root}/%d/%n
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {self.users_path}
+}}
+userdb {{
+  driver = static
+  args = uid={VIRTUAL_UID} gid={VIRTUAL_UID} home={self.mail_root}/%d/%n
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {LOCALHOST}
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = 0
+  }}
+}}
+service submission-login {{
+  inet_listener submission {{
+    port = 0
+  }}
+}}
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+protocol imap {{
+  mail_max_userip_connections = 50
+}}
+# private instance under {b}
+""")
+        self._configured = True
+
+    def start(self, timeout: float = 30.0) -> "DovecotInstance":
+        if self.running:
+            return self
+        self.configure()
+        t0 = time.monotonic()
+        self._spawn([_binary("dovecot"), "-F", "-c", str(self.conf_path)], self.stdout_path)
+        try:
+            wait_until(
+                lambda: tcp_port_open(self.port),
+                timeout=timeout, what=f"dovecot on {LOCALHOST}:{self.port}", proc=self.proc,
+                logs=(self.log_path, self.stdout_path),
+            )
+        except ServerError:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            subprocess.run(
+                [_binary("doveadm"), "-c", str(self.conf_path), "stop"],
+                capture_output=True, stdin=subprocess.DEVNULL, timeout=30,
+            )
+        self._reap(timeout=15)
+
+    def restart(self, timeout: float = 30.0) -> "DovecotInstance":
+        self.stop()
+        return self.start(timeout)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def client(self, login: bool = True, timeout: float = 10.0):
+        """An ``imapclient.IMAPClient`` connected (and by default logged in) as user@example.test."""
+        from imapclient import IMAPClient
+
+        c = IMAPClient(self.host, port=self.port, ssl=False, timeout=timeout)
+        if login:
+            c.login(self.user, self.password)
+        return c
+
+
+# --------------------------------------------------------------------------- StatsD
+
+
+# util.inspect output of the admin port, e.g. "{ 'atlas.x': [ 5, 7.5 ], foo: 3 }".
+_INSPECT_ENTRY = re.compile(
+    r"""(?:'(?P<sq>(?:[^'\\]|\\.)*)'|"(?P<dq>(?:[^"\\]|\\.)*)"|(?P<id>[A-Za-z_$][\w$]*))"""
+    r"""\s*:\s*(?P<value>\[[^\]]*\]|[-+\w.]+)"""
+)
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|-?Infinity|NaN")
+_MORE_ITEMS = re.compile(r"\.\.\. (\d+) more items?")
+
+
+def _inspect_number(text: str) -> float:
+    return float(text.replace("Infinity", "inf"))
+
+
+def parse_inspect(reply: str) -> dict[str, object]:
+    """Parse a flat Node util.inspect object of numbers or number arrays into a dict.
+
+    Arrays become lists of floats.  Node prints at most 100 array items and then
+    ``... N more items``; such lists are truncated (see StatsdInstance.timer_counts()).
+    """
+    result: dict[str, object] = {}
+    for m in _INSPECT_ENTRY.finditer(reply):
+        key = m.group("sq") if m.group("sq") is not None else m.group("dq") if m.group("dq") is not None else m.group("id")
+        key = re.sub(r"\\(.)", r"\1", key)
+        value = m.group("value")
+        if value.startswith("["):
+            body = _MORE_ITEMS.sub("", value)
+            result[key] = [_inspect_number(n) for n in _NUMBER.findall(body)]
+        elif _NUMBER.fullmatch(value):
+            result[key] = _inspect_number(value)
+    return result
+
+
+class StatsdInstance(_Server):
+    """The npm ``statsd`` daemon: metrics on UDP ``udp_port``, admin commands on TCP ``mgmt_port``.
+
+    The flush interval is 24 h, so timers and counters stay readable for a whole test
+    session (statsd clears them at each flush).  ``stats_js`` defaults to the copy that
+    ``scripts/bootstrap.sh --system`` installs in ``.cache/statsd``.
+    """
+
+    name = "statsd"
+
+    def __init__(
+        self,
+        tmpdir: Path | str,
+        udp_port: int | None = None,
+        mgmt_port: int | None = None,
+        *,
+        stats_js: Path | str | None = None,
+        flush_interval_ms: int = 24 * 3600 * 1000,
+    ) -> None:
+        self.base = Path(tmpdir).resolve()
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.host = LOCALHOST
+        self.udp_port = udp_port or free_port("udp")
+        self.mgmt_port = mgmt_port or free_port("tcp")
+        self.stats_js = Path(stats_js) if stats_js else statsd_js_path()
+        self.flush_interval_ms = flush_interval_ms
+        self.config_path = self.base / "config.js"
+        self.log_path = self.base / "statsd.log"
+
+    def start(self, timeout: float = 30.0) -> "StatsdInstance":
+        if self.running:
+            return self
+        if not self.stats_js.is_file():
+            raise ServerError(f"statsd not installed at {self.stats_js} (run scripts/bootstrap.sh --system)")
+        self.config_path.write_text(
+            "{\n"
+            f'  address: "{LOCALHOST}", port: {self.udp_port},\n'
+            f'  mgmt_address: "{LOCALHOST}", mgmt_port: {self.mgmt_port},\n'
+            '  backends: ["./backends/console"],\n'
+            f"  flushInterval: {self.flush_interval_ms}, dumpMessages: true, deleteIdleStats: false\n"
+            "}\n"
+        )
+        t0 = time.monotonic()
+        # cwd = the statsd package, so "./backends/console" resolves.
+        self._spawn([_binary("node"), str(self.stats_js), str(self.config_path)], self.log_path,
+                    cwd=self.stats_js.parent)
+        try:
+            wait_until(
+                lambda: tcp_port_open(self.mgmt_port) and udp_port_bound(self.udp_port),
+                timeout=timeout, what=f"statsd on {LOCALHOST}:{self.udp_port}/udp+{self.mgmt_port}/tcp",
+                proc=self.proc, logs=(self.log_path,),
+            )
+        except ServerError:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # statsd flushes once more and exits (about 1 s)
+        self._reap(timeout=10)
+
+    # -- admin port
+    def admin(self, command: str, timeout: float = 5.0) -> str:
+        """Send one admin command and return its reply up to (not including) the END line."""
+        with socket.create_connection((LOCALHOST, self.mgmt_port), timeout=timeout) as s:
+            s.sendall(command.encode() + b"\n")
+            buf = b""
+            while not re.search(rb"(^|\n)END\r?\n", buf):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        text = buf.decode(errors="replace")
+        return re.split(r"(?:^|\n)END\r?\n", text, maxsplit=1)[0]
+
+    def timers(self) -> dict[str, list[float]]:
+        """{name: [sample, ...]} for every timer received since the last flush."""
+        return parse_inspect(self.admin("timers"))  # type: ignore[return-value]
+
+    def counters(self) -> dict[str, float]:
+        """{name: value}; includes statsd's own statsd.bad_lines_seen / statsd.packets_received."""
+        return parse_inspect(self.admin("counters"))  # type: ignore[return-value]
+
+    def gauges(self) -> dict[str, float]:
+        return parse_inspect(self.admin("gauges"))  # type: ignore[return-value]
+
+    def timer_counts(self) -> dict[str, int]:
+        """Number of samples per timer, exact even past Node's 100-item display limit."""
+        reply = self.admin("timers")
+        counts: dict[str, int] = {}
+        for m in _INSPECT_ENTRY.finditer(reply):
+            key = m.group("sq") if m.group("sq") is not None else m.group("dq") if m.group("dq") is not None else m.group("id")
+            value = m.group("value")
+            if value.startswith("["):
+                more = sum(int(n) for n in _MORE_ITEMS.findall(value))
+                counts[key] = len(_NUMBER.findall(_MORE_ITEMS.sub("", value))) + more
+        return counts
+
+    def delete(self, kind: str, *names: str) -> None:
+        """Forget metrics: ``kind`` is "timers", "counters" or "gauges"."""
+        if names:
+            self.admin(f"del{kind} {' '.join(names)}")
+
+    def send(self, *lines: str) -> None:
+        """Send raw StatsD lines (``name:value|type``) over UDP, one datagram each."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for line in lines:
+                s.sendto(line.encode(), (LOCALHOST, self.udp_port))
+
+    def wait_for(self, kind: str, name: str, timeout: float = 5.0):
+        """Wait until metric ``name`` shows up in timers()/counters()/gauges(); returns its value."""
+        reader = getattr(self, kind)
+        box: dict = {}
+
+        def ready() -> bool:
+            box.update(reader())
+            return name in box
+
+        wait_until(ready, timeout=timeout, what=f"statsd {kind} {name!r}", proc=self.proc, logs=(self.log_path,))
+        return box[name]
+
+
+def statsd_js_path() -> Path:
+    """Where stats.js is: $ATLAS_STATSD_JS, else <repo>/.cache/statsd/node_modules/statsd/stats.js."""
+    env = os.environ.get("ATLAS_STATSD_JS")
+    return Path(env) if env else STATSD_DIR / "node_modules" / "statsd" / "stats.js"
