@@ -75,8 +75,18 @@ def _word_token(word: str) -> str:
     return word
 
 
-def features(msg: ParsedMessage) -> set[str]:
-    """The sparse binary features of one message."""
+# Structural and header features are few beside hundreds of body words; each block is
+# normalised on its own and the header block weighted by this factor, so signals that
+# mean spam anywhere (HTML-only, reply-to elsewhere, numeric URLs) keep their say. Cross-
+# validated on the train split: ROC AUC 0.9995 -> 0.9997 (factor 1.5; 1 and 2 do a little worse).
+META_BLOCK_WEIGHT = 1.5
+
+FeatureSets = tuple[set[str], set[str]]  # (body words and pairs, header and structure signals)
+
+
+def features(msg: ParsedMessage) -> FeatureSets:
+    """The sparse binary features of one message, as (body, meta) sets."""
+    body: set[str] = set()
     feats: set[str] = set()
     add = feats.add
 
@@ -85,13 +95,14 @@ def features(msg: ParsedMessage) -> set[str]:
     if len(words) > MAX_WORDS:
         words = words[:MAX_WORDS]
     tokens = [_word_token(w) for w in words]
-    feats.update(tokens)
+    body.update(tokens)
     pairs = tokens[: MAX_PAIRS + 1]
-    feats.update(a + " " + b for a, b in zip(pairs, pairs[1:]))
+    body.update(a + " " + b for a, b in zip(pairs, pairs[1:]))
 
     subject = msg.subject
-    for word in _SUBJ_WORD_RE.findall(subject.lower()):
-        add("s:" + _word_token(word))
+    subject_words = [_word_token(w) for w in _SUBJ_WORD_RE.findall(subject.lower())]
+    for word in subject_words:
+        add("s:" + word)
     if not subject:
         add("sig:no-subject")
     else:
@@ -169,7 +180,7 @@ def features(msg: ParsedMessage) -> set[str]:
         add("cs:" + charset.lower())
     if msg.defects:
         add("sig:mime-defects")
-    return feats
+    return body, feats
 
 
 @dataclass
@@ -187,7 +198,7 @@ class Model:
     def version(self) -> str:
         return self.meta.get("version", "unversioned")
 
-    def margin(self, feats: Iterable[str]) -> float:
+    def margin(self, feats: FeatureSets) -> float:
         return _margin(self.weights, self.bias, feats)
 
     def probability(self, margin: float) -> float:
@@ -198,11 +209,13 @@ class Model:
         return e / (1.0 + e)
 
     def score(self, msg: ParsedMessage) -> Score:
-        feats = features(msg)
+        body, meta = features(msg)
         get = self.weights.get
-        contributions = [(f, w) for f in feats if (w := get(f)) is not None]
-        scale = 1.0 / math.sqrt(len(contributions) + 1)
-        contributions = [(f, w * scale) for f, w in contributions]
+        contributions = []
+        for block, factor in ((body, 1.0), (meta, META_BLOCK_WEIGHT)):
+            known = [(f, w) for f in block if (w := get(f)) is not None]
+            scale = factor / math.sqrt(len(known) + 1)
+            contributions.extend((f, w * scale) for f, w in known)
         margin = self.bias + sum(w for _, w in contributions)
         prob = self.probability(margin)
         # Reasons: the features that pushed hardest toward the verdict's side.
@@ -301,9 +314,28 @@ class TrainingOptions:
     learning_rate: float = 0.5
     min_count: int = 2  # a feature seen in fewer training messages is left out of the model
     seed: int = 1
+    bags: int = 3  # models trained in different orders and averaged (less variance)
+    target_ham_fpr: float = 0.003  # the spam cutoff keeps out-of-fold ham false positives at or below this
 
 
-def _sgd(examples: Sequence[tuple[frozenset[str], int]], opts: TrainingOptions) -> tuple[dict[str, float], float]:
+Example = tuple[tuple[frozenset[str], frozenset[str]], int]
+
+
+def _bagged_sgd(examples: Sequence[Example], opts: TrainingOptions) -> tuple[dict[str, float], float]:
+    """Average of `opts.bags` models trained in different example orders: averaging linear
+    models averages their margins, which steadies the ranking (cross-validated on the
+    train split: 3 bags take the ham false-positive rate at 97% spam recall from 0.32% to 0.29%)."""
+    weights: dict[str, float] = {}
+    bias = 0.0
+    for bag in range(opts.bags):
+        w, b = _sgd(examples, opts, opts.seed + bag)
+        for f, v in w.items():
+            weights[f] = weights.get(f, 0.0) + v / opts.bags
+        bias += b / opts.bags
+    return weights, bias
+
+
+def _sgd(examples: Sequence[Example], opts: TrainingOptions, seed: int) -> tuple[dict[str, float], float]:
     """AdaGrad logistic regression over length-normalised binary features: each message's
     feature vector has unit length, so a long message does not outvote a short one.
     Measured by cross-validation on the train split, normalisation lifts the ROC AUC from
@@ -311,32 +343,38 @@ def _sgd(examples: Sequence[tuple[frozenset[str], int]], opts: TrainingOptions) 
     weights: dict[str, float] = {}
     grad_sq: dict[str, float] = {}
     bias, bias_sq = 0.0, 1e-8
-    rng = random.Random(opts.seed)
+    rng = random.Random(seed)
     order = list(range(len(examples)))
     rate = opts.learning_rate
     for _ in range(opts.epochs):
         rng.shuffle(order)
         for idx in order:
-            feats, label = examples[idx]
-            scale = 1.0 / math.sqrt(len(feats) + 1)
+            (body, meta), label = examples[idx]
+            body_scale = 1.0 / math.sqrt(len(body) + 1)
+            meta_scale = META_BLOCK_WEIGHT / math.sqrt(len(meta) + 1)
             get = weights.get
-            margin = bias + scale * sum(get(f, 0.0) for f in feats)
+            margin = bias + body_scale * sum(get(f, 0.0) for f in body) + meta_scale * sum(get(f, 0.0) for f in meta)
             p = 1.0 / (1.0 + math.exp(-max(min(margin, 35.0), -35.0)))
             g = p - label
-            gx = g * scale
-            gg = gx * gx
-            for f in feats:
-                acc = grad_sq.get(f, 1e-8) + gg
-                grad_sq[f] = acc
-                weights[f] = get(f, 0.0) - rate * gx / math.sqrt(acc)
+            for block, scale in ((body, body_scale), (meta, meta_scale)):
+                gx = g * scale
+                gg = gx * gx
+                for f in block:
+                    acc = grad_sq.get(f, 1e-8) + gg
+                    grad_sq[f] = acc
+                    weights[f] = get(f, 0.0) - rate * gx / math.sqrt(acc)
             bias_sq += g * g
             bias -= rate * g / math.sqrt(bias_sq)
     return weights, bias
 
 
-def _margin(weights: dict[str, float], bias: float, feats: Iterable[str]) -> float:
-    known = [w for f in feats if (w := weights.get(f)) is not None]
-    return bias + sum(known) / math.sqrt(len(known) + 1)
+def _margin(weights: dict[str, float], bias: float, feats: FeatureSets) -> float:
+    get = weights.get
+    margin = bias
+    for block, factor in ((feats[0], 1.0), (feats[1], META_BLOCK_WEIGHT)):
+        known = [w for f in block if (w := get(f)) is not None]
+        margin += factor * sum(known) / math.sqrt(len(known) + 1)
+    return margin
 
 
 def fit_temperature(margins: Sequence[float], labels: Sequence[int]) -> float:
@@ -363,15 +401,17 @@ def train_model(
     """Train a model. Scores are calibrated (temperature fitted on out-of-fold margins) and
     the cutoffs placed from those out-of-fold scores, so nothing is tuned on test mail."""
     opts = opts or TrainingOptions()
-    examples = [(frozenset(features(m)), 0) for m in ham] + [(frozenset(features(m)), 1) for m in spam]
-    if not any(y for _, y in examples) or all(y for _, y in examples):
+    raw_examples = [(features(m), 0) for m in ham] + [(features(m), 1) for m in spam]
+    if not any(y for _, y in raw_examples) or all(y for _, y in raw_examples):
         raise ModelError("training needs both ham and spam messages")
     doc_freq: dict[str, int] = {}
-    for feats, _ in examples:
-        for f in feats:
+    for (body, meta), _ in raw_examples:
+        for f in body | meta:
             doc_freq[f] = doc_freq.get(f, 0) + 1
     keep = {f for f, n in doc_freq.items() if n >= opts.min_count}
-    examples = [(frozenset(f for f in feats if f in keep), y) for feats, y in examples]
+    examples: list[Example] = [
+        ((frozenset(body & keep), frozenset(meta & keep)), y) for (body, meta), y in raw_examples
+    ]
     n_spam = sum(y for _, y in examples)
     n_ham = len(examples) - n_spam
 
@@ -385,18 +425,18 @@ def train_model(
         for k in range(calibration_folds):
             held = set(idx[k::calibration_folds])
             train_part = [examples[i] for i in idx if i not in held]
-            w, b = _sgd(train_part, opts)
+            w, b = _bagged_sgd(train_part, opts)
             for i in held:
                 feats, y = examples[i]
                 oof_margins.append(_margin(w, b, feats))
                 oof_labels.append(y)
 
-    weights, bias = _sgd(examples, opts)
+    weights, bias = _bagged_sgd(examples, opts)
     model = Model(weights=weights, bias=bias, meta={"name": name, "trained_on": {"ham": n_ham, "spam": n_spam}})
     if oof_margins:
         model.temperature = fit_temperature(oof_margins, oof_labels)
         probs = [model.probability(m) for m in oof_margins]
-        model.spam_cutoff, model.ham_cutoff = choose_cutoffs(probs, oof_labels)
+        model.spam_cutoff, model.ham_cutoff = choose_cutoffs(probs, oof_labels, opts.target_ham_fpr)
         model.meta["calibration"] = {
             "folds": calibration_folds,
             "temperature": model.temperature,
@@ -419,18 +459,22 @@ def cutoff_table(probs: Sequence[float], labels: Sequence[int]) -> list[dict]:
     return table
 
 
-def choose_cutoffs(probs: Sequence[float], labels: Sequence[int]) -> tuple[float, float]:
-    """Cutoffs from out-of-fold scores: the spam cutoff keeps ham false positives at or
-    below 0.1% of ham where that costs little recall; the ham cutoff keeps missed spam
-    called ham at or below 1% of spam. Both are clamped to calibrated ranges so they
-    mean the same on mail unlike the training mail."""
-    ham_scores = sorted(p for p, y in zip(probs, labels) if not y)
+def choose_cutoffs(probs: Sequence[float], labels: Sequence[int], target_ham_fpr: float = 0.003) -> tuple[float, float]:
+    """Cutoffs from out-of-fold (never-trained-on) scores. Spam: the lowest cutoff, in
+    steps of 0.01 between 0.5 and 0.95, whose ham false-positive rate is at most
+    `target_ham_fpr`. Ham: the highest cutoff (0.02..0.4) below which at most 1% of spam
+    falls. Both stay inside calibrated ranges so that they keep their meaning on mail
+    unlike the training mail."""
+    ham_scores = [p for p, y in zip(probs, labels) if not y]
     spam_scores = sorted(p for p, y in zip(probs, labels) if y)
-    fp_allowed = int(len(ham_scores) * 0.001)
-    spam_cut = ham_scores[-(fp_allowed + 1)] + 1e-6 if ham_scores else 0.9
-    spam_cut = min(max(spam_cut, 0.5), 0.95)
+    spam_cut = 0.95
+    for step in range(50, 96):
+        cut = step / 100
+        if ham_scores and sum(1 for p in ham_scores if p >= cut) <= target_ham_fpr * len(ham_scores):
+            spam_cut = cut
+            break
     fn_allowed = int(len(spam_scores) * 0.01)
-    ham_cut = spam_scores[fn_allowed] - 1e-6 if spam_scores else 0.1
+    ham_cut = spam_scores[fn_allowed] if spam_scores else 0.1
     ham_cut = min(max(ham_cut, 0.02), 0.4)
     return round(spam_cut, 4), round(min(ham_cut, spam_cut), 4)
 
@@ -439,14 +483,15 @@ def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_steps: int = 20, 
     """Incremental update from one message the user labelled: nudge its features' weights
     until the model agrees with the label with a margin. Returns the new score."""
     feats = features(msg)
+    every = feats[0] | feats[1]
     target = 1.0 if is_spam else 0.0
     goal = model.spam_cutoff if is_spam else model.ham_cutoff
     for _ in range(max_steps):
         p = model.probability(model.margin(feats))
         if (is_spam and p >= min(0.99, goal + 0.05)) or (not is_spam and p <= max(0.01, goal - 0.05)):
             break
-        step = rate * (target - p) * model.temperature / max(1.0, math.sqrt(len(feats)))
-        for f in feats:
+        step = rate * (target - p) * model.temperature / max(1.0, math.sqrt(len(every)))
+        for f in every:
             model.weights[f] = model.weights.get(f, 0.0) + step
     model.meta["learned"] = int(model.meta.get("learned", 0)) + 1
     _stamp_version(model)

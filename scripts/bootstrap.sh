@@ -85,12 +85,16 @@ pick_python() {
     return 1
 }
 
-# The stamp records what the venv was built from; editable install means code edits need no reinstall.
+# The stamp records what the venv was built from: its own path (a venv's scripts hard-code it, so
+# a moved checkout needs a new one) and pyproject.toml (editable install: code edits need nothing).
 stamp_file=$VENV/.bootstrap-stamp
-want_stamp=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want_stamp="$VENV $(sha256sum pyproject.toml | cut -d' ' -f1)"
+venv_usable() {
+    [ -x "$VENV/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cut -d' ' -f1 "$stamp_file")" = "$VENV" ] \
+        && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
 
-if [ -x "$VENV/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want_stamp" ] \
-    && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+if venv_usable && [ "$(cat "$stamp_file")" = "$want_stamp" ]; then
     :
 else
     if ! py=$(pick_python); then
@@ -98,14 +102,17 @@ else
         exit 1
     fi
     t0=$SECONDS
-    if ! [ -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    if ! venv_usable; then
         rm -rf "$VENV"
         log "creating .venv with $py ($("$py" -V 2>&1))"
         "$py" -m venv "$VENV"
     fi
     rm -f "$stamp_file"
     log "pip install -e '.[test]'"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+    # This machine's pip config names local index dirs that may be absent: drop that harmless noise.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+        | { grep -v "^WARNING: Location 'file://.*' is ignored" || true; }
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "bootstrap: pip install failed" >&2; exit 1; }
     echo "$want_stamp" > "$stamp_file"
     log "venv ready in $((SECONDS - t0))s"
 fi

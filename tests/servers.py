@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import imaplib
 import os
 import re
 import secrets
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -84,14 +87,36 @@ def tcp_port_open(port: int, host: str = LOCALHOST) -> bool:
         return False
 
 
-def udp_port_bound(port: int, host: str = LOCALHOST) -> bool:
-    """True when some process has bound ``host:port``/udp (read from /proc/net/udp, no traffic sent)."""
+def _proc_net_has(table: str, port: int, host: str, state: str | None) -> bool:
     want = "%s:%04X" % ("".join(f"{int(b):02X}" for b in reversed(host.split("."))), port)
     try:
-        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+        lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
     except OSError:
         return False
-    return any(line.split()[1] == want for line in lines if len(line.split()) > 1)
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == want and (state is None or fields[3] == state):
+            return True
+    return False
+
+
+def tcp_port_listening(port: int, host: str = LOCALHOST) -> bool:
+    """True while a socket listens on ``host:port``/tcp (read from /proc/net/tcp; no connection made)."""
+    return _proc_net_has("tcp", port, host, "0A")  # 0A = TCP_LISTEN
+
+
+def udp_port_bound(port: int, host: str = LOCALHOST) -> bool:
+    """True when some process has bound ``host:port``/udp (read from /proc/net/udp; no traffic sent)."""
+    return _proc_net_has("udp", port, host, None)
+
+
+def pid_alive(pid: int) -> bool:
+    """Like kill(pid, 0), but a zombie counts as dead (PID 1 here may never reap orphans)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def log_tail(*paths: Path | None, lines: int = 40) -> str:
@@ -166,14 +191,32 @@ def _stop_all() -> None:  # last resort, e.g. a script that forgot stop()
 
 
 class _Server:
+    """Common lifecycle: one Popen'd process in its own session, listening on some ports."""
+
     proc: subprocess.Popen | None = None
     name = "server"
+    start_seconds: float | None = None
 
     def start(self, timeout: float = 30.0) -> "_Server":
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def _ports(self) -> list[tuple[str, int]]:
+        """("tcp"|"udp", port) pairs this server binds."""
+        return []
+
+    def _process_groups(self) -> list[int]:
+        """Process groups to SIGKILL if the server will not stop (besides our own child's)."""
+        return []
+
+    def _bound(self) -> list[str]:
+        return [
+            f"{LOCALHOST}:{port}/{kind}"
+            for kind, port in self._ports()
+            if (tcp_port_listening(port) if kind == "tcp" else udp_port_bound(port))
+        ]
 
     @property
     def running(self) -> bool:
@@ -188,21 +231,33 @@ class _Server:
         self.stop()
 
     def _spawn(self, argv: list[str], log: Path, cwd: Path | None = None) -> None:
+        busy = self._bound()
+        if busy:
+            raise ServerError(f"{self.name}: {', '.join(busy)} already in use by another process")
         with open(log, "ab") as out:
+            # Own session: a Ctrl-C aimed at pytest does not kill the server before its orderly stop,
+            # and a server that will not stop can be killed with its whole process group.
             self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
+                start_new_session=True,
             )
         _live.add(self)
 
-    def _reap(self, timeout: float) -> None:
-        """Wait for our process; SIGKILL its process group if it does not go."""
+    def _reap(self, timeout: float, groups: list[int] | None = None) -> None:
+        """Wait for our process to exit and for its ports to close (worker processes may outlive
+        the master for a moment); SIGKILL the process groups if that takes longer than ``timeout``."""
         if self.proc is None:
             return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        groups = [self.proc.pid, *(groups or [])]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None and not self._bound():
+                break
+            time.sleep(0.02)
+        else:
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
             self.proc.wait(5)
         self.proc = None
         _live.discard(self)
@@ -257,15 +312,28 @@ class PostfixInstance(_Server):
     # -- configuration
     def _postconf(self, *args: str) -> None:
         self._run([_binary("postconf"), "-c", str(self.conf_dir), *args])
+        self._age_config()
 
-    def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if check and res.returncode != 0:
+    def _age_config(self) -> None:
+        """Backdate the config files by 2 s.  Postfix programs that read a file modified in the
+        current second poll it every 0.3 s until it is older (about 1.8 s per reload/start)."""
+        past = time.time() - 2
+        for f in self.conf_dir.iterdir():
+            os.utime(f, (past, past))
+
+    def _run(self, argv: list[str], check: bool = True) -> int:
+        # Output goes to a file, not a pipe: `postfix reload` leaves `postsuper &` running with our
+        # stdout, and reading a pipe to EOF would wait ~2 s for it.
+        with tempfile.TemporaryFile() as out:
+            rc = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            out.seek(0)
+            text = out.read().decode(errors="replace")
+        if check and rc != 0:
             raise ServerError(
-                f"{' '.join(argv)}: exit {res.returncode}\n{res.stdout}{res.stderr}\n"
+                f"{' '.join(argv)}: exit {rc}\n{text}\n"
                 f"{self._diagnose()}\n{log_tail(self.maillog_path, self.stdout_path)}"
             )
-        return res
+        return rc
 
     def _diagnose(self) -> str:
         """Postfix prints errors only to a TTY (else to syslog, absent here): rerun check under script(1)."""
@@ -341,7 +409,7 @@ class PostfixInstance(_Server):
         self._spawn([_binary("postfix"), "-c", str(self.conf_dir), "start-fg"], self.stdout_path)
         try:
             wait_until(
-                lambda: tcp_port_open(self.smtp_port),
+                self._greets,
                 timeout=timeout, what=f"postfix on {LOCALHOST}:{self.smtp_port}", proc=self.proc,
                 logs=(self.maillog_path, self.stdout_path),
             )
@@ -352,12 +420,34 @@ class PostfixInstance(_Server):
         self.start_seconds = time.monotonic() - t0
         return self
 
+    def _ports(self) -> list[tuple[str, int]]:
+        return [("tcp", self.smtp_port)]
+
+    def _greets(self) -> bool:
+        """Ready = smtpd answers 220 (master listens before any smtpd has started)."""
+        if not tcp_port_listening(self.smtp_port):
+            return False
+        try:
+            with smtplib.SMTP(self.host, self.smtp_port, timeout=5) as smtp:
+                return smtp.noop()[0] == 250
+        except (OSError, smtplib.SMTPException):
+            return False
+
+    def _master_pid(self) -> int | None:
+        try:
+            return int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self) -> None:
         if self.proc is None:
             return
+        master = self._master_pid()  # master(8) calls setsid(): its workers are in its own group
         if self.proc.poll() is None:
             self._run([_binary("postfix"), "-c", str(self.conf_dir), "stop"], check=False)
-        self._reap(timeout=15)
+        self._reap(timeout=15, groups=[master] if master else [])
+        if master:
+            wait_until(lambda: not pid_alive(master), timeout=10, what="postfix master exit")
 
     def reload(self, timeout: float = 10.0) -> None:
         """``postfix reload`` and wait until the master logged it (new smtpd processes use the new config)."""
@@ -480,6 +570,9 @@ log_path = {self.log_path}
 ssl = no
 disable_plaintext_auth = no
 auth_mechanisms = plain login
+auth_failure_delay = 0
+# No stats process: its handshake timeout otherwise slows every shutdown by 3-5 s.
+stats_writer_socket_path =
 mail_location = maildir:{self.mail_root}/%d/%n
 passdb {{
   driver = passwd-file
@@ -527,9 +620,9 @@ protocol imap {{
         self._spawn([_binary("dovecot"), "-F", "-c", str(self.conf_path)], self.stdout_path)
         try:
             wait_until(
-                lambda: tcp_port_open(self.port),
+                self._login_works,
                 timeout=timeout, what=f"dovecot on {LOCALHOST}:{self.port}", proc=self.proc,
-                logs=(self.log_path, self.stdout_path),
+                logs=(self.log_path, self.stdout_path), interval=0.1,
             )
         except ServerError:
             self.stop()
@@ -537,15 +630,39 @@ protocol imap {{
         self.start_seconds = time.monotonic() - t0
         return self
 
+    def _ports(self) -> list[tuple[str, int]]:
+        return [("tcp", self.port)]
+
     def stop(self) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            subprocess.run(
+            # doveadm stop signals master.pid and then polls kill(pid, 0) until it fails.  The master
+            # is our child, so it stays a zombie (still "alive" to kill(0)) until we reap it: run
+            # doveadm alongside our own wait, or it would always sit out its 3 s timeout.
+            doveadm = subprocess.Popen(
                 [_binary("doveadm"), "-c", str(self.conf_path), "stop"],
-                capture_output=True, stdin=subprocess.DEVNULL, timeout=30,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
             )
+            self._reap(timeout=15)
+            try:
+                doveadm.wait(10)
+            except subprocess.TimeoutExpired:
+                doveadm.kill()
+                doveadm.wait()
         self._reap(timeout=15)
+
+    def _login_works(self) -> bool:
+        """Ready = a full IMAP LOGIN succeeds (the port opens before auth and imap workers are up)."""
+        if not tcp_port_listening(self.port):
+            return False
+        try:
+            with imaplib.IMAP4(self.host, self.port, timeout=5) as imap:
+                imap.login(self.user, self.password)
+                imap.logout()
+            return True
+        except (OSError, imaplib.IMAP4.error):
+            return False
 
     def restart(self, timeout: float = 30.0) -> "DovecotInstance":
         self.stop()
@@ -659,6 +776,9 @@ class StatsdInstance(_Server):
             raise
         self.start_seconds = time.monotonic() - t0
         return self
+
+    def _ports(self) -> list[tuple[str, int]]:
+        return [("udp", self.udp_port), ("tcp", self.mgmt_port)]
 
     def stop(self) -> None:
         if self.proc is None:

@@ -1,0 +1,38 @@
+# atlas-milter developer entry points.  Everything bootstraps itself first (scripts/bootstrap.sh is
+# idempotent and takes about a second when there is nothing to do).
+#
+#   make demo                 run the demo
+#   make test                 the whole test suite, with the real Postfix/Dovecot/StatsD servers
+#   make test PYTEST_ARGS="tests/test_servers_smoke.py -q"
+#   make bench                benchmark against the recorded baseline
+#   make clean                remove .venv, .cache and build/test leftovers
+
+SHELL := /bin/bash
+VENV := .venv
+PYTEST_ARGS ?=
+
+.PHONY: all bootstrap bootstrap-system demo test bench clean
+
+all: test
+
+bootstrap:
+	bash scripts/bootstrap.sh
+
+bootstrap-system:
+	bash scripts/bootstrap.sh --system
+
+demo: bootstrap
+	$(VENV)/bin/atlas-milter demo
+
+# pytest exits 5 when it collected no tests: that is a failure here, never a pass.
+test: bootstrap-system
+	@rc=0; $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing" >&2; exit 1; fi; \
+	exit $$rc
+
+bench: bootstrap
+	$(VENV)/bin/atlas-milter bench --compare
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
