@@ -39,7 +39,6 @@ fi
 
 # ----------------------------------------------------------------- system packages
 missing=()
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
 [ -f /usr/include/libmilter/mfapi.h ] || missing+=(libmilter-dev)
 if [ "$system" = 1 ]; then
@@ -62,12 +61,21 @@ if [ ${#missing[@]} -gt 0 ]; then
     log "installing system packages: ${missing[*]}"
     t0=$SECONDS
     export DEBIAN_FRONTEND=noninteractive
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    for try in 1 2 3; do   # another apt may hold the lists lock for a while on a new machine
+        apt-get -o DPkg::Lock::Timeout=600 update -qq >"$CACHE/apt.log" 2>&1 && break
+        [ "$try" = 3 ] && { tail -20 "$CACHE/apt.log" >&2; echo "bootstrap: apt-get update failed" >&2; exit 1; }
+        sleep 10
+    done
     if [[ " ${missing[*]} " == *" postfix "* ]]; then
         # "No configuration": writes no /etc/postfix/main.cf and never starts a system instance.
         echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     fi
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if ! apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" \
+        >"$CACHE/apt.log" 2>&1; then
+        tail -30 "$CACHE/apt.log" >&2
+        echo "bootstrap: apt-get install ${missing[*]} failed (full log: .cache/apt.log)" >&2
+        exit 1
+    fi
     log "system packages installed in $((SECONDS - t0))s"
 fi
 

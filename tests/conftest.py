@@ -11,12 +11,17 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from servers import (
+# tests/ is not a package: make `import servers` work however pytest was started.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from servers import (  # noqa: E402
     DovecotInstance,
     PostfixInstance,
     ServerError,

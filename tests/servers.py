@@ -560,7 +560,6 @@ class DovecotInstance(_Server):
         self.users_path.write_text(f"{self.user}:{{PLAIN}}{self.password}\n")
         self.password_file.write_text(self.password + "\n")
         os.chmod(self.password_file, 0o600)
-        b = self.base
         self.conf_path.write_text(f"""\
 protocols = imap
 listen = {LOCALHOST}
@@ -608,7 +607,6 @@ namespace inbox {{
 protocol imap {{
   mail_max_userip_connections = 50
 }}
-# private instance under {b}
 """)
         self._configured = True
 
@@ -700,6 +698,12 @@ def _inspect_number(text: str) -> float:
     return float(text.replace("Infinity", "inf"))
 
 
+def _inspect_entries(reply: str) -> Iterator[tuple[str, str]]:
+    for m in _INSPECT_ENTRY.finditer(reply):
+        key = next(g for g in (m.group("sq"), m.group("dq"), m.group("id")) if g is not None)
+        yield re.sub(r"\\(.)", r"\1", key), m.group("value")
+
+
 def parse_inspect(reply: str) -> dict[str, object]:
     """Parse a flat Node util.inspect object of numbers or number arrays into a dict.
 
@@ -707,13 +711,9 @@ def parse_inspect(reply: str) -> dict[str, object]:
     ``... N more items``; such lists are truncated (see StatsdInstance.timer_counts()).
     """
     result: dict[str, object] = {}
-    for m in _INSPECT_ENTRY.finditer(reply):
-        key = m.group("sq") if m.group("sq") is not None else m.group("dq") if m.group("dq") is not None else m.group("id")
-        key = re.sub(r"\\(.)", r"\1", key)
-        value = m.group("value")
+    for key, value in _inspect_entries(reply):
         if value.startswith("["):
-            body = _MORE_ITEMS.sub("", value)
-            result[key] = [_inspect_number(n) for n in _NUMBER.findall(body)]
+            result[key] = [_inspect_number(n) for n in _NUMBER.findall(_MORE_ITEMS.sub("", value))]
         elif _NUMBER.fullmatch(value):
             result[key] = _inspect_number(value)
     return result
@@ -814,11 +814,8 @@ class StatsdInstance(_Server):
 
     def timer_counts(self) -> dict[str, int]:
         """Number of samples per timer, exact even past Node's 100-item display limit."""
-        reply = self.admin("timers")
         counts: dict[str, int] = {}
-        for m in _INSPECT_ENTRY.finditer(reply):
-            key = m.group("sq") if m.group("sq") is not None else m.group("dq") if m.group("dq") is not None else m.group("id")
-            value = m.group("value")
+        for key, value in _inspect_entries(self.admin("timers")):
             if value.startswith("["):
                 more = sum(int(n) for n in _MORE_ITEMS.findall(value))
                 counts[key] = len(_NUMBER.findall(_MORE_ITEMS.sub("", value))) + more
