@@ -102,7 +102,7 @@ def features(msg: ParsedMessage) -> FeatureSets:
     subject = msg.subject
     subject_words = [_word_token(w) for w in _SUBJ_WORD_RE.findall(subject.lower())]
     for word in subject_words:
-        add("s:" + word)
+        body.add("s:" + word)
     if not subject:
         add("sig:no-subject")
     else:
@@ -125,7 +125,7 @@ def features(msg: ParsedMessage) -> FeatureSets:
         if "@" in msg.sender_name:
             add("sig:from-name-has-address")
         for word in _SUBJ_WORD_RE.findall(msg.sender_name.lower())[:6]:
-            add("fn:" + _word_token(word))
+            body.add("fn:" + _word_token(word))
     if msg.reply_to_domain:
         if _domain_tail(msg.reply_to_domain) != _domain_tail(msg.sender_domain or ""):
             add("sig:reply-to-elsewhere")
@@ -142,8 +142,6 @@ def features(msg: ParsedMessage) -> FeatureSets:
         add("sig:no-date")
     if subject.lower().startswith("re:") and not (msg.header("in-reply-to") or msg.header("references")):
         add("sig:reply-without-thread")
-    for encoding in set(msg.encodings[:10]):
-        add("cte:" + encoding)
 
     hosts = set()
     for url in msg.urls[:200]:
@@ -176,8 +174,6 @@ def features(msg: ParsedMessage) -> FeatureSets:
         ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
         if ext:
             add("attext:" + ext[:10])
-    for charset in set(msg.charsets[:10]):
-        add("cs:" + charset.lower())
     if msg.defects:
         add("sig:mime-defects")
     return body, feats
