@@ -241,6 +241,65 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- front doors (each a thin call into its adapter) -----------------------------------
+
+def cmd_milter(args: argparse.Namespace) -> int:
+    from atlas_milter.adapters.milter import serve
+
+    config = _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout})
+    _setup_logging(args.log_level or config.log_level)
+    return serve(config)
+
+
+def _imap_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    security = "starttls" if args.starttls else "plain" if args.plain else "tls" if args.tls else None
+    return {
+        "imap.host": args.host, "imap.port": args.port, "imap.user": args.user,
+        "imap.password_file": args.password_file, "imap.security": security,
+    }
+
+
+def cmd_idle(args: argparse.Namespace) -> int:
+    from atlas_milter.adapters.imap import run_idle
+
+    over = _imap_overrides(args)
+    if args.folders:
+        over["imap.folders"] = list(args.folders)
+    config = _load_config(args, **over)
+    _setup_logging(args.log_level or config.log_level)
+    return run_idle(config, account=args.account, force_plain=args.force_plain)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from atlas_milter.backfill import run_backfill
+
+    over = _imap_overrides(args)
+    over["performance.chunk_size"] = args.chunk_size
+    over["performance.memory_limit_mb"] = args.memory_limit_mb
+    config = _load_config(args, **over)
+    _setup_logging(args.log_level or config.log_level)
+    return run_backfill(
+        config, folders=list(args.folders), maildir=args.maildir, mbox=args.mbox, dry_run=args.dry_run,
+        since=args.since, limit=args.limit, account=args.account, force_plain=args.force_plain,
+    )
+
+
+def _add_imap_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="IMAP server")
+    p.add_argument("--port", type=int, help="IMAP port (default 993 with --tls, 143 otherwise)")
+    sec = p.add_mutually_exclusive_group()
+    sec.add_argument("--tls", action="store_true", help="implicit TLS (default)")
+    sec.add_argument("--starttls", action="store_true", help="STARTTLS on the plain port")
+    sec.add_argument("--plain", action="store_true", help="no TLS (loopback only unless --force-plain)")
+    p.add_argument("--force-plain", action="store_true", help="allow --plain to a non-loopback server")
+    p.add_argument("--user", help="IMAP login")
+    p.add_argument("--password-file", metavar="FILE", help="file holding the password (or ATLAS_IMAP_PASSWORD, or a systemd credential)")
+    p.add_argument("--account", metavar="NAME", help="an account from the [accounts] tables of the config file")
+    p.add_argument("--db", metavar="PATH", help="verdict database")
+    p.add_argument("--model", metavar="PATH", help="model file (default: the shipped model)")
+    p.add_argument("--statsd", metavar="HOST:PORT", help="StatsD target")
+
+
 # --- parser ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +357,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("milter", parents=[common], help="run the milter for Postfix or Sendmail")
+    p.add_argument("--socket", metavar="SPEC", help="unix:/run/atlas-milter/milter.sock (default) or inet:PORT@HOST")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline per message (default 5)")
+    p.add_argument("--db", metavar="PATH", help="verdict database")
+    p.add_argument("--model", metavar="PATH", help="model file (default: the shipped model)")
+    p.add_argument("--statsd", metavar="HOST:PORT", help="StatsD target")
+    p.set_defaults(func=cmd_milter)
+
+    p = sub.add_parser("idle", parents=[common], help="watch IMAP folders with IDLE and classify new mail")
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="folders to watch (default INBOX)")
+    _add_imap_flags(p)
+    p.set_defaults(func=cmd_idle)
+
+    p = sub.add_parser("backfill", parents=[common], help="classify an existing IMAP folder, Maildir or mbox")
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="IMAP folders (e.g. INBOX Archive)")
+    p.add_argument("--maildir", metavar="DIR", help="a local Maildir instead of IMAP")
+    p.add_argument("--mbox", metavar="FILE", help="a local mbox file instead of IMAP")
+    p.add_argument("--dry-run", action="store_true", help="record verdicts, act on nothing")
+    p.add_argument("--since", metavar="DATE", help="only messages since this date (YYYY-MM-DD)")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+    p.add_argument("--chunk-size", type=int, metavar="N", help="messages per chunk")
+    p.add_argument("--memory-limit-mb", type=int, metavar="MB", help="shrink chunks near this resident memory")
+    _add_imap_flags(p)
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("check-config", parents=[common], help="print the effective configuration; non-zero on errors")
     p.add_argument("--model", metavar="PATH")

@@ -127,6 +127,57 @@ class StatsdConfig:
             raise ConfigError(f"config: [statsd] port: {self.port} is not a port number")
 
 
+MILTER_ACTIONS = ("tag", "reject", "quarantine", "discard", "tempfail", "accept")
+ERROR_ACTIONS = ("accept", "tempfail")
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    """[milter]: owned by the milter adapter (atlas_milter/adapters/milter.py)."""
+
+    socket: str = "unix:/run/atlas-milter/milter.sock"  # libmilter syntax: unix:PATH or inet:PORT@HOST
+    timeout: float = 5.0  # seconds from end of message to a reply, whatever happens
+    spam_action: str = "tag"  # tag | reject | quarantine | discard | tempfail | accept
+    unsure_action: str = "tag"
+    on_error: str = "accept"  # accept (with a header saying so) | tempfail
+    reject_text: str = "Message rejected as spam (ref {ref})"
+
+    def __post_init__(self) -> None:
+        for key in ("spam_action", "unsure_action"):
+            if getattr(self, key) not in MILTER_ACTIONS:
+                raise ConfigError(f"config: [milter] {key}: {getattr(self, key)!r} is not one of {', '.join(MILTER_ACTIONS)}")
+        if self.on_error not in ERROR_ACTIONS:
+            raise ConfigError(f"config: [milter] on_error: {self.on_error!r} is not one of accept, tempfail")
+        if self.timeout <= 0:
+            raise ConfigError("config: [milter] timeout: must be positive")
+
+
+IMAP_SECURITY = ("tls", "starttls", "plain")
+IMAP_SPAM_ACTIONS = ("move", "flag", "record")
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    """[imap]: owned by the IMAP side (atlas_milter/adapters/imap.py, atlas_milter/backfill.py)."""
+
+    host: str = ""
+    port: int = 0  # 0 means: 993 for tls, 143 otherwise
+    security: str = "tls"  # tls | starttls | plain
+    user: str = ""
+    password_file: str = ""  # or ATLAS_IMAP_PASSWORD, or the systemd credential imap-password
+    folders: list[str] = ("INBOX",)
+    junk_folder: str = "Junk"  # used when the server marks no folder \Junk
+    spam_action: str = "move"  # move | flag | record
+
+    def __post_init__(self) -> None:
+        if self.security not in IMAP_SECURITY:
+            raise ConfigError(f"config: [imap] security: {self.security!r} is not one of tls, starttls, plain")
+        if self.spam_action not in IMAP_SPAM_ACTIONS:
+            raise ConfigError(f"config: [imap] spam_action: {self.spam_action!r} is not one of move, flag, record")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"config: [imap] port: {self.port} is not a port number")
+
+
 @dataclass(frozen=True)
 class Features:
     """The `ENABLE_*` switches; all on by default. Off gives the plain sequential path."""
@@ -146,6 +197,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     statsd: StatsdConfig = field(default_factory=StatsdConfig)
     features: Features = field(default_factory=Features)
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    imap: ImapConfig = field(default_factory=ImapConfig)
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):
