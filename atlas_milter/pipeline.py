@@ -102,10 +102,7 @@ class Pipeline:
         self.perf = config.performance.resolved()
         self.max_bytes = config.classifier.max_bytes
         self.model = model if model is not None else load_model(config.classifier.model or None)
-        self.cutoffs = Cutoffs(
-            spam=config.classifier.spam_cutoff or self.model.spam_cutoff,
-            ham=config.classifier.ham_cutoff or min(self.model.ham_cutoff, config.classifier.spam_cutoff or 1.0),
-        )
+        self.cutoffs = self._cutoffs_for(self.model)
         self.metrics = configure_from_config(config)
         self.cache: ClassificationCache | None = (
             configure_cache(self.perf.cache_size, self.perf.cache_ttl) if self.features.caching else None
@@ -119,15 +116,35 @@ class Pipeline:
                 queue_size=self.perf.queue_size,
                 bulk=self.features.bulk_ops,
             )
-        self.pool: ParallelEmailProcessor | None = None
-        if self.features.parallel and self.perf.workers > 1:
-            self.pool = ParallelEmailProcessor(
-                self.perf.workers,
-                use_processes=True,
-                initializer=init_worker,
-                initargs=(self.model, self.max_bytes),
-                max_in_flight=self.perf.workers * 4,
-            )
+        self.pool: ParallelEmailProcessor | None = self._make_pool(self.model)
+
+    def _cutoffs_for(self, model: Model) -> Cutoffs:
+        spam = self.config.classifier.spam_cutoff or model.spam_cutoff
+        return Cutoffs(spam=spam, ham=min(self.config.classifier.ham_cutoff or model.ham_cutoff, spam))
+
+    def _make_pool(self, model: Model) -> ParallelEmailProcessor | None:
+        if not (self.features.parallel and self.perf.workers > 1):
+            return None
+        return ParallelEmailProcessor(
+            self.perf.workers,
+            use_processes=True,
+            initializer=init_worker,
+            initargs=(model, self.max_bytes),
+            max_in_flight=self.perf.workers * 4,
+        )
+
+    def reload_model(self, model: Model) -> None:
+        """Switch to a new model (after learning or SIGHUP): new cutoffs, an empty cache
+        (its verdicts came from the old model) and fresh workers; calls in flight finish
+        on the old workers."""
+        old_pool = self.pool
+        self.model = model
+        self.cutoffs = self._cutoffs_for(model)
+        self.pool = self._make_pool(model)
+        if self.cache is not None:
+            self.cache.clear()
+        if old_pool is not None:
+            old_pool.shutdown(wait=False)
 
     # --- one message ---------------------------------------------------------------
     def _lookup(self, raw: bytes) -> tuple[Any, Score | None]:
