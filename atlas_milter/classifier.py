@@ -15,6 +15,7 @@ It knows nothing about caches, threads, databases or protocols.
 from __future__ import annotations
 
 import gzip
+import heapq
 import hashlib
 import json
 import math
@@ -94,10 +95,10 @@ def features(msg: ParsedMessage) -> FeatureSets:
     words = _WORD_RE.findall(text, 0, 60_000)
     if len(words) > MAX_WORDS:
         words = words[:MAX_WORDS]
-    tokens = [_word_token(w) for w in words]
+    tokens = [w if w.isalpha() else _word_token(w) for w in words]
     body.update(tokens)
     pairs = tokens[: MAX_PAIRS + 1]
-    body.update(a + " " + b for a, b in zip(pairs, pairs[1:]))
+    body.update(map(" ".join, zip(pairs, pairs[1:])))
 
     subject = msg.subject
     subject_words = [_word_token(w) for w in _SUBJ_WORD_RE.findall(subject.lower())]
@@ -205,20 +206,18 @@ class Model:
         return e / (1.0 + e)
 
     def score(self, msg: ParsedMessage) -> Score:
-        body, meta = features(msg)
         get = self.weights.get
-        contributions = []
-        for block, factor in ((body, 1.0), (meta, META_BLOCK_WEIGHT)):
-            known = [(f, w) for f in block if (w := get(f)) is not None]
-            scale = factor / math.sqrt(len(known) + 1)
-            contributions.extend((f, w * scale) for f, w in known)
-        margin = self.bias + sum(w for _, w in contributions)
+        margin = self.bias
+        blocks = []
+        for block, factor in zip(features(msg), (1.0, META_BLOCK_WEIGHT)):
+            names = list(block)
+            weights = list(map(get, names))  # None for features the model does not know
+            known = len(weights) - weights.count(None)
+            scale = factor / math.sqrt(known + 1)
+            margin += scale * sum(filter(None, weights))
+            blocks.append((names, weights, scale))
         prob = self.probability(margin)
-        # Reasons: the features that pushed hardest toward the verdict's side.
-        toward_spam = prob >= 0.5
-        contributions.sort(key=lambda fw: fw[1], reverse=toward_spam)
-        reasons = tuple((f, w) for f, w in contributions[:TOP_REASONS] if (w > 0) == toward_spam)
-        return Score(score=prob, reasons=reasons, model_version=self.version)
+        return Score(score=prob, reasons=_top_reasons(blocks, prob >= 0.5), model_version=self.version)
 
     # --- persistence -------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -232,6 +231,19 @@ class Model:
             "ham_cutoff": self.ham_cutoff,
             "weights": {f: round(w, 4) for f, w in sorted(self.weights.items())},
         }
+
+
+def _top_reasons(blocks: list, toward_spam: bool) -> tuple[tuple[str, float], ...]:
+    """The features that pushed hardest toward the verdict's side, with their share of the margin."""
+    sign = 1.0 if toward_spam else -1.0
+    candidates = [
+        (w * scale, name)
+        for names, weights, scale in blocks
+        for name, w in zip(names, weights)
+        if w is not None and w * sign > 0
+    ]
+    top = heapq.nlargest(TOP_REASONS, candidates) if toward_spam else heapq.nsmallest(TOP_REASONS, candidates)
+    return tuple((name, w) for w, name in top)
 
 
 def _stamp_version(model: Model) -> None:
@@ -475,20 +487,22 @@ def choose_cutoffs(probs: Sequence[float], labels: Sequence[int], target_ham_fpr
     return round(spam_cut, 4), round(min(ham_cut, spam_cut), 4)
 
 
-def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_steps: int = 20, rate: float = 0.3) -> float:
-    """Incremental update from one message the user labelled: nudge its features' weights
-    until the model agrees with the label with a margin. Returns the new score."""
-    feats = features(msg)
-    every = feats[0] | feats[1]
-    target = 1.0 if is_spam else 0.0
-    goal = model.spam_cutoff if is_spam else model.ham_cutoff
-    for _ in range(max_steps):
-        p = model.probability(model.margin(feats))
-        if (is_spam and p >= min(0.99, goal + 0.05)) or (not is_spam and p <= max(0.01, goal - 0.05)):
+def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_rounds: int = 8) -> float:
+    """Incremental update from one message the user labelled ("train until no error"):
+    shift the weights of the message's features, all by the same amount, until the model
+    scores it a clear 0.05 past the cutoff on the label's side. Returns the new score."""
+    body, meta = features(msg)
+    goal = min(0.99, model.spam_cutoff + 0.05) if is_spam else max(0.01, model.ham_cutoff - 0.05)
+    goal_margin = math.log(goal / (1.0 - goal)) * model.temperature
+    for _ in range(max_rounds):
+        margin = model.margin((body, meta))
+        if (margin >= goal_margin) if is_spam else (margin <= goal_margin):
             break
-        step = rate * (target - p) * model.temperature / max(1.0, math.sqrt(len(every)))
-        for f in every:
+        # d moves the margin by d * sensitivity once every feature of the message is known.
+        sensitivity = len(body) / math.sqrt(len(body) + 1) + META_BLOCK_WEIGHT * len(meta) / math.sqrt(len(meta) + 1)
+        step = 1.1 * (goal_margin - margin) / max(sensitivity, 1e-9)
+        for f in body | meta:
             model.weights[f] = model.weights.get(f, 0.0) + step
     model.meta["learned"] = int(model.meta.get("learned", 0)) + 1
     _stamp_version(model)
-    return model.probability(model.margin(feats))
+    return model.probability(model.margin((body, meta)))

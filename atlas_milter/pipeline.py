@@ -194,10 +194,12 @@ class Pipeline:
         scored once, the rest spread over the pool. One result per item, in order."""
         started = time.perf_counter()
         looked_up = [self._lookup(raw) for _, raw in items]
-        to_score: dict[tuple[str, str, str], int] = {}  # fingerprint -> first index in chunk
+        # Identical messages in a chunk are scored once when caching is on; the plain
+        # path scores every message.
+        to_score: dict[tuple, int] = {}  # fingerprint (or index) -> first index in chunk
         for i, (fp, cached) in enumerate(looked_up):
             if cached is None:
-                to_score.setdefault((fp.sender, fp.subject, fp.body_digest), i)
+                to_score.setdefault(self._dedup_key(fp, i), i)
         firsts = list(to_score.values())
         raws = [items[i][1] for i in firsts]
         if self.pool is not None and len(raws) > 1:
@@ -207,13 +209,13 @@ class Pipeline:
         by_key = {k: analyses[n] for n, k in enumerate(to_score)}
         share = (time.perf_counter() - started) / max(1, len(items))
         results: list[Result | ItemError] = []
-        seen: set[tuple[str, str, str]] = set()
+        seen: set[tuple] = set()
         for i, ((key, _), (fp, cached)) in enumerate(zip(items, looked_up)):
             t0 = time.perf_counter() - share
             if cached is not None:
                 results.append(self._finish(key, fp, None, cached, t0))
                 continue
-            fkey = (fp.sender, fp.subject, fp.body_digest)
+            fkey = self._dedup_key(fp, i)
             analysis = by_key[fkey]
             if isinstance(analysis, ItemError):
                 results.append(ItemError(i, analysis.error))
@@ -223,6 +225,9 @@ class Pipeline:
                 seen.add(fkey)
                 results.append(self._finish(key, fp, analysis, None, t0))
         return results
+
+    def _dedup_key(self, fp: Any, index: int) -> tuple:
+        return (fp.sender, fp.subject, fp.body_digest) if self.cache is not None else (index,)
 
     def _analyse_inline(self, index: int, raw: bytes) -> Analysis | ItemError:
         try:

@@ -1,0 +1,111 @@
+"""Parsing survives what real mail throws at it, and extracts what the classifier needs."""
+
+from atlas_milter.message import fingerprint, parse_message, summarise
+
+
+def test_plain_message_headers_and_text():
+    raw = (
+        b"From: \"Ann Example\" <Ann@Example.ORG>\r\nReply-To: other@else.example\r\n"
+        b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= aus Berlin\r\nMessage-ID: <1@x>\r\n\r\nHello there, see https://www.example.com/a.\r\n"
+    )
+    msg = parse_message(raw)
+    assert msg.sender == "ann@example.org"
+    assert msg.sender_domain == "example.org"
+    assert msg.sender_name == "Ann Example"
+    assert msg.reply_to_domain == "else.example"
+    assert msg.subject == "Grüße aus Berlin"
+    assert "Hello there" in msg.text
+    assert any("www.example.com" in u for u in msg.urls)
+
+
+def test_mbox_from_line_is_not_a_header():
+    msg = parse_message(b"From someone@x Mon Jan  1 00:00:00 2002\nSubject: hi\n\nbody\n")
+    assert msg.subject == "hi"
+    assert "body" in msg.text
+
+
+def test_html_only_body_is_turned_into_text_with_links():
+    raw = (
+        b"Subject: offer\nContent-Type: text/html; charset=utf-8\n\n"
+        b"<html><style>p{}</style><p>Buy&nbsp;now <a href='http://203.0.113.5/x'>here</a></p><img src=x></html>"
+    )
+    msg = parse_message(raw)
+    assert msg.html_parts == 1 and msg.text_parts == 0
+    assert "Buy\xa0now" in msg.text or "Buy now" in msg.text
+    assert "<p>" not in msg.text and "p{}" not in msg.text
+    assert "http://203.0.113.5/x" in msg.urls
+    assert msg.image_tags == 1
+
+
+def test_unknown_and_lying_charsets_and_bad_base64_do_not_raise():
+    raw = (
+        b"Subject: =?x-klingon?Q?caf=E9?=\nMIME-Version: 1.0\n"
+        b"Content-Type: multipart/mixed; boundary=\"b\"\n\n--b\n"
+        b"Content-Type: text/plain; charset=klingon\nContent-Transfer-Encoding: base64\n\n!!!not base64***\n"
+        b"--b\nContent-Type: text/plain; charset=utf-8\n\n\xff\xfe invalid utf-8 \xe9\n"
+        # the closing boundary is missing on purpose
+    )
+    msg = parse_message(raw)
+    assert "caf" in msg.subject
+    assert "invalid utf-8" in msg.text
+
+
+def test_attachments_are_features_not_text():
+    raw = (
+        b"Subject: a\nContent-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n\nsee attached\n"
+        b"--b\nContent-Type: application/pdf; name=\"invoice.pdf\"\nContent-Disposition: attachment; filename=\"invoice.pdf\"\n"
+        b"Content-Transfer-Encoding: base64\n\nJVBERi0xLjQK\n--b--\n"
+    )
+    msg = parse_message(raw)
+    assert msg.attachments == [("invoice.pdf", "application/pdf")]
+    assert "JVBER" not in msg.text
+
+
+def test_nul_bytes_and_cr_only_garbage():
+    msg = parse_message(b"Subject: x\x00y\r\n\r\nbody\x00with nul\r\r\r" + bytes(range(256)))
+    assert "NUL bytes" in msg.defects
+    assert "with nul" in msg.text
+
+
+def test_only_max_bytes_are_analysed():
+    raw = b"Subject: big\n\n" + b"word " * 400_000  # 2 MB
+    msg = parse_message(raw, max_bytes=64 * 1024)
+    assert msg.truncated
+    assert msg.size == len(raw)
+    assert len(msg.text) <= 64 * 1024
+
+
+def test_ten_megabyte_single_line():
+    raw = b"Subject: long line\n\n" + b"x" * (10 * 1024 * 1024)
+    msg = parse_message(raw)
+    assert msg.truncated and msg.subject == "long line"
+
+
+def test_no_headers_at_all():
+    msg = parse_message(b"just some text without any header")
+    assert msg.sender == "" and isinstance(msg.text, str)
+
+
+def test_deeply_nested_mime_gets_a_result():
+    depth = 1200
+    parts = b"".join(b"--b%d\nContent-Type: multipart/mixed; boundary=\"b%d\"\n\n" % (i, i + 1) for i in range(depth))
+    raw = b"Subject: deep\nContent-Type: multipart/mixed; boundary=\"b0\"\n\n" + parts + b"--b1200\nContent-Type: text/plain\n\ndeep text\n"
+    msg = parse_message(raw)
+    assert msg.subject == "deep" or msg.defects  # parsed or read as plain text, never raised
+
+
+def test_fingerprint_ignores_envelope_and_recipient_but_not_the_body():
+    base = b"From: Shop <a@shop.example>\nTo: %s\nSubject: Deal\nMessage-ID: <%s>\n\nBuy   NOW\n"
+    one = fingerprint(base % (b"x@y", b"1"))
+    two = fingerprint(b"From mbox-line\n" + base % (b"z@w", b"2"))
+    other = fingerprint((base % (b"x@y", b"1")).replace(b"NOW", b"later"))
+    assert (one.sender, one.subject, one.body_digest) == (two.sender, two.subject, two.body_digest)
+    assert one.body_digest != other.body_digest
+    assert one.message_id == "<1>"
+
+
+def test_summarise_decodes_sender_and_subject():
+    fp = fingerprint(b"From: =?utf-8?q?J=C3=B6rg?= <J@Example.DE>\nSubject: =?utf-8?b?w5xiZXI=?=\n\nx")
+    summary = summarise(fp)
+    assert summary.sender == "j@example.de" and summary.sender_domain == "example.de"
+    assert summary.subject == "Über"
