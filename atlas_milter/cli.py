@@ -241,6 +241,38 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from atlas_milter import bench
+
+    if args.run_side:  # internal: one side of the benchmark, in its own process
+        features = json.loads(args.run_side)
+        print(json.dumps(bench.run_side(args.maildir, args.db, features, args.config)))
+        return 0
+    corpus = bench.find_corpus(args.corpus)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    baseline_file = Path(args.baseline_file)
+    if args.baseline:
+        result = bench.baseline(workdir, corpus, args.repeat, args.config, say)
+        baseline_file.write_text(json.dumps(result, indent=2))
+        say(f"baseline written to {baseline_file}")
+    elif args.monitoring:
+        result = bench.monitoring_cost(workdir, corpus, args.repeat, args.config, say)
+    elif args.memory:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        result = bench.memory(workdir, corpus, sizes, args.config, say)
+    else:
+        result = bench.compare(workdir, corpus, args.repeat, args.config, baseline_file, progress=say)
+    if args.json:
+        print(json.dumps(result))
+    elif "ratios" in result:
+        say("ratios (optimised vs plain, medians): " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()))
+    elif "cost" in result:
+        say(f"monitoring costs {result['cost']:.1%} of throughput")
+    return 0
+
+
 # --- front doors (each a thin call into its adapter) -----------------------------------
 
 def cmd_milter(args: argparse.Namespace) -> int:
@@ -253,31 +285,49 @@ def cmd_milter(args: argparse.Namespace) -> int:
 
 def _imap_overrides(args: argparse.Namespace) -> dict[str, Any]:
     security = "starttls" if args.starttls else "plain" if args.plain else "tls" if args.tls else None
-    return {
+    over = {
         "imap.host": args.host, "imap.port": args.port, "imap.user": args.user,
         "imap.password_file": args.password_file, "imap.security": security,
     }
+    if getattr(args, "folders", None) and args.command == "idle":
+        over["imap.folders"] = list(args.folders)
+    return over
+
+
+def _imap_config(args: argparse.Namespace, **other: Any):
+    """The config with the IMAP flags applied: to [imap], or with --account NAME on top of
+    that account's table (flags win over the file)."""
+    import dataclasses
+
+    imap_flags = _imap_overrides(args)
+    if not args.account:
+        return _load_config(args, **imap_flags, **other)
+    config = _load_config(args, **other)
+    flags = {key.split(".", 1)[1]: value for key, value in imap_flags.items()}
+    return dataclasses.replace(config, imap=config.imap.for_account(args.account, flags))
+
+
+def _front_door_logging(args: argparse.Namespace, config: Any) -> None:
+    level = args.log_level or config.log_level
+    _setup_logging(level)
+    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))  # basicConfig ran already in main()
 
 
 def cmd_idle(args: argparse.Namespace) -> int:
     from atlas_milter.adapters.imap import run_idle
 
-    over = _imap_overrides(args)
-    if args.folders:
-        over["imap.folders"] = list(args.folders)
-    config = _load_config(args, **over)
-    _setup_logging(args.log_level or config.log_level)
+    config = _imap_config(args)
+    _front_door_logging(args, config)
     return run_idle(config, account=args.account, force_plain=args.force_plain)
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     from atlas_milter.backfill import run_backfill
 
-    over = _imap_overrides(args)
-    over["performance.chunk_size"] = args.chunk_size
-    over["performance.memory_limit_mb"] = args.memory_limit_mb
-    config = _load_config(args, **over)
-    _setup_logging(args.log_level or config.log_level)
+    config = _imap_config(
+        args, **{"performance.chunk_size": args.chunk_size, "performance.memory_limit_mb": args.memory_limit_mb}
+    )
+    _front_door_logging(args, config)
     return run_backfill(
         config, folders=list(args.folders), maildir=args.maildir, mbox=args.mbox, dry_run=args.dry_run,
         since=args.since, limit=args.limit, account=args.account, force_plain=args.force_plain,
@@ -357,6 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("bench", parents=[common], help="measure the optimised pipeline against the plain path")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--baseline", action="store_true", help="record the plain path to --baseline-file")
+    mode.add_argument("--compare", action="store_true", help="plain and optimised in the same run, with ratios (default)")
+    mode.add_argument("--monitoring", action="store_true", help="throughput with monitoring on vs off")
+    mode.add_argument("--memory", action="store_true", help="peak memory: streaming vs load-everything")
+    mode.add_argument("--run-side", metavar="FEATURES", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per side; medians are reported (default 3)")
+    p.add_argument("--corpus", metavar="DIR", help="the shared corpus folder (default ../shared/corpus/spamassassin or $ATLAS_CORPUS)")
+    p.add_argument("--workdir", metavar="DIR", default="bench-work", help="workload Maildirs and databases (default ./bench-work)")
+    p.add_argument("--baseline-file", metavar="FILE", default="bench-baseline.json")
+    p.add_argument("--sizes", default="10000,50000", metavar="N,N", help="Maildir sizes for --memory")
+    p.add_argument("--maildir", help=argparse.SUPPRESS)
+    p.add_argument("--db", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("milter", parents=[common], help="run the milter for Postfix or Sendmail")
     p.add_argument("--socket", metavar="SPEC", help="unix:/run/atlas-milter/milter.sock (default) or inet:PORT@HOST")

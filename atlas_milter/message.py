@@ -27,6 +27,8 @@ MAX_PART_BYTES = 256 * 1024  # bytes of one text part decoded
 MAX_HEADERS = 500  # headers kept per message
 
 _PARSER = BytesParser(policy=compat32)
+_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
+_HEADER_LINE_RE = re.compile(r"([\041-\071\073-\176]+):")
 _ADDR_RE = re.compile(r"[\w.+'=~!#$%&*/?^`{|}-]+@([\w-]+(?:\.[\w-]+)+)", re.UNICODE)
 _ANGLE_ADDR_RE = re.compile(r"<\s*([^<>\s]*@[^<>\s]*)\s*>")
 _URL_RE = re.compile(r"""(?i)\b(?:https?://|www\.)[^\s"'<>()\[\]{}\\^`|]{2,300}""")
@@ -233,7 +235,7 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessa
         raw = raw.replace(b"\x00", b" ")
         parsed.defects.append("NUL bytes")
     try:
-        msg = _PARSER.parsebytes(raw)
+        msg = _parse_mime(raw)
         texts = _fill_from_mime(msg, parsed)
     except (RecursionError, Exception) as exc:  # the email package can fail on hostile structure
         parsed.defects.append(f"unparseable MIME ({type(exc).__name__}); read as plain text")
@@ -246,6 +248,40 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessa
     parsed.text = text
     parsed.urls.extend(_URL_RE.findall(text))
     return parsed
+
+
+def _parse_mime(raw: bytes) -> Message:
+    """compat32 parse. Most mail is a single part with plain header lines: for those the
+    header block is split here and the body set as the payload as is, exactly as the
+    email package would leave them, without its per-line Python loop; anything unusual
+    (multipart, continuation oddities, lines that are not headers) gets the full parse."""
+    split = _HEAD_END_RE.search(raw)
+    if split is not None:
+        msg = _quick_headers(raw[: split.start()].decode("ascii", "surrogateescape"))
+        if msg is not None and msg.get_content_maintype() not in ("multipart", "message"):
+            msg.set_payload(raw[split.end() :].decode("ascii", "surrogateescape"))
+            return msg
+    return _PARSER.parsebytes(raw)
+
+
+def _quick_headers(head: str) -> Message | None:
+    """A Message holding the header block's (name, value) pairs as compat32 stores them,
+    or None when the block has anything the simple rules do not cover."""
+    headers: list[tuple[str, str]] = []
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t"):
+            if not headers:
+                return None
+            name, value = headers[-1]
+            headers[-1] = (name, value + "\n" + line.rstrip("\r"))
+            continue
+        match = _HEADER_LINE_RE.match(line)
+        if match is None:
+            return None
+        headers.append((match.group(1), line[match.end() :].lstrip(" \t").rstrip("\r")))
+    msg = Message()
+    msg._headers = headers
+    return msg
 
 
 def _fill_from_mime(msg: Message, parsed: ParsedMessage) -> list[str]:
@@ -275,11 +311,8 @@ class Fingerprint:
     body_digest: str
 
 
-_FROM_HDR_RE = re.compile(rb"(?im)^from:[ \t]*(.*(?:\r?\n[ \t].*)*)")
-_SUBJECT_HDR_RE = re.compile(rb"(?im)^subject:[ \t]*(.*(?:\r?\n[ \t].*)*)")
-_MSGID_HDR_RE = re.compile(rb"(?im)^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)")
+_FINGERPRINT_HDR_RE = re.compile(rb"(?im)^(from|subject|message-id):[ \t]*(.*(?:\r?\n[ \t].*)*)")
 _BODY_SPLIT_RE = re.compile(rb"\r?\n\r?\n")
-_BYTES_WS_RE = re.compile(rb"\s+")
 
 
 def fingerprint(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Fingerprint:
@@ -289,15 +322,14 @@ def fingerprint(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Fingerprint:
     raw = _strip_mbox_from(raw[:max_bytes])
     split = _BODY_SPLIT_RE.search(raw)
     head, body = (raw[: split.start()], raw[split.end() :]) if split else (raw, b"")
-    sender = _FROM_HDR_RE.search(head)
-    subject = _SUBJECT_HDR_RE.search(head)
-    message_id = _MSGID_HDR_RE.search(head)
-    norm = _BYTES_WS_RE.sub(b"", body.lower())
+    found: dict[bytes, bytes] = {}
+    for match in _FINGERPRINT_HDR_RE.finditer(head):
+        found.setdefault(match.group(1).lower(), match.group(2))
     return Fingerprint(
-        sender=sender.group(1).decode("latin-1").strip()[:300] if sender else "",
-        subject=subject.group(1).decode("latin-1").strip()[:500] if subject else "",
-        message_id=message_id.group(1).decode("latin-1").strip()[:300] if message_id else "",
-        body_digest=hashlib.blake2b(norm, digest_size=16).hexdigest(),
+        sender=found.get(b"from", b"").decode("latin-1").strip()[:300],
+        subject=found.get(b"subject", b"").decode("latin-1").strip()[:500],
+        message_id=found.get(b"message-id", b"").decode("latin-1").strip()[:300],
+        body_digest=hashlib.blake2b(b"".join(body.lower().split()), digest_size=16).hexdigest(),
     )
 
 

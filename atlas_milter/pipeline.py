@@ -41,6 +41,8 @@ from atlas_milter.verdict import Score, Verdict
 
 log = logging.getLogger(__name__)
 
+SLICE = 50  # messages prepared by the parent while the workers score the previous slice
+
 
 @dataclass(frozen=True, slots=True)
 class Analysis:
@@ -189,42 +191,64 @@ class Pipeline:
         return self._finish(key, fp, analysis, cached, started)
 
     # --- many messages -------------------------------------------------------------
-    def process_batch(self, items: list[tuple[str, bytes]]) -> list[Result | ItemError]:
+    def process_batch(
+        self, items: list[tuple[str, bytes]], on_result: Callable[[Result], Any] | None = None
+    ) -> list[Any]:
         """Classify a chunk: cache hits answered at once, identical messages in the chunk
-        scored once, the rest spread over the pool. One result per item, in order."""
-        started = time.perf_counter()
-        looked_up = [self._lookup(raw) for _, raw in items]
-        # Identical messages in a chunk are scored once when caching is on; the plain
-        # path scores every message.
-        to_score: dict[tuple, int] = {}  # fingerprint (or index) -> first index in chunk
-        for i, (fp, cached) in enumerate(looked_up):
-            if cached is None:
-                to_score.setdefault(self._dedup_key(fp, i), i)
-        firsts = list(to_score.values())
-        raws = [items[i][1] for i in firsts]
+        scored once (when caching is on), the rest spread over the pool. Works through the
+        chunk in slices and prepares slice k+1 while the workers score slice k, so the
+        parent's share (reading, fingerprints, records) overlaps the scoring. Returns one
+        result per item, in order: `on_result(result)`'s return value when given, else
+        the Result; an ItemError for a message that could not be scored."""
+        results: list[Any] = []
+        analyses: dict[tuple, Analysis | ItemError] = {}  # dedup key -> its analysis, once collected
+        submitted: set[tuple] = set()
+        pending: tuple | None = None
+        for offset in range(0, len(items), SLICE):
+            started = time.perf_counter()
+            piece = items[offset : offset + SLICE]
+            looked_up = [self._lookup(raw) for _, raw in piece]
+            keys = [self._dedup_key(fp, offset + i) for i, (fp, _) in enumerate(looked_up)]
+            new = []
+            for i, (fp, cached) in enumerate(looked_up):
+                if cached is None and keys[i] not in submitted:
+                    submitted.add(keys[i])
+                    new.append(i)
+            batch = self._score_async([piece[i][1] for i in new])
+            if pending is not None:
+                results.extend(self._complete(*pending, analyses, on_result))
+            pending = (offset, piece, looked_up, keys, [keys[i] for i in new], batch, started)
+        if pending is not None:
+            results.extend(self._complete(*pending, analyses, on_result))
+        return results
+
+    def _score_async(self, raws: list[bytes]) -> Any:
         if self.pool is not None and len(raws) > 1:
-            analyses = self.pool.process_emails_parallel(raws, analyse_in_worker, batch_size=len(raws))
-        else:
-            analyses = [self._analyse_inline(i, raw) for i, raw in enumerate(raws)]
-        by_key = {k: analyses[n] for n, k in enumerate(to_score)}
-        share = (time.perf_counter() - started) / max(1, len(items))
-        results: list[Result | ItemError] = []
-        seen: set[tuple] = set()
-        for i, ((key, _), (fp, cached)) in enumerate(zip(items, looked_up)):
+            return self.pool.submit_batch(analyse_in_worker, raws)
+        return [self._analyse_inline(i, raw) for i, raw in enumerate(raws)]
+
+    def _complete(self, offset, piece, looked_up, keys, new_keys, batch, started, analyses, on_result) -> list[Any]:
+        scored = batch if isinstance(batch, list) else batch.results()
+        analyses.update(zip(new_keys, scored))
+        first_use = set(new_keys)
+        share = (time.perf_counter() - started) / max(1, len(piece))
+        out: list[Any] = []
+        for i, ((key, _), (fp, cached), dkey) in enumerate(zip(piece, looked_up, keys)):
             t0 = time.perf_counter() - share
             if cached is not None:
-                results.append(self._finish(key, fp, None, cached, t0))
-                continue
-            fkey = self._dedup_key(fp, i)
-            analysis = by_key[fkey]
-            if isinstance(analysis, ItemError):
-                results.append(ItemError(i, analysis.error))
-            elif fkey in seen:  # a copy of a message scored earlier in this chunk
-                results.append(self._finish(key, fp, None, analysis.score, t0))
+                result: Any = self._finish(key, fp, None, cached, t0)
             else:
-                seen.add(fkey)
-                results.append(self._finish(key, fp, analysis, None, t0))
-        return results
+                analysis = analyses[dkey]
+                if isinstance(analysis, ItemError):
+                    out.append(ItemError(offset + i, analysis.error))
+                    continue
+                if dkey in first_use:
+                    first_use.discard(dkey)
+                    result = self._finish(key, fp, analysis, None, t0)
+                else:  # a copy of a message scored earlier in this chunk
+                    result = self._finish(key, fp, None, analysis.score, t0)
+            out.append(on_result(result) if on_result is not None else result)
+        return out
 
     def _dedup_key(self, fp: Any, index: int) -> tuple:
         return (fp.sender, fp.subject, fp.body_digest) if self.cache is not None else (index,)
@@ -248,12 +272,7 @@ class Pipeline:
         when ENABLE_STREAMING is on; otherwise loads the whole folder first (the plain path)."""
 
         def batch(chunk: list[tuple[str, bytes]]) -> list[Any]:
-            out = []
-            for result in self.process_batch(chunk):
-                if not isinstance(result, ItemError):
-                    result = on_result(result)
-                out.append(result)
-            return out
+            return self.process_batch(chunk, on_result)
 
         chunk_size = self.perf.chunk_size
         if self.features.streaming:

@@ -81,6 +81,27 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context(method)
 
 
+class PendingBatch:
+    """Futures of one submitted batch; `results()` collects them in input order."""
+
+    def __init__(self, pool: ParallelEmailProcessor, futures: list, start: int) -> None:
+        self._pool = pool
+        self._futures = futures
+        self._start = start
+
+    def results(self) -> list[Any]:
+        out: list[Any] = []
+        for off, n, future, executor in self._futures:
+            try:
+                out.extend(future.result())
+            except Exception as exc:  # the chunk as a whole failed: dead worker, unpicklable result
+                if isinstance(exc, BrokenProcessPool):
+                    self._pool._replace_broken(executor)
+                error = _describe(exc)
+                out.extend(ItemError(self._start + off + i, error) for i in range(n))
+        return out
+
+
 class ParallelEmailProcessor:
     """A bounded pool of `worker_count` workers (processes by default).
 
@@ -160,19 +181,18 @@ class ParallelEmailProcessor:
         return results
 
     def _process_batch(self, fn: Callable[[Any], Any], batch: list[Any], start: int) -> list[Any]:
+        return self.submit_batch(fn, batch, start).results()
+
+    def submit_batch(self, fn: Callable[[Any], Any], batch: list[Any], start: int = 0) -> PendingBatch:
+        """Start `fn` over `batch` on the workers and return at once; `.results()` waits
+        and gives them in order (ItemError for failures). Lets a caller prepare the next
+        batch while the workers score this one."""
+        self._check_picklable(fn)
+        if not batch:
+            return PendingBatch(self, [], start)
         size = math.ceil(len(batch) / (self.worker_count * TASKS_PER_WORKER))
         chunks = [(off, batch[off : off + size]) for off in range(0, len(batch), size)]
-        futures = [(off, len(chunk), *self._submit(_run_chunk, fn, start + off, chunk)) for off, chunk in chunks]
-        out: list[Any] = []
-        for off, n, future, executor in futures:
-            try:
-                out.extend(future.result())
-            except Exception as exc:  # the chunk as a whole failed: dead worker, unpicklable result
-                if isinstance(exc, BrokenProcessPool):
-                    self._replace_broken(executor)
-                error = _describe(exc)
-                out.extend(ItemError(start + off + i, error) for i in range(n))
-        return out
+        return PendingBatch(self, [(off, len(chunk), *self._submit(_run_chunk, fn, start + off, chunk)) for off, chunk in chunks], start)
 
     # -- bookkeeping -------------------------------------------------------------------
 
