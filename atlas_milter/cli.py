@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 from collections import Counter
 from importlib import resources
@@ -46,6 +47,19 @@ def _setup_logging(level: str) -> None:
     )
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: unwind through the commands' `finally` blocks, which
+    close the pipeline and so flush every accepted verdict record to the database."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: Any) -> None:
+    raise Stopped(signum)
+
+
 def _fmt_reasons(reasons: Sequence[tuple[str, float]], n: int = 3) -> str:
     return ", ".join(f"{name} {weight:+.2f}" for name, weight in reasons[:n])
 
@@ -70,10 +84,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
         print(f"Error: {message}", file=sys.stderr)
 
     pipeline = Pipeline(config, with_store=bool(args.db))
+    recorded = 0
     try:
         def show(result):
+            nonlocal recorded
             if args.db:
-                pipeline.record(result, source="classify", folder=None)
+                recorded += pipeline.record(result, source="classify", folder=None)
             if args.json:
                 print(json.dumps({"path": result.key, **result.verdict.as_dict(), "subject": result.summary.subject}), flush=False)
             else:
@@ -84,6 +100,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
         for spec in args.sources:
             pipeline.process_source(LocalSource(on_error), spec, show)
         sys.stdout.flush()
+    except Stopped:
+        pipeline.close()
+        if args.db:
+            print(f"stopped: {recorded} verdicts recorded in {config.store.db}", file=sys.stderr)
+        raise
     finally:
         pipeline.close()
     return 1 if unreadable else 0
@@ -461,14 +482,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo" and not args.db:
         args.db = "atlas-demo.db"
+    if args.command not in ("milter", "idle"):  # the daemons run their own shutdown
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _raise_stopped)
     try:
         _setup_logging(args.log_level or "warning")
         return args.func(args)
+    except Stopped as stop:
+        print(f"Error: stopped by {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except AtlasError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("Error: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0

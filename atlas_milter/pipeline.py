@@ -311,11 +311,13 @@ class Pipeline:
         return self.store.flush_all(timeout) if self.store is not None else True
 
     def close(self) -> None:
+        """Stop the workers, flush and close the store (every accepted record is written)."""
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
         if self.store is not None:
             self.store.close()
+            self.store = None
         self.metrics.flush()
 
 

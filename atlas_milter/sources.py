@@ -85,17 +85,19 @@ def iter_file(path: Path, on_error: ErrorHandler = _raise) -> Iterator[MailItem]
 
 def iter_maildir(path: Path, on_error: ErrorHandler = _raise) -> Iterator[MailItem]:
     for sub in ("cur", "new"):
+        folder = os.path.join(path, sub)
         try:
-            names = sorted(os.listdir(path / sub))
+            names = sorted(os.listdir(folder))
         except OSError as exc:
-            on_error(_describe_os_error(path / sub, exc))
+            on_error(_describe_os_error(folder, exc))
             continue
         for name in names:
             if name.startswith("."):
                 continue
-            file = path / sub / name
+            file = os.path.join(folder, name)
             try:
-                yield MailItem(str(file), file.read_bytes())
+                with open(file, "rb") as fh:
+                    yield MailItem(file, fh.read())
             except FileNotFoundError:
                 continue  # moved by a mail client meanwhile: it is not ours to report
             except OSError as exc:

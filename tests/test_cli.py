@@ -113,3 +113,37 @@ def test_stats_without_database_is_one_line_error(tmp_path):
 def test_unknown_flag_exits_non_zero():
     proc = run("classify", "--bogus", "x")
     assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr.decode()
+
+
+def test_sigterm_flushes_every_recorded_verdict(tmp_path):
+    import signal
+    import time
+
+    mail = tmp_path / "mail"
+    mail.mkdir()
+    for i in range(3000):
+        (mail / f"{i:05d}.eml").write_bytes(HAM.replace(b"review", b"review %d" % i))
+    db = tmp_path / "t.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atlas_milter", "classify", "--json", "--db", str(db), str(mail)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, ENABLE_PARALLEL="false"),
+    )
+    for _ in range(200):  # wait until it is well under way
+        if proc.stdout.readline() and db.exists():
+            break
+    for _ in range(50):
+        proc.stdout.readline()
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 128 + signal.SIGTERM
+    recorded = int(err.decode().split("stopped: ")[1].split()[0])
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+        rows = con.execute("select count(*) from processed_emails").fetchone()[0]
+    finally:
+        con.close()
+    assert 0 < recorded < 3000
+    assert rows == recorded
