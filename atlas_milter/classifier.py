@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -243,7 +244,8 @@ def _top_reasons(blocks: list, toward_spam: bool) -> tuple[tuple[str, float], ..
         if w is not None and w * sign > 0
     ]
     top = heapq.nlargest(TOP_REASONS, candidates) if toward_spam else heapq.nsmallest(TOP_REASONS, candidates)
-    return tuple((name, w) for w, name in top)
+    # Interned: the same few thousand feature names recur in every cached verdict.
+    return tuple((sys.intern(name), round(w, 4)) for w, name in top)
 
 
 def _stamp_version(model: Model) -> None:
