@@ -129,6 +129,9 @@ class StatsdConfig:
 
 MILTER_ACTIONS = ("tag", "reject", "quarantine", "discard", "tempfail", "accept")
 ERROR_ACTIONS = ("accept", "tempfail")
+MILTER_CLASSIFY_MODES = ("inline", "thread", "pool")
+# Keys of a [milter.recipients."user@example.org"] or [milter.domains."example.org"] table.
+MILTER_RULE_KEYS = ("opt_out", "spam_action", "unsure_action", "spam_cutoff", "ham_cutoff")
 
 
 @dataclass(frozen=True)
@@ -136,20 +139,74 @@ class MilterConfig:
     """[milter]: owned by the milter adapter (atlas_milter/adapters/milter.py)."""
 
     socket: str = "unix:/run/atlas-milter/milter.sock"  # libmilter syntax: unix:PATH or inet:PORT@HOST
+    socket_mode: int = 0o660  # permissions of a unix socket (the MTA's user must be able to write it)
     timeout: float = 5.0  # seconds from end of message to a reply, whatever happens
-    spam_action: str = "tag"  # tag | reject | quarantine | discard | tempfail | accept
+    spam_action: str = "tag"  # tag | reject | quarantine | discard | tempfail | accept (accept = no headers)
     unsure_action: str = "tag"
     on_error: str = "accept"  # accept (with a header saying so) | tempfail
+    on_busy: str = "tempfail"  # too much work in flight: tempfail (back-pressure) | accept (unchecked)
     reject_text: str = "Message rejected as spam (ref {ref})"
+    tempfail_text: str = "Message deferred, try again later (ref {ref})"
+    classify: str = "inline"  # inline (on libmilter's thread) | thread (deadline enforced) | pool (processes)
+    max_in_flight: int = 32  # messages classified at once; beyond this: on_busy
+    max_buffered_mb: int = 256  # message bytes held across all connections; beyond this: on_busy
+    skip_authenticated: bool = True  # {auth_authen} set: a submission from our own user, not scored
+    trusted_networks: list[str] = ()  # client networks not scored, e.g. ["10.0.0.0/8", "::1/128"]
+    allow_senders: list[str] = ()  # envelope senders not scored: "a@x.org", "x.org", ".x.org" (subdomains)
+    deny_senders: list[str] = ()  # envelope senders that are spam without scoring (same forms)
+    recipients: dict[str, dict] = field(default_factory=dict)  # [milter.recipients."a@x.org"] rules
+    domains: dict[str, dict] = field(default_factory=dict)  # [milter.domains."x.org"] rules
 
     def __post_init__(self) -> None:
+        import ipaddress
+
         for key in ("spam_action", "unsure_action"):
             if getattr(self, key) not in MILTER_ACTIONS:
                 raise ConfigError(f"config: [milter] {key}: {getattr(self, key)!r} is not one of {', '.join(MILTER_ACTIONS)}")
-        if self.on_error not in ERROR_ACTIONS:
-            raise ConfigError(f"config: [milter] on_error: {self.on_error!r} is not one of accept, tempfail")
+        for key in ("on_error", "on_busy"):
+            if getattr(self, key) not in ERROR_ACTIONS:
+                raise ConfigError(f"config: [milter] {key}: {getattr(self, key)!r} is not one of accept, tempfail")
+        if self.classify not in MILTER_CLASSIFY_MODES:
+            raise ConfigError(f"config: [milter] classify: {self.classify!r} is not one of {', '.join(MILTER_CLASSIFY_MODES)}")
         if self.timeout <= 0:
             raise ConfigError("config: [milter] timeout: must be positive")
+        for key in ("max_in_flight", "max_buffered_mb"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config: [milter] {key}: must be at least 1")
+        for key in ("reject_text", "tempfail_text"):
+            try:
+                text = getattr(self, key).format(ref="R")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ConfigError(f"config: [milter] {key}: only {{ref}} may be substituted ({exc})") from None
+            if any(c in text for c in "\r\n\0"):
+                raise ConfigError(f"config: [milter] {key}: must be one line")
+        for net in self.trusted_networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(f"config: [milter] trusted_networks: {net!r} is not an IP network") from None
+        for section in ("recipients", "domains"):
+            rules = {}
+            for name, table in getattr(self, section).items():
+                where = f"[milter.{section}.{name!r}]"
+                if not isinstance(table, dict):
+                    raise ConfigError(f"config: {where}: expected a table")
+                rule = {}
+                for key, value in table.items():
+                    k = key.replace("-", "_")
+                    if k not in MILTER_RULE_KEYS:
+                        raise ConfigError(f"config: {where} {key}: unknown key (known: {', '.join(MILTER_RULE_KEYS)})")
+                    if k == "opt_out" and not isinstance(value, bool):
+                        raise ConfigError(f"config: {where} {key}: expected true or false")
+                    if k.endswith("_action") and value not in MILTER_ACTIONS:
+                        raise ConfigError(f"config: {where} {key}: {value!r} is not one of {', '.join(MILTER_ACTIONS)}")
+                    if k.endswith("_cutoff"):
+                        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                            raise ConfigError(f"config: {where} {key}: must be a number between 0 and 1")
+                        value = float(value)
+                    rule[k] = value
+                rules[name.strip().lower().strip("<>")] = rule
+            object.__setattr__(self, section, rules)
 
 
 IMAP_SECURITY = ("tls", "starttls", "plain")
@@ -166,8 +223,19 @@ class ImapConfig:
     user: str = ""
     password_file: str = ""  # or ATLAS_IMAP_PASSWORD, or the systemd credential imap-password
     folders: list[str] = ("INBOX",)
-    junk_folder: str = "Junk"  # used when the server marks no folder \Junk
+    junk_folder: str = "Junk"  # used when the server marks no folder \Junk; created if missing
+    trash_folder: str = "Trash"  # used when the server marks no folder \Trash (moves there teach nothing)
     spam_action: str = "move"  # move | flag | record
+    timeout: float = 30.0  # seconds a command may take before the connection counts as dead
+    keepalive: float = 300.0  # seconds between NOOP checks while idling (a silent dead link is noticed)
+    idle_renew: float = 1500.0  # seconds before IDLE is re-issued (RFC 2177: under 29 minutes)
+    reconnect_initial: float = 1.0  # first reconnect delay, doubled per failure, with jitter
+    reconnect_max: float = 300.0  # longest reconnect delay
+    learn: bool = True  # learn from the user's moves into and out of the Junk folder
+    learn_model: str = ""  # model file learning writes when [classifier] model is empty ("" = <db>.model.json.gz)
+    # [imap.accounts.NAME] tables: any key above except `accounts`, overriding [imap] for
+    # `--account NAME` (e.g. host, user, password_file, folders).
+    accounts: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.security not in IMAP_SECURITY:
@@ -176,6 +244,37 @@ class ImapConfig:
             raise ConfigError(f"config: [imap] spam_action: {self.spam_action!r} is not one of move, flag, record")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"config: [imap] port: {self.port} is not a port number")
+        for key in ("timeout", "keepalive", "idle_renew", "reconnect_initial", "reconnect_max"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config: [imap] {key}: must be positive")
+        if self.idle_renew > 29 * 60:
+            raise ConfigError("config: [imap] idle_renew: must be at most 1740 seconds (RFC 2177: 29 minutes)")
+        known = {f.name for f in dataclasses.fields(self)} - {"accounts"}
+        for name, table in self.accounts.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"config: [imap.accounts.{name}]: expected a table")
+            for key in table:
+                if key.replace("-", "_") not in known:
+                    raise ConfigError(
+                        f"config: [imap.accounts.{name}] {key}: unknown key (known: {', '.join(sorted(known))})"
+                    )
+
+    def for_account(self, name: str | None, overrides: Mapping[str, Any] | None = None) -> "ImapConfig":
+        """This section with account `name`'s table laid over it (None: [imap] itself), then
+        `overrides` ({key: value}, e.g. command-line flags; None values ignored) on top."""
+        values: dict[str, Any] = {}
+        if name:
+            if name not in self.accounts:
+                known = ", ".join(sorted(self.accounts)) or "none configured"
+                raise ConfigError(f"config: [imap.accounts]: no account {name!r} (known: {known})")
+            hints = typing.get_type_hints(ImapConfig)
+            for key, value in self.accounts[name].items():
+                key = key.replace("-", "_")
+                values[key] = _check_type(value, hints[key], f"[imap.accounts.{name}] {key}")
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = tuple(value) if isinstance(value, list) else value
+        return dataclasses.replace(self, accounts={}, **values) if (name or values) else self
 
 
 @dataclass(frozen=True)
