@@ -1,0 +1,202 @@
+"""End to end through a real Postfix on loopback: smtplib → Postfix smtpd → atlas-milter
+(a real subprocess on a unix socket) → Maildir. Shared-corpus messages are tagged by
+default or rejected with 550 by policy; the verdict rows match what the clients saw;
+a killed milter gives Postfix's milter_default_action; a slow classifier gives the
+on_error action within the deadline."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from test_milter_helpers import (
+    TOKEN_HEADER, MilterProcess, load_corpus, new_token, pick, send_one, unix_spec, wait_milter_active, with_token,
+)
+
+pytestmark = pytest.mark.integration
+
+BASE_CONFIG = "[statsd]\nenabled = false\n[milter]\nsocket_mode = 0o666\n"
+RECEIVED_ID = re.compile(rb"Received: from .*?\n\s+by mx\.atlas\.test \(Postfix\) with E?SMTP id ([0-9A-F]+)", re.S)
+SLOW_PRELUDE = (
+    "import time, atlas_milter.pipeline as p\n"
+    "_analyse = p.analyse\n"
+    "p.analyse = lambda *a, **k: (time.sleep(2.0), _analyse(*a, **k))[1]\n"
+)
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    # Postfix's smtpd (user postfix) must reach the unix socket: a 0755 dir under /tmp.
+    path = Path(tempfile.mkdtemp(prefix="atlas-milter-e2e-"))
+    os.chmod(path, 0o755)
+    yield path
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def messages(corpus_dir, corpus_index):
+    rows = pick(corpus_index, "test", 50, 50)
+    return load_corpus(corpus_dir, rows)
+
+
+def start_milter(workdir: Path, name: str, extra: str = "", prelude: str = "") -> MilterProcess:
+    lib, _ = unix_spec(workdir / f"{name}.sock")
+    return MilterProcess(workdir, lib, config_text=BASE_CONFIG + extra, prelude=prelude, name=name).start()
+
+
+def postfix_spec(proc: MilterProcess) -> str:
+    return proc.socket_spec  # unix:/path is the same in both syntaxes
+
+
+def send_all(postfix, items, clients=8):
+    """Send (token, raw) pairs concurrently, one SMTP session each: {token: (code, text)}."""
+    def one(item):
+        token, raw = item
+        return token, send_one(postfix.host, postfix.smtp_port, raw, [postfix.user])
+
+    with ThreadPoolExecutor(clients) as pool:
+        return dict(pool.map(one, items))
+
+
+def delivered_by_token(postfix, tokens: set[str], timeout=60.0) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(rb"^" + TOKEN_HEADER.encode() + rb": ([0-9a-f]{32})", re.M)
+    while time.monotonic() < deadline:
+        for path in postfix.mailbox_messages():
+            data = path.read_bytes()
+            m = pattern.search(data)
+            if m and m.group(1).decode() in tokens:
+                tok = m.group(1).decode()
+                assert tok not in found or found[tok] == data, f"message {tok} delivered twice"
+                found[tok] = data
+        if len(found) == len(tokens):
+            break
+        time.sleep(0.2)
+    return found
+
+
+def db_rows(proc: MilterProcess) -> list[dict]:
+    con = sqlite3.connect(proc.db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM processed_emails WHERE source = 'milter'")]
+    finally:
+        con.close()
+
+
+def header(data: bytes, name: str) -> list[str]:
+    head = data.split(b"\n\n", 1)[0].replace(b"\r\n", b"\n")
+    return [m.decode().strip() for m in re.findall(rb"^" + name.encode() + rb": (.*)$", head, re.M | re.I)]
+
+
+def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages):
+    proc = start_milter(workdir, "tag")
+    items = []
+    for _, raw in messages:
+        tok = new_token()
+        items.append((tok, with_token(raw, tok)))
+    try:
+        with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
+            wait_milter_active(postfix, messages[0][1])
+            replies = send_all(postfix, items)
+        assert {code for code, _ in replies.values()} == {250}, replies
+        delivered = delivered_by_token(postfix, set(replies))
+        assert len(delivered) == len(items)
+    finally:
+        assert proc.stop() == 0
+    rows = {r["queue_id"]: r for r in db_rows(proc)}
+    assert len(rows) >= len(items)  # plus the probe(s) of wait_milter_active
+    seen = {"ham": 0, "spam": 0}
+    for tok, data in delivered.items():
+        verdict = header(data, "X-Atlas-Verdict")
+        assert len(verdict) == 1, data[:2000]  # ours only: forged copies removed, no duplicates
+        assert header(data, "X-Spam-Flag") == ["YES" if verdict[0] == "spam" else "NO"]
+        [status] = header(data, "X-Spam-Status")
+        assert re.fullmatch(r"(Yes|No), score=\d\.\d{3} required=\d\.\d{3}", status)
+        assert len(header(data, "X-Atlas-Score")) == 1
+        qid = RECEIVED_ID.search(data.replace(b"\r\n", b"\n")).group(1).decode()
+        row = rows[qid]
+        assert row["verdict"] == verdict[0] and row["action"] == "tag"
+        assert f"{row['score']:.3f}" == header(data, "X-Atlas-Score")[0]
+        assert row["client_ip"] == "127.0.0.1" and row["recipients_count"] == 1
+        seen[verdict[0]] = seen.get(verdict[0], 0) + 1
+    assert seen["spam"] >= 30 and seen["ham"] >= 30, seen  # the model works on this mix
+    assert "Traceback" not in proc.log()
+
+
+def test_corpus_spam_rejected_with_550_when_configured(postfix, workdir, messages):
+    proc = start_milter(workdir, "reject", '\nspam_action = "reject"\n')
+    items = []
+    for _, raw in messages:
+        tok = new_token()
+        items.append((tok, with_token(raw, tok)))
+    try:
+        with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
+            wait_milter_active(postfix, messages[0][1])
+            replies = send_all(postfix, items)
+        accepted = {tok for tok, (code, _) in replies.items() if code == 250}
+        rejected = {tok: text for tok, (code, text) in replies.items() if code == 550}
+        assert len(accepted) + len(rejected) == len(items), replies
+        assert len(rejected) >= 30
+        delivered = delivered_by_token(postfix, accepted)
+        assert set(delivered) == accepted
+    finally:
+        assert proc.stop() == 0
+    rows = db_rows(proc)
+    refs = {m.group(1) for m in (re.search(r"ref=([0-9A-F]{10})", r["note"] or "") for r in rows) if m}
+    for text in rejected.values():
+        m = re.fullmatch(r"5\.7\.1 Message rejected as spam \(ref ([0-9A-F]{10})\)", text)
+        assert m, text
+        assert m.group(1) in refs  # the admin can find the row from the bounce
+    assert sum(r["action"] == "reject" for r in rows) == len(rejected)
+    assert sum(r["action"] == "tag" for r in rows) >= len(accepted)  # plus the probe(s)
+    assert all(r["verdict"] == "spam" for r in rows if r["action"] == "reject")
+    for data in delivered.values():
+        assert header(data, "X-Spam-Flag") == ["NO"]
+
+
+def test_killed_milter_gives_postfix_default_action(postfix, workdir, messages):
+    proc = start_milter(workdir, "killed")
+    _, raw = messages[0]
+    with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
+        wait_milter_active(postfix, raw)
+        proc.kill()
+        code, text = send_one(postfix.host, postfix.smtp_port, with_token(raw, new_token()), [postfix.user])
+    assert code == 451 and "4.7.1" in text, (code, text)
+
+
+@pytest.mark.parametrize("on_error,expect", [("accept", 250), ("tempfail", 451)])
+def test_slow_classifier_gets_on_error_within_deadline(postfix, workdir, messages, on_error, expect):
+    extra = f'\nclassify = "thread"\ntimeout = 0.5\non_error = "{on_error}"\n'
+    proc = start_milter(workdir, f"slow-{on_error}", extra, prelude=SLOW_PRELUDE)
+    _, raw = messages[1]
+    tok = new_token()
+    try:
+        with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
+            # no probe here: every message through this milter takes the slow path
+            time.sleep(1.0)  # smtpd processes from before the reload are gone
+            t0 = time.monotonic()
+            code, text = send_one(postfix.host, postfix.smtp_port, with_token(raw, tok), [postfix.user])
+            took = time.monotonic() - t0
+        assert code == expect, (code, text)
+        assert took < 1.8, took  # the classifier sleeps 2 s; the deadline is 0.5 s
+        if expect == 250:
+            [data] = delivered_by_token(postfix, {tok}).values()
+            assert header(data, "X-Atlas-Verdict") == ["unchecked"]
+            assert header(data, "X-Spam-Flag") == []
+        else:
+            assert "4.7.1" in text and "ref" in text
+    finally:
+        assert proc.stop() == 0
+    [row] = db_rows(proc)
+    assert row["verdict"] == "unchecked" and row["error"].startswith("timeout")
