@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from atlas_milter.errors import StoreError
 
@@ -153,6 +155,19 @@ def _applied(conn: sqlite3.Connection) -> dict[int, tuple[str, str]]:
     return {version: (name, applied_at) for version, name, applied_at in rows}
 
 
+@contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE (take the write lock up front) … COMMIT, or ROLLBACK on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def apply_migrations(
     db_path: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, directory: Path = MIGRATIONS_DIR
 ) -> list[str]:
@@ -170,8 +185,7 @@ def apply_migrations(
         for migration in migrations:
             if migration.version in applied:
                 continue
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 exists = conn.execute(
                     "SELECT 1 FROM schema_migrations WHERE version = ?", (migration.version,)
                 ).fetchone()
@@ -182,11 +196,6 @@ def apply_migrations(
                         (migration.version, migration.name, now_iso()),
                     )
                     done.append(migration.name)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
     except sqlite3.Error as exc:
         raise store_error(db_path, exc) from None
     finally:
@@ -203,11 +212,9 @@ def rollback_last(
     conn = connect(db_path, busy_timeout)
     try:
         _ensure_migrations_table(conn)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_transaction(conn):
             row = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version DESC LIMIT 1").fetchone()
             if row is None:
-                conn.execute("COMMIT")
                 return None
             version, name = row
             migration = by_version.get(version)
@@ -218,12 +225,7 @@ def rollback_last(
                 raise StoreError(f"migration {name} has no '-- rollback:' block; undo it by hand")
             _run_script(conn, rollback)
             conn.execute("DELETE FROM schema_migrations WHERE version = ?", (version,))
-            conn.execute("COMMIT")
             return name
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
     except sqlite3.Error as exc:
         raise store_error(db_path, exc) from None
     finally:
