@@ -5,6 +5,7 @@ prints. A user mistake (bad flag, bad config key, unreadable file, locked databa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import sys
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from atlas_milter import __version__
 from atlas_milter.errors import AtlasError, ModelError
@@ -257,6 +258,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     model = load_model(config.classifier.model or None)
     effective = config_as_dict(config)
     effective["performance"] = config_as_dict(config.performance.resolved())
+    if effective.get("http", {}).get("token"):
+        effective["http"]["token"] = "(set, not shown)"
     print(json.dumps(effective, indent=2, sort_keys=True))
     print(f"model {model.version}: spam cutoff {model.spam_cutoff}, ham cutoff {model.ham_cutoff}", file=sys.stderr)
     return 0
@@ -296,12 +299,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- front doors (each a thin call into its adapter) -----------------------------------
 
+@contextlib.contextmanager
+def _performance_page(config: Any, model_path: Any = None) -> Iterator[Any]:
+    """The /performance server of a daemon ([http] listen or --http) while it runs; nothing
+    when off. Started before the adapter, so a bad address fails before any mail is taken."""
+    if not config.http.listen:
+        yield None
+        return
+    from atlas_milter import web
+
+    host, port = config.http.address()
+    info = web.performance_info(model_version=web.ModelVersion(model_path or (lambda: config.classifier.model)))
+    server = web.start_http_server(host, port, info, token=config.http.token)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 def cmd_milter(args: argparse.Namespace) -> int:
     from atlas_milter.adapters.milter import serve
 
-    config = _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout})
-    _setup_logging(args.log_level or config.log_level)
-    return serve(config)
+    config = _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout, "http.listen": args.http})
+    _front_door_logging(args, config)
+    with _performance_page(config):
+        return serve(config)
 
 
 def _imap_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,11 +357,12 @@ def _front_door_logging(args: argparse.Namespace, config: Any) -> None:
 
 
 def cmd_idle(args: argparse.Namespace) -> int:
-    from atlas_milter.adapters.imap import run_idle
+    from atlas_milter.adapters.imap import run_idle, with_learned_model
 
-    config = _imap_config(args)
+    config = _imap_config(args, **{"http.listen": args.http})
     _front_door_logging(args, config)
-    return run_idle(config, account=args.account, force_plain=args.force_plain)
+    with _performance_page(config, lambda: with_learned_model(config).classifier.model):
+        return run_idle(config, account=args.account, force_plain=args.force_plain)
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -452,11 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", metavar="PATH", help="verdict database")
     p.add_argument("--model", metavar="PATH", help="model file (default: the shipped model)")
     p.add_argument("--statsd", metavar="HOST:PORT", help="StatsD target")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve /performance and /performance.json here (e.g. 127.0.0.1:8080)")
     p.set_defaults(func=cmd_milter)
 
     p = sub.add_parser("idle", parents=[common], help="watch IMAP folders with IDLE and classify new mail")
     p.add_argument("folders", nargs="*", metavar="FOLDER", help="folders to watch (default INBOX)")
     _add_imap_flags(p)
+    p.add_argument("--http", metavar="HOST:PORT", help="serve /performance and /performance.json here (e.g. 127.0.0.1:8080)")
     p.set_defaults(func=cmd_idle)
 
     p = sub.add_parser("backfill", parents=[common], help="classify an existing IMAP folder, Maildir or mbox")

@@ -127,6 +127,26 @@ class StatsdConfig:
             raise ConfigError(f"config: [statsd] port: {self.port} is not a port number")
 
 
+@dataclass(frozen=True)
+class HttpConfig:
+    """[http]: the /performance page and JSON (atlas_milter/web.py) of `milter` and `idle`."""
+
+    listen: str = ""  # HOST:PORT, e.g. 127.0.0.1:8080 ([::1]:8080 for IPv6); "" = off
+    token: str = ""  # required to bind a non-loopback address: clients send Authorization: Bearer TOKEN or ?token=TOKEN
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            self.address()  # a malformed listen is an error at load time, not at start
+
+    def address(self) -> tuple[str, int]:
+        """(host, port) from `listen`; ConfigError when it is not HOST:PORT."""
+        host, _, port = self.listen.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"config: [http] listen: {self.listen!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+        return host, int(port)
+
+
 MILTER_ACTIONS = ("tag", "reject", "quarantine", "discard", "tempfail", "accept")
 ERROR_ACTIONS = ("accept", "tempfail")
 MILTER_CLASSIFY_MODES = ("inline", "thread", "pool")
@@ -298,6 +318,7 @@ class Config:
     features: Features = field(default_factory=Features)
     milter: MilterConfig = field(default_factory=MilterConfig)
     imap: ImapConfig = field(default_factory=ImapConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):

@@ -4,7 +4,8 @@
 #   scripts/bootstrap.sh            .venv + `pip install -e '.[test]'` (and libmilter-dev, which pymilter
 #                                   compiles against, when it is missing)
 #   scripts/bootstrap.sh --system   also the real servers the integration tests drive: postfix,
-#                                   dovecot-imapd, miltertest, sqlite3, node/npm, and npm `statsd` in
+#                                   dovecot-imapd, miltertest, sqlite3, node/npm, chromium (headless, for
+#                                   the /performance page test), and npm `statsd` in
 #                                   .cache/statsd (git-ignored)
 #
 # System packages come from apt-get, only when something is missing and only as root; otherwise this
@@ -22,7 +23,7 @@ system=0
 for arg in "$@"; do
     case $arg in
         --system) system=1 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "bootstrap: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -51,6 +52,8 @@ if [ "$system" = 1 ]; then
     command -v node >/dev/null 2>&1 || missing+=(nodejs)
     command -v npm >/dev/null 2>&1 || missing+=(npm)
     command -v script >/dev/null 2>&1 || missing+=(bsdutils)   # postfix diagnostics (tests/servers.py)
+    # headless browser for tests/test_web_chromium.py (~120 MB download, ~20 s, only once)
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -147,3 +147,17 @@ def test_sigterm_flushes_every_recorded_verdict(tmp_path):
         con.close()
     assert 0 < recorded < 3000
     assert rows == recorded
+
+
+def test_check_config_prints_effective_config_without_secrets(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[http]\ntoken = "s3cret-token"\n[performance]\nprofile = "medium"\n')
+    proc = run("check-config", "--config", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    effective = json.loads(proc.stdout)
+    assert effective["performance"]["workers"] == 4
+    assert "s3cret-token" not in proc.stdout.decode() + proc.stderr.decode()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[milter]\nspam_action = "bounce"\n')
+    proc = run("check-config", "--config", str(bad))
+    assert proc.returncode == 1 and "spam_action" in proc.stderr.decode()

@@ -49,6 +49,7 @@ from atlas_milter.config import Config, MilterConfig
 from atlas_milter.errors import AtlasError, ModelError
 from atlas_milter.message import fingerprint, summarise
 from atlas_milter.monitor import PerformanceMetrics
+from atlas_milter.notify import sd_notify
 from atlas_milter.pipeline import Pipeline, Result
 from atlas_milter.policy import Cutoffs, label_for
 from atlas_milter.pool import PoolBusy
@@ -858,11 +859,13 @@ def serve(config: Config) -> int:
                 log.warning("milter: could not set TCP_NODELAY on %s; expect ~40 ms stalls per message", sock.spec)
         log.info("atlas-milter %s listening on %s (classify=%s, timeout %gs, spam_action=%s, on_error=%s)",
                  MILTER_NAME, sock.spec, mc.classify, mc.timeout, mc.spam_action, mc.on_error)
+        sd_notify("READY=1")  # systemd Type=notify: the socket is open
         try:
             _libmilter.main()
         except _libmilter.error as exc:
             raise AtlasError(f"milter on {mc.socket} failed: {exc}") from None
         log.info("atlas-milter stopping: finishing records")
+        sd_notify("STOPPING=1")
     finally:
         try:
             engine.close()

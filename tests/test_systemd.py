@@ -1,0 +1,127 @@
+"""The systemd units: `systemd-analyze verify` prints nothing for each (any warning fails),
+the `systemd-analyze security` exposure score is printed (and kept low), the hardening the
+issue asks for is present, and CPython runs the pipeline and the milter module under the
+kernel's own MemoryDenyWriteExecute (prctl PR_SET_MDWE), the unit setting's equivalent.
+
+The units name /usr/local/bin/atlas-milter; verify needs an existing binary, so it checks
+a copy whose ExecStart points at this checkout's .venv/bin/atlas-milter. A template unit
+is checked as an instance (atlas-milter-idle@alice.service)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = sorted((ROOT / "systemd").glob("*.service"))
+INSTALLED = "/usr/local/bin/atlas-milter"
+MAX_EXPOSURE = 2.0  # "OK" is below 4.0; today's units score 1.2 (milter) and 1.1 (idle)
+
+
+def local_copy(unit: Path, tmp: Path) -> Path:
+    exe = Path(sys.executable).with_name("atlas-milter")
+    assert exe.is_file(), f"{exe}: the project is not installed in this venv (make bootstrap)"
+    text = unit.read_text()
+    assert INSTALLED in text
+    name = unit.name.replace("@.", "@alice.")
+    copy = tmp / name
+    copy.write_text(text.replace(INSTALLED, str(exe)))
+    return copy
+
+
+def test_units_exist():
+    assert {u.name for u in UNITS} == {"atlas-milter.service", "atlas-milter-idle@.service"}
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_systemd_analyze_verify_is_silent(unit, tmp_path):
+    analyze = require_binary("systemd-analyze")
+    copy = local_copy(unit, tmp_path)
+    proc = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 0 and not output, f"systemd-analyze verify {unit.name} (rc {proc.returncode}):\n{output}"
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_security_exposure(unit, tmp_path, capsys):
+    analyze = require_binary("systemd-analyze")
+    copy = local_copy(unit, tmp_path)
+    proc = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", str(copy)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", proc.stdout)
+    assert m, f"no exposure score (rc {proc.returncode}):\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}"
+    with capsys.disabled():  # shown in the CI log even without -s
+        print(f"\n{unit.name}: systemd-analyze security --offline=yes exposure {m.group(1)} {m.group(2)}")
+    assert float(m.group(1)) <= MAX_EXPOSURE, proc.stdout
+
+
+def _settings(unit: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_hardening_present(unit):
+    s = _settings(unit)
+    expected = {
+        "Type": "notify", "User": "atlas-milter", "Group": "atlas-milter", "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "Restart": "on-failure",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "MemoryDenyWriteExecute": "yes",
+        "CapabilityBoundingSet": "", "StateDirectory": "atlas-milter", "LockPersonality": "yes",
+        "RestrictNamespaces": "yes", "ProtectKernelTunables": "yes", "ProtectControlGroups": "yes",
+    }
+    for key, value in expected.items():
+        assert value in s.get(key, []), f"{unit.name}: {key}={value} missing"
+    assert "@system-service" in s["SystemCallFilter"]
+    assert all(v.startswith("/usr/local/bin/atlas-milter ") for v in s["ExecStart"])
+    if "@" in unit.name:
+        assert s["ExecStart"] == ["/usr/local/bin/atlas-milter idle --account %i"]
+        assert "imap-password-%i" in s["LoadCredential"][0]
+        assert "RuntimeDirectory" not in s  # instances sharing one would delete it for each other
+    else:
+        assert "RuntimeDirectory" in s
+        assert any("milter --socket unix:/var/spool/postfix/atlas-milter/milter.sock" in v for v in s["ExecStart"])
+
+
+MDWE_PROBE = r"""
+import ctypes, errno, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+    print("unsupported", errno.errorcode.get(ctypes.get_errno()))
+    sys.exit(0)
+# The guard works: an anonymous writable+executable mapping is refused now.
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print("not enforced")
+    sys.exit(0)
+except OSError:
+    pass
+import Milter  # noqa: F401  (the C extension the milter loads)
+from atlas_milter import web
+from atlas_milter.cli import main
+sys.exit(main(["classify", "--db", sys.argv[1], sys.argv[2]]))
+"""
+
+
+def test_python_runs_under_memory_deny_write_execute(tmp_path):
+    from importlib import resources
+
+    with resources.as_file(resources.files("atlas_milter").joinpath("data", "sample")) as sample:
+        proc = subprocess.run([sys.executable, "-c", MDWE_PROBE, str(tmp_path / "v.db"), str(sample)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                              env={"ENABLE_PARALLEL": "true", "PATH": "/usr/bin:/bin"})
+    if proc.stdout.startswith(("unsupported", "not enforced")):
+        pytest.skip(f"kernel has no PR_SET_MDWE: {proc.stdout.strip()}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(re.findall(r": (SPAM|HAM|UNSURE) score=", proc.stdout)) == 12
