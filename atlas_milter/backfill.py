@@ -25,7 +25,9 @@ import email.utils
 import hashlib
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_LOG_INTERVAL = 10.0  # seconds between progress lines when not on a terminal
 PROGRESS_TTY_INTERVAL = 0.2
+PREFETCH_CHUNKS = 2  # IMAP chunks fetched ahead while the pool scores the current one
 
 
 def stable_id(data: bytes | str) -> int:
@@ -92,25 +95,84 @@ def _date_header(raw: bytes) -> dt.date | None:
 
 class ImapFolderSource:
     """UIDs of one selected folder not yet processed, fetched a chunk per round trip (or
-    one per round trip on the plain path, `batch=1`)."""
+    one per round trip on the plain path, `batch=1`).
 
-    def __init__(self, session: ImapSession, todo: list[int], batch: int) -> None:
+    With `prefetch` > 0, a background thread fetches the next chunk(s) while the pipeline
+    scores the current one, through a queue of at most `prefetch` chunks (memory stays
+    bounded: that many chunks, plus the one being fetched and the one being scored). The
+    session is shared with whoever acts on verdicts between chunks: both hold `lock`
+    while they use it. `close()` stops and joins the thread (the generator's end does too)."""
+
+    def __init__(self, session: ImapSession, todo: list[int], batch: int, prefetch: int = 0) -> None:
         self.session = session
         self.todo = todo
         self.batch = max(1, batch)
+        self.prefetch = max(0, prefetch) if self.batch > 1 else 0
         self.total: int | None = len(todo)
         self.vanished = 0  # expunged by someone else between SEARCH and FETCH
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _parts(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.todo), self.batch):
+            yield self.todo[i : i + self.batch]
+
+    def _fetch(self, part: list[int]) -> dict[int, bytes]:
+        with self.lock:
+            return self.session.fetch_raw(part)
 
     def iter_messages(self, folder: str) -> Iterator[tuple[str, bytes]]:
-        for i in range(0, len(self.todo), self.batch):
-            part = self.todo[i : i + self.batch]
-            raws = self.session.fetch_raw(part)
+        fetched = self._prefetched() if self.prefetch and len(self.todo) > self.batch else (
+            (part, self._fetch(part)) for part in self._parts())
+        for part, raws in fetched:
             for uid in part:
                 raw = raws.pop(uid, None)
                 if raw is None:
                     self.vanished += 1
                     continue
                 yield str(uid), raw
+
+    def _prefetched(self) -> Iterator[tuple[list[int], dict[int, bytes]]]:
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = self._stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def fetcher() -> None:
+            try:
+                for part in self._parts():
+                    if stop.is_set() or not put((part, self._fetch(part))):
+                        return
+            except BaseException as exc:  # handed to the consuming thread, raised there
+                put(exc)
+                return
+            put(None)
+
+        thread = self._thread = threading.Thread(target=fetcher, name="atlas-imap-prefetch", daemon=True)
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                item = None  # do not keep a consumed chunk alive while waiting for the next
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop prefetching and wait for a fetch in progress: the session is then free."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
 
 class MaildirSource:
@@ -313,6 +375,7 @@ def run_backfill(
 
     pipeline = Pipeline(config)
     started = time.monotonic()
+    _warm_up(pipeline)
     try:
         if folders:
             try:
@@ -337,6 +400,23 @@ def run_backfill(
     summary.peak_memory_mb = max(summary.peak_memory_mb, peak_rss_mb())
     print(summary.text(dry_run), file=out)
     return 1 if summary.errors else 0
+
+
+def _warm_up(pipeline: Any) -> None:
+    """Start the worker processes now, in the background: spawning them (and sending each
+    the model) takes a good part of a second, which then overlaps with SELECT, SEARCH and
+    the first fetch instead of stalling the first chunk."""
+    pool = getattr(pipeline, "pool", None)
+    if pool is None:
+        return
+
+    def start() -> None:
+        try:
+            pool.run(int)
+        except Exception as exc:  # the first real batch will meet (and report) the same problem
+            log.debug("backfill: warming up the worker pool failed: %s", exc)
+
+    threading.Thread(target=start, name="atlas-pool-warm-up", daemon=True).start()
 
 
 def _run_source(pipeline: Any, source: Any, label: str, folder_key: str, uidvalidity: int, spam_action: str,
@@ -402,16 +482,20 @@ def _backfill_imap_folder(pipeline: Any, session: ImapSession, config: Config, f
     features = config.features
     plain = not (features.streaming or features.parallel)
     batch = 1 if plain else config.performance.chunk_size
-    source = ImapFolderSource(session, todo, batch)
+    source = ImapFolderSource(session, todo, batch, prefetch=0 if plain else PREFETCH_CHUNKS)
     summary.folders.append(folder)
     log.info("backfill %s: UIDVALIDITY %d, %d messages, %d already done, %d to do", folder, state.uidvalidity,
              len(uids), len(uids) - len(todo), len(todo))
 
     def act(actions: dict[int, tuple[str, str]]) -> None:
-        apply_actions(session, actions)
+        with source.lock:  # the prefetch thread may be fetching on the same connection
+            apply_actions(session, actions)
 
-    _run_source(pipeline, source, folder, key, state.uidvalidity, spam_action, dry_run, summary, err,
-                act=None if dry_run or spam_action == "record" else act)
+    try:
+        _run_source(pipeline, source, folder, key, state.uidvalidity, spam_action, dry_run, summary, err,
+                    act=None if dry_run or spam_action == "record" else act)
+    finally:
+        source.close()
 
 
 def _backfill_local(pipeline: Any, path: Path, is_maildir_: bool, dry_run: bool, since: dt.date | None,

@@ -72,7 +72,16 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """The highest resident memory this process has had, in MiB."""
+    """The highest resident memory this process has had, in MiB. Linux: VmHWM of this
+    program's memory; getrusage's ru_maxrss is kept across exec(), so a process started by
+    a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, IndexError, ValueError):
+        pass
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB on Linux
 

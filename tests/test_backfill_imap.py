@@ -127,3 +127,32 @@ def test_kill_9_mid_backfill_then_resume(dovecot, corpus_dir, corpus_index, tmp_
     print(f"killed after {done_before} rows; second run: {again.stdout}")
     assert f"{total - done_before} messages" in again.stdout
     _check_mailbox(dovecot, db, folder, junk, appended)
+
+
+def test_fetch_raw_reads_the_same_bytes_as_imapclient(dovecot, corpus_dir, corpus_index):
+    """The direct FETCH reader gives exactly imapclient's bodies: odd bytes, a body line that
+    looks like a literal, expunged and unknown UIDs, a folder changed under it."""
+    from atlas_milter.adapters.imap import ImapSession
+    from atlas_milter.config import ImapConfig
+
+    tag, folder, _junk = unique_names()
+    appended = corpus_messages(corpus_dir, corpus_index, 120, tag, step=37)
+    odd = [b"Subject: odd\r\nMessage-ID: <odd-%s@t>\r\n\r\nfoo {12}\r\n\xe9\xff\x00 binary\r\n" % tag.encode(),
+           b"Subject: empty body\r\nMessage-ID: <empty-%s@t>\r\n\r\n" % tag.encode()]
+    with dovecot.client() as c:
+        c.create_folder(folder)
+        append_all(c, folder, [raw for _, _, raw in appended] + odd)
+    imap = ImapConfig(host=dovecot.host, port=dovecot.port, user=dovecot.user, security="plain")
+    with ImapSession(imap, dovecot.password) as s, dovecot.client() as other:
+        s.select(folder)
+        uids = s.uids()
+        other.select_folder(folder)
+        other.delete_messages(uids[3:5])
+        other.expunge()  # gone before our FETCH: the session sees EXPUNGE responses in its answer
+        want = uids[::2] + uids[-2:] + [uids[-1] + 1000]
+        got = s.fetch_raw(want)
+        ref = {u: d[b"BODY[]"] for u, d in s.c.fetch(want, [b"BODY.PEEK[]"]).items() if b"BODY[]" in d}
+        assert got == ref and uids[4] not in got and len(got) == len(set(want)) - 2
+        assert s.c.noop()  # the connection is in step after the direct read
+        s.select(folder, readonly=True)
+        assert not s.c.search(["SEEN"])

@@ -167,3 +167,50 @@ def test_imap_source_fetches_a_chunk_per_round_trip_or_one_on_the_plain_path():
     s = FakeSession()
     assert len(list(ImapFolderSource(s, [1, 2, 3], batch=1).iter_messages("INBOX"))) == 3
     assert s.calls == [[1], [2], [3]]
+
+
+def test_imap_source_prefetches_a_bounded_number_of_chunks_in_order():
+    import threading
+    import time
+
+    from atlas_milter.backfill import ImapFolderSource
+
+    class FakeSession:
+        def __init__(self, fail_at=None):
+            self.calls = []
+            self.fail_at = fail_at
+
+        def fetch_raw(self, uids):
+            assert threading.current_thread().name == "atlas-imap-prefetch"
+            if self.fail_at in uids:
+                raise ConnectionError("lost")
+            self.calls.append(list(uids))
+            return {u: b"Subject: %d\r\n\r\nx" % u for u in uids if u != 5}
+
+    s = FakeSession()
+    src = ImapFolderSource(s, list(range(1, 41)), batch=4, prefetch=2)
+    got = iter(src.iter_messages("INBOX"))
+    assert next(got)[0] == "1"
+    time.sleep(0.3)
+    # the chunk being consumed, two queued, one fetched and waiting for room: never more
+    assert 2 <= len(s.calls) <= 4
+    assert [k for k, _ in got] == [str(u) for u in range(2, 41) if u != 5]
+    assert src.vanished == 1 and src._thread is None  # the thread is joined at the end
+
+    # the fetch thread's error reaches the consumer; close() stops the thread
+    s = FakeSession(fail_at=10)
+    src = ImapFolderSource(s, list(range(1, 41)), batch=4, prefetch=1)
+    keys = []
+    with pytest.raises(ConnectionError):
+        for key, _ in src.iter_messages("INBOX"):
+            keys.append(key)
+    assert keys == ["1", "2", "3", "4", "6", "7", "8"]
+    # abandoned half-way: close() stops the fetcher and frees the session
+    s = FakeSession()
+    src = ImapFolderSource(s, list(range(1, 401)), batch=4, prefetch=1)
+    got = iter(src.iter_messages("INBOX"))
+    next(got)
+    src.close()
+    assert src._thread is None and len(s.calls) < 100
+    # the plain path (batch 1) never starts a thread
+    assert ImapFolderSource(FakeSession(), [1, 2], batch=1, prefetch=2).prefetch == 0

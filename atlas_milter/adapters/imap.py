@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -42,6 +43,7 @@ from atlas_milter.config import Config, ImapConfig
 from atlas_milter.errors import AtlasError
 from atlas_milter.message import fingerprint, parse_message
 from atlas_milter.migrate import connect, connect_readonly, now_iso
+from atlas_milter.notify import sd_notify
 from atlas_milter.pool import ItemError
 from atlas_milter.verdict import HAM, SPAM, UNSURE
 
@@ -63,6 +65,10 @@ ACTION_DRY_RUN = "dry-run"
 ACTION_LEARNED_HAM = "learned-ham"  # the user moved our spam out of Junk: learned as ham, left there
 DRY_RUN_SUFFIX = " [dry-run]"  # dry runs record under "<folder> [dry-run]", so a real run redoes them
 
+READ_BUFFER = 1 << 20  # bytes read from the server at a time (see ImapSession._big_read_buffer)
+_UID_RE = re.compile(rb"\bUID (\d+)")
+_LITERAL_RE = re.compile(rb"\{(\d+)\}\r?\n$")
+SEARCH_WINDOW = 10000  # UIDs per SEARCH command (see ImapSession.uids)
 MOVE_BATCH = 500  # UIDs per MOVE / STORE command
 QUICK_EMPTY_LIMIT = 3  # idle_check returning nothing at once this often = the server closed the socket
 
@@ -282,6 +288,7 @@ class ImapSession:
         self.selected: str | None = None
         self._junk: str | None = None
         self._keywords_ok = True
+        self._uidnext = 0  # of the selected folder, when it was selected
 
     def __repr__(self) -> str:  # never shows the password
         return f"ImapSession({self.imap.user}@{self.imap.host}:{resolve_port(self.imap)})"
@@ -327,23 +334,86 @@ class ImapSession:
     def select(self, folder: str, readonly: bool = False) -> FolderState:
         info = self.c.select_folder(folder, readonly=readonly)
         self.selected = folder
-        return FolderState(folder, int(info.get(b"UIDVALIDITY", 0)), int(info.get(b"UIDNEXT", 0)), int(info.get(b"EXISTS", 0)))
+        state = FolderState(folder, int(info.get(b"UIDVALIDITY", 0)), int(info.get(b"UIDNEXT", 0)), int(info.get(b"EXISTS", 0)))
+        self._uidnext = state.uidnext
+        return state
 
     def uids(self, since: dt.date | None = None, low: int | None = None) -> list[int]:
-        criteria: list[Any] = []
-        if low is not None:
-            criteria += ["UID", f"{max(1, low)}:*"]
-        if since is not None:
-            criteria += ["SINCE", since]
-        found = self.c.search(criteria or ["ALL"])
-        return sorted(u for u in found if low is None or u >= low)  # `n:*` always matches the last message
+        """UIDs in the selected folder (from `low` on, arrived `since`), ascending. Searched in
+        windows of SEARCH_WINDOW UIDs: imapclient parses a SEARCH answer into many small
+        objects, and one answer for a 50,000-message folder raised the peak memory by 10 MB."""
+        first = max(1, low or 1)
+        top = max(first, getattr(self, "_uidnext", 0) or 0)
+        found: set[int] = set()
+        for start in range(first, top + 1, SEARCH_WINDOW):
+            end = start + SEARCH_WINDOW - 1
+            criteria: list[Any] = ["UID", f"{start}:{end}" if end < top else f"{start}:*"]
+            if since is not None:
+                criteria += ["SINCE", since]
+            found.update(u for u in self.c.search(criteria) if u >= start)  # `n:*` always matches the last message
+        return sorted(found)
 
     def fetch_raw(self, uids: Sequence[int]) -> dict[int, bytes]:
-        """BODY.PEEK[] of `uids` in one round trip (never sets \\Seen); expunged ones are missing."""
+        """BODY.PEEK[] of `uids` in one round trip (never sets \\Seen); expunged ones are missing.
+
+        Reads the answer straight off the connection (`_read_fetch`): every body comes as a
+        literal and all we need from its line is the UID. imapclient's parser tokenises
+        every line and imaplib matches several patterns and files each piece as an untagged
+        response; together they cost more than scoring a cached message. An answer we do
+        not recognise (a body sent as a quoted string or NIL) falls back to imapclient."""
         if not uids:
             return {}
-        data = self.c.fetch(list(uids), [b"BODY.PEEK[]"])
-        return {uid: item[b"BODY[]"] for uid, item in data.items() if b"BODY[]" in item}
+        found = self._read_fetch(uids)
+        if found is None:
+            data = self.c.fetch(list(uids), [b"BODY.PEEK[]"])
+            found = {uid: item[b"BODY[]"] for uid, item in data.items() if b"BODY[]" in item}
+        return found
+
+    def _read_fetch(self, uids: Sequence[int]) -> dict[int, bytes] | None:
+        imap = self.c._imap  # the imaplib connection under imapclient
+        if imap.state != "SELECTED":
+            raise IMAPClientError(f"UID FETCH illegal in state {imap.state}")
+        self._big_read_buffer(imap)
+        tag = imap._new_tag()
+        try:
+            imap.send(b"%s UID FETCH %s (UID BODY.PEEK[])\r\n" % (tag, _uid_set(uids).encode()))
+        except OSError as exc:
+            raise IMAPClientAbortError(f"socket error: {exc}") from None
+        try:
+            return _read_fetch_answer(imap.file, tag, set(uids))
+        except OSError as exc:
+            raise IMAPClientAbortError(f"socket error: {exc}") from None
+        finally:
+            imap.tagged_commands.pop(tag, None)
+
+    @staticmethod
+    def _big_read_buffer(imap: Any) -> None:
+        """Read the connection through a 1 MiB buffer instead of 8 KiB: a FETCH answer of a
+        chunk is megabytes, and every small read gives up the GIL, which another busy thread
+        of this process (scoring, the store writer) then holds for up to 5 ms. Swapped only
+        when nothing is buffered or waiting, so no byte of the stream is lost."""
+        old = getattr(imap, "file", None)
+        sock = getattr(imap, "sock", None)
+        if old is None or sock is None or getattr(imap, "_atlas_big_buffer", False):
+            return
+        imap._atlas_big_buffer = True
+        timeout = sock.gettimeout()
+        try:
+            sock.settimeout(0)
+            try:
+                pending = old.peek(1)
+            except ssl.SSLWantReadError:  # TLS: no decrypted byte waiting either
+                pending = b""
+            except (OSError, ValueError):
+                return
+            finally:
+                sock.settimeout(timeout)
+            if pending:
+                return
+            imap.file = sock.makefile("rb", buffering=READ_BUFFER)
+            old.close()  # releases its hold on the socket, not the socket
+        except OSError:
+            return
 
     def list_folders(self) -> list[tuple[Sequence[bytes], Any, str]]:
         return self.c.list_folders()
@@ -406,6 +476,67 @@ class ImapSession:
         finally:
             if back is not None:
                 self.select(back)
+
+
+def _read_fetch_answer(file: Any, tag: bytes, wanted: set[int]) -> dict[int, bytes] | None:
+    """Read lines up to the tagged completion of a `UID FETCH ... (UID BODY.PEEK[])`;
+    {uid: body} of the wanted UIDs, or None (after reading the whole answer) when a body
+    came in a form other than a literal. Untagged lines without a body (EXPUNGE, EXISTS,
+    unsolicited FLAGS) are skipped: the caller re-reads folder state when it needs it."""
+    out: dict[int, bytes] = {}
+    odd = False
+    done = tag + b" "
+    while True:
+        line = file.readline()
+        if not line:
+            raise IMAPClientAbortError("the server closed the connection during FETCH")
+        if line.startswith(done):
+            status = line[len(done):].split(b" ", 1)[0].upper()
+            if status != b"OK":
+                raise IMAPClientError(f"UID FETCH failed: {line.decode('utf-8', 'replace').strip()}")
+            return None if odd else out
+        if line.startswith(b"* BYE"):
+            raise IMAPClientAbortError(line.decode("utf-8", "replace").strip())
+        uid = None
+        while True:  # one response: its line, and for each literal the literal and the rest of the line
+            m = _LITERAL_RE.search(line)
+            if m is None:
+                if b"BODY[]" in line:
+                    odd = True
+                break
+            size = int(m.group(1))
+            body = file.read(size)
+            if len(body) != size:
+                raise IMAPClientAbortError("the server closed the connection during FETCH")
+            head = line[: m.start()]
+            if uid is None:
+                u = _UID_RE.search(head)
+                uid = int(u.group(1)) if u else None
+            line = file.readline()
+            if not line:
+                raise IMAPClientAbortError("the server closed the connection during FETCH")
+            if head.endswith(b"BODY[] ") or head.endswith(b"BODY[]"):
+                if uid is None:
+                    u = _UID_RE.search(line)  # "BODY[] {n} ... UID 5)"
+                    uid = int(u.group(1)) if u else None
+                if uid is None:
+                    odd = True
+                elif uid in wanted:
+                    out[uid] = body
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    """A compact UID set: runs of consecutive UIDs as first:last."""
+    ordered = sorted(set(uids))
+    runs: list[str] = []
+    start = prev = ordered[0]
+    for uid in ordered[1:]:
+        if uid != prev + 1:
+            runs.append(str(start) if start == prev else f"{start}:{prev}")
+            start = uid
+        prev = uid
+    runs.append(str(start) if start == prev else f"{start}:{prev}")
+    return ",".join(runs)
 
 
 def _batches(items: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -775,6 +906,7 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
     finally:
         probe.close()
     listener.logged_in_once.set()
+    sd_notify("READY=1")  # systemd Type=notify: logged in, folders found
 
     def on_stop(signum: int, _frame: Any) -> None:
         log.info("imap: signal %d, stopping", signum)
