@@ -311,8 +311,25 @@ class Fingerprint:
     body_digest: str
 
 
-_FINGERPRINT_HDR_RE = re.compile(rb"(?im)^(from|subject|message-id):[ \t]*(.*(?:\r?\n[ \t].*)*)")
-_BODY_SPLIT_RE = re.compile(rb"\r?\n\r?\n")
+_FINGERPRINT_HEADERS = (b"from", b"subject", b"message-id")
+
+
+def _head_end(raw: bytes) -> tuple[int, int]:
+    """(end of the header block, start of the body): the first blank line, LF or CRLF."""
+    split = _HEAD_END_RE.search(raw)
+    return (split.start(), split.end()) if split else (len(raw), len(raw))
+
+
+def _header_value(head: bytes, lowered: bytes, name: bytes) -> bytes:
+    """The first `name:` header of the block, with its continuation lines."""
+    at = 0 if lowered.startswith(name + b":") else lowered.find(b"\n" + name + b":")
+    if at < 0:
+        return b""
+    start = at + len(name) + (1 if at == 0 else 2)
+    end = head.find(b"\n", start)
+    while end >= 0 and head[end + 1 : end + 2] in (b" ", b"\t"):
+        end = head.find(b"\n", end + 1)
+    return head[start : end if end >= 0 else len(head)]
 
 
 def fingerprint(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Fingerprint:
@@ -320,16 +337,17 @@ def fingerprint(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Fingerprint:
     read straight from the bytes: a campaign re-sent to many recipients, with different
     envelope and To: headers, maps to one fingerprint."""
     raw = _strip_mbox_from(raw[:max_bytes])
-    split = _BODY_SPLIT_RE.search(raw)
-    head, body = (raw[: split.start()], raw[split.end() :]) if split else (raw, b"")
-    found: dict[bytes, bytes] = {}
-    for match in _FINGERPRINT_HDR_RE.finditer(head):
-        found.setdefault(match.group(1).lower(), match.group(2))
+    head_end, body_start = _head_end(raw)
+    head = raw[:head_end]
+    lowered = head.lower()
+    sender, subject, message_id = (
+        _header_value(head, lowered, name).decode("latin-1").strip() for name in _FINGERPRINT_HEADERS
+    )
     return Fingerprint(
-        sender=found.get(b"from", b"").decode("latin-1").strip()[:300],
-        subject=found.get(b"subject", b"").decode("latin-1").strip()[:500],
-        message_id=found.get(b"message-id", b"").decode("latin-1").strip()[:300],
-        body_digest=hashlib.blake2b(b"".join(body.lower().split()), digest_size=16).hexdigest(),
+        sender=sender[:300],
+        subject=subject[:500],
+        message_id=message_id[:300],
+        body_digest=hashlib.blake2b(b"".join(raw[body_start:].lower().split()), digest_size=16).hexdigest(),
     )
 
 
