@@ -485,6 +485,11 @@ def configure_store(
     return store
 
 
+def current_store() -> BulkOperationManager | DirectRecordWriter | None:
+    """The process-wide store if one was configured, else None (never creates one)."""
+    return _instance
+
+
 def close_store(timeout: float | None = 30.0) -> bool:
     """Flush and close the process-wide store, if any; True when nothing was lost."""
     global _instance

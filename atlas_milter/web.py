@@ -72,9 +72,9 @@ def current_store_stats() -> dict[str, Any] | None:
     """The process-wide store's counters, or None when the daemon has not opened it (yet).
     Deliberately not `BulkOperationManager.get_instance()`: that would create a store with
     the default path as a side effect of a page view."""
-    from atlas_milter import store
+    from atlas_milter.store import current_store
 
-    current = getattr(store, "_instance", None)
+    current = current_store()
     return current.stats() if current is not None else None
 
 
