@@ -20,6 +20,7 @@ chunk of messages in memory on the streaming path.
 from __future__ import annotations
 
 import dataclasses
+from array import array
 import datetime as dt
 import email.utils
 import hashlib
@@ -103,7 +104,7 @@ class ImapFolderSource:
     session is shared with whoever acts on verdicts between chunks: both hold `lock`
     while they use it. `close()` stops and joins the thread (the generator's end does too)."""
 
-    def __init__(self, session: ImapSession, todo: list[int], batch: int, prefetch: int = 0) -> None:
+    def __init__(self, session: ImapSession, todo: Sequence[int], batch: int, prefetch: int = 0) -> None:
         self.session = session
         self.todo = todo
         self.batch = max(1, batch)
@@ -475,7 +476,7 @@ def _backfill_imap_folder(pipeline: Any, session: ImapSession, config: Config, f
     pipeline.flush()
     done = processed_uids(db, key, state.uidvalidity)
     uids = session.uids(since=since)
-    todo = [u for u in uids if u not in done]
+    todo = array("L", (u for u in uids if u not in done))
     summary.already_done += len(uids) - len(todo)
     if limit is not None:
         todo = todo[:limit]

@@ -145,7 +145,7 @@ def test_fetch_raw_reads_the_same_bytes_as_imapclient(dovecot, corpus_dir, corpu
     imap = ImapConfig(host=dovecot.host, port=dovecot.port, user=dovecot.user, security="plain")
     with ImapSession(imap, dovecot.password) as s, dovecot.client() as other:
         s.select(folder)
-        uids = s.uids()
+        uids = list(s.uids())
         other.select_folder(folder)
         other.delete_messages(uids[3:5])
         other.expunge()  # gone before our FETCH: the session sees EXPUNGE responses in its answer
