@@ -11,6 +11,7 @@ It knows nothing about scoring.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import re
@@ -362,6 +363,14 @@ class Summary:
 
 
 def summarise(fp: Fingerprint) -> Summary:
-    sender, _, domain = _domain_of(decode_header_value(_to_text(fp.sender.encode("latin-1"), None)))
-    subject = decode_header_value(_to_text(fp.subject.encode("latin-1"), None))
-    return Summary(sender=sender, sender_domain=domain, subject=subject[:500], message_id=fp.message_id.strip())
+    sender, domain, subject = _decode_sender_subject(fp.sender, fp.subject)
+    return Summary(sender=sender, sender_domain=domain, subject=subject, message_id=fp.message_id.strip())
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_sender_subject(raw_sender: str, raw_subject: str) -> tuple[str, str, str]:
+    """Decoded sender address, its domain and the subject; memoised, because the copies of
+    a campaign (and every message of a mailing list) repeat them."""
+    sender, _, domain = _domain_of(decode_header_value(_to_text(raw_sender.encode("latin-1"), None)))
+    subject = decode_header_value(_to_text(raw_subject.encode("latin-1"), None))
+    return sender, domain, subject[:500]

@@ -120,6 +120,8 @@ def normalise_record(record: dict[str, Any]) -> dict[str, Any]:
             if not _INT64[0] <= value <= _INT64[1]:
                 raise ValueError(f"record: {column}={value} does not fit in 64 bits")
         elif isinstance(value, str):
+            if value.isascii():  # the common case: nothing to check
+                continue
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:  # e.g. surrogates from a badly encoded header
