@@ -26,8 +26,10 @@ MAX_PARTS = 200  # MIME parts walked per message; the rest are counted, not read
 MAX_TEXT_CHARS = 200_000  # decoded text kept per message
 MAX_PART_BYTES = 256 * 1024  # bytes of one text part decoded
 MAX_HEADERS = 500  # headers kept per message
+MAX_NESTING_MARKERS = 200  # multipart/ and message/rfc822 mentions beyond which MIME is not parsed
 
 _PARSER = BytesParser(policy=compat32)
+_NESTING_RE = re.compile(rb"(?i)multipart/|message/rfc822")
 _HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 _HEADER_LINE_RE = re.compile(r"([\041-\071\073-\176]+):")
 _ADDR_RE = re.compile(r"[\w.+'=~!#$%&*/?^`{|}-]+@([\w-]+(?:\.[\w-]+)+)", re.UNICODE)
@@ -236,6 +238,10 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessa
         raw = raw.replace(b"\x00", b" ")
         parsed.defects.append("NUL bytes")
     try:
+        if len(_NESTING_RE.findall(raw)) > MAX_NESTING_MARKERS:
+            # The email package recurses (Python and C frames) per nesting level: bounded
+            # by RecursionError on big stacks, a segfault on small thread stacks. Refuse.
+            raise RecursionError("MIME nested too deep")
         msg = _parse_mime(raw)
         texts = _fill_from_mime(msg, parsed)
     except (RecursionError, Exception) as exc:  # the email package can fail on hostile structure
