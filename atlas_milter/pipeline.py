@@ -14,9 +14,11 @@ parent process owns the cache, the store and the metrics.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from atlas_milter.cache import ClassificationCache, configure_cache
@@ -65,7 +67,6 @@ class Result:
     summary: Summary
     elapsed_ms: float
     defects: tuple[str, ...] = ()
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def analyse(raw: bytes, model: Model, max_bytes: int) -> Analysis:
@@ -298,7 +299,7 @@ class Pipeline:
             "score": round(verdict.score, 6),
             "verdict": verdict.verdict,
             "action": action or None,
-            "reasons": [[n, round(w, 4)] for n, w in verdict.reasons],
+            "reasons": _reasons_json(verdict.reasons),
             "model_version": verdict.model_version,
             "cache_hit": int(verdict.cache_hit),
             "elapsed_ms": round(result.elapsed_ms, 3),
@@ -319,6 +320,12 @@ class Pipeline:
             self.store.close()
             self.store = None
         self.metrics.flush()
+
+
+@functools.lru_cache(maxsize=4096)
+def _reasons_json(reasons: tuple[tuple[str, float], ...]) -> str:
+    """The reasons column: JSON, memoised (a cached verdict repeats the same reasons)."""
+    return json.dumps([[name, round(weight, 4)] for name, weight in reasons])
 
 
 class _ListSource:

@@ -3,7 +3,7 @@ the classifier's `Score` and the policy's `Verdict`. Pure data, no behaviour."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 HAM = "ham"
 UNSURE = "unsure"
@@ -30,7 +30,6 @@ class Verdict:
     model_version: str = ""
     cache_hit: bool = False
     error: str = ""  # non-empty when the message could not be classified normally
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def as_dict(self) -> dict:
         return {
