@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from atlas_milter import __version__
-from atlas_milter.errors import AtlasError, ModelError
+from atlas_milter.errors import AtlasError
 
 log = logging.getLogger("atlas_milter")
 

@@ -30,7 +30,6 @@ from atlas_milter.monitor import (
     STAGE_CLASSIFY,
     STAGE_PARSE,
     STAGE_TOTAL,
-    PerformanceMetrics,
     configure_from_config,
     performance_monitor,
     verdict_counter,

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 SAMPLE = Path(__file__).resolve().parents[1] / "atlas_milter" / "data" / "sample"
 SPAM = b"From: x@deals.example\nSubject: FREE cash prize!!!\nContent-Type: text/html\n\n<p>Click here to claim your prize now!</p>\n"

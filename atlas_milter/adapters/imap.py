@@ -26,7 +26,6 @@ import os
 import random
 import re
 import signal
-import socket
 import ssl
 import sqlite3
 import stat

@@ -53,7 +53,7 @@ from atlas_milter.notify import sd_notify
 from atlas_milter.pipeline import Pipeline, Result
 from atlas_milter.policy import Cutoffs, label_for
 from atlas_milter.pool import PoolBusy
-from atlas_milter.verdict import HAM, SPAM, UNSURE, Verdict
+from atlas_milter.verdict import SPAM, UNSURE, Verdict
 
 log = logging.getLogger(__name__)
 
