@@ -160,6 +160,7 @@ class MilterConfig:
 
     socket: str = "unix:/run/atlas-milter/milter.sock"  # libmilter syntax: unix:PATH or inet:PORT@HOST
     socket_mode: int = 0o660  # permissions of a unix socket (the MTA's user must be able to write it)
+    socket_group: str = ""  # group of a unix socket, e.g. "postfix" (empty: the milter's own group)
     timeout: float = 5.0  # seconds from end of message to a reply, whatever happens
     spam_action: str = "tag"  # tag | reject | quarantine | discard | tempfail | accept (accept = no headers)
     unsure_action: str = "tag"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -200,3 +201,24 @@ def test_slow_classifier_gets_on_error_within_deadline(postfix, workdir, message
         assert proc.stop() == 0
     [row] = db_rows(proc)
     assert row["verdict"] == "unchecked" and row["error"].startswith("timeout")
+
+
+def test_unix_socket_mode_and_group_are_configurable(tmp_path):
+    """[milter] socket_mode and socket_group: the MTA's group, and only it, may connect."""
+    import grp
+    import stat
+
+    group = grp.getgrgid(os.getgid()).gr_name if os.getgid() != 0 else "daemon"
+    gid = grp.getgrnam(group).gr_gid
+    sock = tmp_path / "m.sock"
+    milter = MilterProcess(tmp_path, f"unix:{sock}", config_text=f'[statsd]\nenabled = false\n[milter]\nsocket_mode = 0o660\nsocket_group = "{group}"\n')
+    milter.start()
+    try:
+        st = sock.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid
+    finally:
+        milter.stop()
+    bad = MilterProcess(tmp_path / "bad", f"unix:{tmp_path / 'bad.sock'}", config_text='[milter]\nsocket_group = "no-such-group-xyz"\n')
+    proc = subprocess.run(bad.argv(), capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "socket_group" in proc.stderr and "Traceback" not in proc.stderr

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import grp
 import ipaddress
 import json
 import logging
@@ -826,6 +827,16 @@ def _register(engine: MilterEngine) -> None:
     _libmilter.set_close_callback(Milter.close_callback)
 
 
+def socket_gid(group: str) -> int:
+    """The gid of `[milter] socket_group` (a name or a number), or a one-line AtlasError."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise AtlasError(f"[milter] socket_group: no group named {group!r} on this machine") from None
+
+
 def serve(config: Config) -> int:
     """Run the milter on config.milter.socket until SIGTERM/SIGINT/SIGHUP (libmilter's own
     signal thread catches them and stops accepting; connections in progress finish).
@@ -853,6 +864,8 @@ def serve(config: Config) -> int:
         except _libmilter.error as exc:
             raise AtlasError(f"--socket {mc.socket}: cannot listen ({exc}); is another milter using it?") from None
         if sock.kind == "unix":
+            if mc.socket_group:
+                os.chown(sock.path, -1, socket_gid(mc.socket_group))
             os.chmod(sock.path, mc.socket_mode)
         else:
             if not set_nodelay_on_listener(sock.port):
