@@ -207,16 +207,7 @@ class Model:
         return e / (1.0 + e)
 
     def score(self, msg: ParsedMessage) -> Score:
-        get = self.weights.get
-        margin = self.bias
-        blocks = []
-        for block, factor in zip(features(msg), (1.0, META_BLOCK_WEIGHT)):
-            names = list(block)
-            weights = list(map(get, names))  # None for features the model does not know
-            known = len(weights) - weights.count(None)
-            scale = factor / math.sqrt(known + 1)
-            margin += scale * sum(filter(None, weights))
-            blocks.append((names, weights, scale))
+        margin, blocks = _weigh(self.weights, self.bias, features(msg))
         prob = self.probability(margin)
         return Score(score=prob, reasons=_top_reasons(blocks, prob >= 0.5), model_version=self.version)
 
@@ -378,13 +369,24 @@ def _sgd(examples: Sequence[Example], opts: TrainingOptions, seed: int) -> tuple
     return weights, bias
 
 
-def _margin(weights: dict[str, float], bias: float, feats: FeatureSets) -> float:
+def _weigh(weights: dict[str, float], bias: float, feats: FeatureSets) -> tuple[float, list]:
+    """The margin of a message, and per block its (feature names, weights or None for
+    unknown features, scale): each block's known weights summed and normalised to unit
+    length, the structure block weighted by META_BLOCK_WEIGHT."""
     get = weights.get
     margin = bias
-    for block, factor in ((feats[0], 1.0), (feats[1], META_BLOCK_WEIGHT)):
-        known = [w for f in block if (w := get(f)) is not None]
-        margin += factor * sum(known) / math.sqrt(len(known) + 1)
-    return margin
+    blocks = []
+    for block, factor in zip(feats, (1.0, META_BLOCK_WEIGHT)):
+        names = list(block)
+        found = list(map(get, names))
+        scale = factor / math.sqrt(len(found) - found.count(None) + 1)
+        margin += scale * sum(filter(None, found))
+        blocks.append((names, found, scale))
+    return margin, blocks
+
+
+def _margin(weights: dict[str, float], bias: float, feats: FeatureSets) -> float:
+    return _weigh(weights, bias, feats)[0]
 
 
 def fit_temperature(margins: Sequence[float], labels: Sequence[int]) -> float:
