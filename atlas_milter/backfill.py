@@ -25,7 +25,6 @@ import datetime as dt
 import email.utils
 import hashlib
 import logging
-import os
 import queue
 import sys
 import threading
@@ -49,7 +48,7 @@ from atlas_milter.adapters.imap import (
 )
 from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError, SourceError
-from atlas_milter.sources import is_maildir, iter_mbox
+from atlas_milter.sources import is_maildir, iter_mbox, maildir_names
 from atlas_milter.store import processed_uids
 from atlas_milter.stream import StreamStats, peak_rss_mb
 
@@ -183,26 +182,19 @@ class MaildirSource:
         self.path = path
         self.files: list[tuple[int, str, Path]] = []
         self.skipped = 0
-        for sub in ("cur", "new"):
-            try:
-                names = sorted(os.listdir(path / sub))
-            except OSError as exc:
-                raise SourceError(f"cannot read {path / sub}: {exc.strerror or exc}") from None
-            for name in names:
-                if name.startswith("."):
-                    continue
-                uid = stable_id(maildir_unique(name))
-                if uid in skip:
-                    self.skipped += 1
-                    continue
-                file = path / sub / name
-                if since is not None:
-                    try:
-                        if dt.date.fromtimestamp(file.stat().st_mtime) < since:
-                            continue
-                    except OSError:
+        for folder, name in maildir_names(path):  # an unreadable cur/ or new/ raises SourceError
+            uid = stable_id(maildir_unique(name))
+            if uid in skip:
+                self.skipped += 1
+                continue
+            file = Path(folder) / name
+            if since is not None:
+                try:
+                    if dt.date.fromtimestamp(file.stat().st_mtime) < since:
                         continue
-                self.files.append((uid, maildir_unique(name), file))
+                except OSError:
+                    continue
+            self.files.append((uid, maildir_unique(name), file))
         if limit is not None:
             self.files = self.files[:limit]
         self.total: int | None = len(self.files)

@@ -83,7 +83,8 @@ def iter_file(path: Path, on_error: ErrorHandler = _raise) -> Iterator[MailItem]
     yield MailItem(str(path), head + rest)
 
 
-def iter_maildir(path: Path, on_error: ErrorHandler = _raise) -> Iterator[MailItem]:
+def maildir_names(path: str | os.PathLike, on_error: ErrorHandler = _raise) -> Iterator[tuple[str, str]]:
+    """(folder, file name) of each message in a Maildir's cur/ and new/, sorted, dot files left out."""
     for sub in ("cur", "new"):
         folder = os.path.join(path, sub)
         try:
@@ -92,16 +93,20 @@ def iter_maildir(path: Path, on_error: ErrorHandler = _raise) -> Iterator[MailIt
             on_error(_describe_os_error(folder, exc))
             continue
         for name in names:
-            if name.startswith("."):
-                continue
-            file = os.path.join(folder, name)
-            try:
-                with open(file, "rb") as fh:
-                    yield MailItem(file, fh.read())
-            except FileNotFoundError:
-                continue  # moved by a mail client meanwhile: it is not ours to report
-            except OSError as exc:
-                on_error(_describe_os_error(file, exc))
+            if not name.startswith("."):
+                yield folder, name
+
+
+def iter_maildir(path: Path, on_error: ErrorHandler = _raise) -> Iterator[MailItem]:
+    for folder, name in maildir_names(path, on_error):
+        file = os.path.join(folder, name)
+        try:
+            with open(file, "rb") as fh:
+                yield MailItem(file, fh.read())
+        except FileNotFoundError:
+            continue  # moved by a mail client meanwhile: it is not ours to report
+        except OSError as exc:
+            on_error(_describe_os_error(file, exc))
 
 
 def iter_directory(path: Path, on_error: ErrorHandler = _raise) -> Iterator[MailItem]:
