@@ -378,7 +378,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     )
 
 
-def _add_imap_flags(p: argparse.ArgumentParser) -> None:
+def _add_imap_flags(p: argparse.ArgumentParser, http: bool = False) -> None:
     p.add_argument("--host", help="IMAP server")
     p.add_argument("--port", type=int, help="IMAP port (default 993 with --tls, 143 otherwise)")
     sec = p.add_mutually_exclusive_group()
@@ -389,9 +389,16 @@ def _add_imap_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", help="IMAP login")
     p.add_argument("--password-file", metavar="FILE", help="file holding the password (or ATLAS_IMAP_PASSWORD, or a systemd credential)")
     p.add_argument("--account", metavar="NAME", help="an account from the [accounts] tables of the config file")
+    _add_daemon_flags(p, http)
+
+
+def _add_daemon_flags(p: argparse.ArgumentParser, http: bool = False) -> None:
+    """The flags every front door shares: database, model, StatsD (and the /performance page)."""
     p.add_argument("--db", metavar="PATH", help="verdict database")
     p.add_argument("--model", metavar="PATH", help="model file (default: the shipped model)")
     p.add_argument("--statsd", metavar="HOST:PORT", help="StatsD target")
+    if http:
+        p.add_argument("--http", metavar="HOST:PORT", help="serve /performance and /performance.json here (e.g. 127.0.0.1:8080)")
 
 
 # --- parser ---------------------------------------------------------------------------
@@ -472,16 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("milter", parents=[common], help="run the milter for Postfix or Sendmail")
     p.add_argument("--socket", metavar="SPEC", help="unix:/run/atlas-milter/milter.sock (default) or inet:PORT@HOST")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline per message (default 5)")
-    p.add_argument("--db", metavar="PATH", help="verdict database")
-    p.add_argument("--model", metavar="PATH", help="model file (default: the shipped model)")
-    p.add_argument("--statsd", metavar="HOST:PORT", help="StatsD target")
-    p.add_argument("--http", metavar="HOST:PORT", help="serve /performance and /performance.json here (e.g. 127.0.0.1:8080)")
+    _add_daemon_flags(p, http=True)
     p.set_defaults(func=cmd_milter)
 
     p = sub.add_parser("idle", parents=[common], help="watch IMAP folders with IDLE and classify new mail")
     p.add_argument("folders", nargs="*", metavar="FOLDER", help="folders to watch (default INBOX)")
-    _add_imap_flags(p)
-    p.add_argument("--http", metavar="HOST:PORT", help="serve /performance and /performance.json here (e.g. 127.0.0.1:8080)")
+    _add_imap_flags(p, http=True)
     p.set_defaults(func=cmd_idle)
 
     p = sub.add_parser("backfill", parents=[common], help="classify an existing IMAP folder, Maildir or mbox")
