@@ -319,6 +319,11 @@ class Fingerprint:
 
 
 _FINGERPRINT_HEADERS = (b"from", b"subject", b"message-id")
+# The body as the digest sees it, in one C pass: ASCII letters lowercased and the ASCII
+# white space that bytes.split() splits on removed (the same bytes as
+# b"".join(body.lower().split()), without a list of every word).
+_ASCII_LOWER = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"abcdefghijklmnopqrstuvwxyz")
+_ASCII_SPACE = b" \t\n\r\x0b\x0c"
 
 
 def _head_end(raw: bytes) -> tuple[int, int]:
@@ -354,7 +359,7 @@ def fingerprint(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Fingerprint:
         sender=sender[:300],
         subject=subject[:500],
         message_id=message_id[:300],
-        body_digest=hashlib.blake2b(b"".join(raw[body_start:].lower().split()), digest_size=16).hexdigest(),
+        body_digest=hashlib.blake2b(raw[body_start:].translate(_ASCII_LOWER, _ASCII_SPACE), digest_size=16).hexdigest(),
     )
 
 

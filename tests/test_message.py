@@ -104,6 +104,16 @@ def test_fingerprint_ignores_envelope_and_recipient_but_not_the_body():
     assert one.message_id == "<1>"
 
 
+def test_body_digest_folds_ascii_case_and_white_space_only():
+    def digest(body: bytes) -> str:
+        return fingerprint(b"Subject: s\n\n" + body).body_digest
+
+    assert digest(b"Buy NOW\r\n\tcheap\x0b\x0cpills") == digest(b"buynowcheappills")
+    # Non-ASCII bytes are neither case-folded nor taken for white space.
+    assert digest(b"\xc4\xe4") != digest(b"\xe4\xe4")
+    assert digest(b"a\xa0b") != digest(b"ab")
+
+
 def test_summarise_decodes_sender_and_subject():
     fp = fingerprint(b"From: =?utf-8?q?J=C3=B6rg?= <J@Example.DE>\nSubject: =?utf-8?b?w5xiZXI=?=\n\nx")
     summary = summarise(fp)
