@@ -11,6 +11,13 @@ JSON when it stops. Needs root (Postfix) and the corpus.
     python scripts/milter_bench.py --messages 1000 --clients 16 --rounds 2
     python scripts/milter_bench.py --classify thread        # or inline / pool
     python scripts/milter_bench.py --corpus-check            # all 6,046 messages, grep the log
+    python scripts/milter_bench.py --modes none,ref-noop,ref-parse,unix   # with the yardsticks
+
+Modes: none (Postfix alone), unix and inet (atlas-milter on either socket), and the two
+reference milters of shared/docs/performance-notes.md on a unix socket (scripts/
+reference_milter.py): ref-noop (pymilter doing nothing but answer end-of-message) and
+ref-parse (buffer, compat32 parse, add one header). They show what any pymilter milter
+costs inside Postfix on the machine of the run.
 
 Bars (issue 4): unix/none >= 0.60, inet/unix >= 0.90, milter p50 <= 5 ms, p99 <= 25 ms.
 """
@@ -39,6 +46,17 @@ from test_milter_helpers import MilterProcess, inet_spec, load_corpus, send_one,
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
 RCPT = "someone@remote.test"  # relayed to smtp-sink
+
+
+class ReferenceMilter(MilterProcess):
+    """scripts/reference_milter.py in place of atlas-milter (same start/stop/CPU accounting)."""
+
+    def __init__(self, workdir: Path, socket_spec: str, kind: str, name: str) -> None:
+        super().__init__(workdir, socket_spec, name=name)
+        self.kind = kind
+
+    def argv(self) -> list[str]:
+        return [sys.executable, str(REPO / "scripts" / "reference_milter.py"), self.kind, self.socket_spec]
 
 
 def run_load(host: str, port: int, messages: list[bytes], clients: int) -> tuple[float, dict[int, int]]:
@@ -117,12 +135,15 @@ def main() -> int:
                     pf.set_milter(None)
                     time.sleep(0.5)
                 else:
-                    if mode == "unix":
-                        lib, post = unix_spec(work / f"milter-{rnd}.sock")
-                    else:
+                    if mode == "inet":
                         lib, post = inet_spec(free_port())
-                    milter = MilterProcess(work, lib, config_text=cfg, name=f"milter-{mode}-{rnd}",
-                                           prelude=args.prelude).start()
+                    else:
+                        lib, post = unix_spec(work / f"milter-{mode}-{rnd}.sock")
+                    if mode.startswith("ref-"):
+                        milter = ReferenceMilter(work, lib, mode[4:], name=f"milter-{mode}-{rnd}").start()
+                    else:
+                        milter = MilterProcess(work, lib, config_text=cfg, name=f"milter-{mode}-{rnd}",
+                                               prelude=args.prelude).start()
                     pf.set_milter(post)
                     run_load(pf.host, pf.smtp_port, messages[:50], args.clients)  # warm the milter
                     wait_queue_empty(pf.queue_dir)
@@ -158,6 +179,11 @@ def main() -> int:
         print("\nthroughput msg/s (best / median of rounds):", {m: (round(best[m], 1), round(med[m], 1)) for m in best})
         if "none" in best and "unix" in best:
             print(f"unix/none  = {med['unix'] / med['none']:.3f} (median)  {best['unix'] / best['none']:.3f} (best)   bar >= 0.60")
+        for ref, what in (("ref-noop", "a pymilter milter that only answers"),
+                          ("ref-parse", "a pymilter milter that parses and adds a header")):
+            if "none" in best and ref in best:
+                print(f"{ref}/none = {med[ref] / med['none']:.3f} (median)  {best[ref] / best['none']:.3f} (best)   "
+                      f"(yardstick: {what})")
         if "unix" in best and "inet" in best:
             print(f"inet/unix  = {med['inet'] / med['unix']:.3f} (median)  {best['inet'] / best['unix']:.3f} (best)   bar >= 0.90")
         for mode, ts in timers.items():
