@@ -30,7 +30,6 @@ MAX_NESTING_MARKERS = 200  # multipart/ and message/rfc822 mentions beyond which
 
 _PARSER = BytesParser(policy=compat32)
 _NESTING_RE = re.compile(rb"(?i)multipart/|message/rfc822")
-_HEAD_END_RE = re.compile(rb"\r?\n\r?\n")
 _HEADER_LINE_RE = re.compile(r"([\041-\071\073-\176]+):")
 _ADDR_RE = re.compile(r"[\w.+'=~!#$%&*/?^`{|}-]+@([\w-]+(?:\.[\w-]+)+)", re.UNICODE)
 _ANGLE_ADDR_RE = re.compile(r"<\s*([^<>\s]*@[^<>\s]*)\s*>")
@@ -262,11 +261,11 @@ def _parse_mime(raw: bytes) -> Message:
     header block is split here and the body set as the payload as is, exactly as the
     email package would leave them, without its per-line Python loop; anything unusual
     (multipart, continuation oddities, lines that are not headers) gets the full parse."""
-    split = _HEAD_END_RE.search(raw)
-    if split is not None:
-        msg = _quick_headers(raw[: split.start()].decode("ascii", "surrogateescape"))
+    head_end, body_start = _head_end(raw)
+    if head_end < body_start:  # there is a blank line
+        msg = _quick_headers(raw[:head_end].decode("ascii", "surrogateescape"))
         if msg is not None and msg.get_content_maintype() not in ("multipart", "message"):
-            msg.set_payload(raw[split.end() :].decode("ascii", "surrogateescape"))
+            msg.set_payload(raw[body_start:].decode("ascii", "surrogateescape"))
             return msg
     return _PARSER.parsebytes(raw)
 
@@ -327,9 +326,17 @@ _ASCII_SPACE = b" \t\n\r\x0b\x0c"
 
 
 def _head_end(raw: bytes) -> tuple[int, int]:
-    """(end of the header block, start of the body): the first blank line, LF or CRLF."""
-    split = _HEAD_END_RE.search(raw)
-    return (split.start(), split.end()) if split else (len(raw), len(raw))
+    """(end of the header block, start of the body): the first blank line, LF or CRLF;
+    the span of the first match of rb"\r?\n\r?\n", found with two (memchr-fast) bytes.find."""
+    lf = raw.find(b"\n\n")
+    crlf = raw.find(b"\n\r\n")
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        at, end = crlf, crlf + 3
+    elif lf >= 0:
+        at, end = lf, lf + 2
+    else:
+        return len(raw), len(raw)
+    return (at - 1 if at and raw[at - 1] == 13 else at), end
 
 
 def _header_value(head: bytes, lowered: bytes, name: bytes) -> bytes:

@@ -1,6 +1,11 @@
 """Parsing survives what real mail throws at it, and extracts what the classifier needs."""
 
-from atlas_milter.message import fingerprint, parse_message, summarise
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from atlas_milter.message import _head_end, fingerprint, parse_message, summarise
 
 
 def test_plain_message_headers_and_text():
@@ -102,6 +107,13 @@ def test_fingerprint_ignores_envelope_and_recipient_but_not_the_body():
     assert (one.sender, one.subject, one.body_digest) == (two.sender, two.subject, two.body_digest)
     assert one.body_digest != other.body_digest
     assert one.message_id == "<1>"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=12).map(lambda b: bytes(b"\r\na"[x % 3] for x in b)))
+def test_head_end_is_the_first_blank_line(raw):
+    match = re.search(rb"\r?\n\r?\n", raw)
+    assert _head_end(raw) == ((match.start(), match.end()) if match else (len(raw), len(raw)))
 
 
 def test_body_digest_folds_ascii_case_and_white_space_only():
