@@ -14,6 +14,7 @@ import gzip
 import logging
 import os
 import threading
+import time
 
 import Milter
 import pytest
@@ -37,20 +38,20 @@ def model_bytes(tmp_path_factory):
 class Setup:
     """A config file, a model file next to it and an engine started from them."""
 
-    def __init__(self, tmp_path, model_bytes: bytes, milter: str = "", model_path=None) -> None:
+    def __init__(self, tmp_path, model_bytes: bytes, milter: str = "", model_path=None, other: str = "") -> None:
         self.tmp = tmp_path
         self.config_path = tmp_path / "atlas.toml"
         self.model_path = model_path or tmp_path / "model.json"
         if model_path is None:
             self.model_path.write_bytes(model_bytes)
-        self.write(milter)
+        self.write(milter, other=other)
         config = self.read()
         pipeline, err = am.make_pipeline(config)
         pipeline.metrics.reset()
         self.engine = am.MilterEngine(config, pipeline, err)
 
-    def write(self, milter: str = "", classifier: str = "") -> None:
-        text = f'[classifier]\nmodel = "{self.model_path}"\n{classifier}\n[milter]\n{milter}\n'
+    def write(self, milter: str = "", classifier: str = "", other: str = "") -> None:
+        text = f'{other}\n[classifier]\nmodel = "{self.model_path}"\n{classifier}\n[milter]\n{milter}\n'
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, self.config_path)
@@ -243,3 +244,21 @@ def test_restart_only_changes_names_never_values():
     new = dataclasses.replace(base, http=dataclasses.replace(base.http, token="new-secret"))
     assert am.restart_only_changes(base, new) == ["http.token"]
     assert am.restart_only_changes(base, base) == []
+
+
+def test_pool_mode_reload_starts_new_workers_and_retires_the_old_after_the_deadline(setup):
+    pool_mode = 'classify = "pool"\ntimeout = 0.5\n'
+    s = setup(milter=pool_mode, other="[performance]\nworkers = 2")
+    old = s.engine.state.scorer
+    assert old.pool is not None
+    assert feed(s.engine, SPAM)[0] == Milter.ACCEPT
+    s.write(milter=pool_mode + 'spam_action = "reject"', other="[performance]\nworkers = 2")
+    assert s.reload()
+    assert s.engine.state.scorer.pool not in (None, old.pool)
+    assert feed(s.engine, SPAM)[0] == Milter.REJECT
+    # A message that read the old state just before the swap still gets its verdict ...
+    assert s.engine.pipeline.classify(SPAM, "late", timeout=5, scorer=old).verdict.verdict == "spam"
+    # ... and the old workers stop once no such message can be left (timeout + 1 s).
+    time.sleep(0.5 + 1.0 + 0.5)
+    with pytest.raises(RuntimeError):
+        s.engine.pipeline.classify(HAM, "too-late", timeout=5, scorer=old)
