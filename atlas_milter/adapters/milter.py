@@ -4,7 +4,7 @@ message through the pipeline with a deadline, and turns the verdict into a milte
 by policy: tag (headers), reject (550 5.7.1 + reference id), tempfail (451 4.7.1),
 quarantine (Postfix hold / Sendmail quarantine) or discard. Also `serve()`, which runs
 libmilter on a unix or inet socket until SIGTERM/SIGINT (or SIGHUP: libmilter's signal
-thread takes it as stop), and `reload()`, run on SIGUSR1: the config file and the model
+thread takes it as stop), and `MilterEngine.reload()`, run on SIGUSR1: the config file and the model
 are read again and swapped in for the next messages.
 
 Threads: libmilter calls each SMTP connection on its own thread; one `AtlasMilter`
