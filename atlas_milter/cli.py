@@ -320,10 +320,13 @@ def _performance_page(config: Any, model_path: Any = None) -> Iterator[Any]:
 def cmd_milter(args: argparse.Namespace) -> int:
     from atlas_milter.adapters.milter import serve
 
-    config = _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout, "http.listen": args.http})
+    def read_config():  # at start and on every reload (SIGUSR1): same file, same flags on top
+        return _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout, "http.listen": args.http})
+
+    config = read_config()
     _front_door_logging(args, config)
     with _performance_page(config):
-        return serve(config)
+        return serve(config, read_config)
 
 
 def _imap_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,20 +10,27 @@ loaded before processing, no timers.
 
 Worker processes score with a model they received once at start (`init_worker`); the
 parent process owns the cache, the store and the metrics.
+
+Reloading: the model and what derives from it (cutoffs, worker pool, cache) form one
+immutable `Scorer`; `reload_model`/`use` swap it in one assignment. A call reads the scorer
+once and finishes with it, so a message is never scored by one model and labelled by
+another's cutoffs, and the old model's scores never land in the new cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from atlas_milter.cache import ClassificationCache, configure_cache
 from atlas_milter.classifier import Model, load_model
-from atlas_milter.config import Config
+from atlas_milter.config import ClassifierConfig, Config
 from atlas_milter.message import Summary, fingerprint, parse_message, summarise
 from atlas_milter.monitor import (
     STAGE_CACHE_LOOKUP,
@@ -95,6 +102,16 @@ def analyse_in_worker(raw: bytes) -> Analysis:
     return analyse(raw, _worker_model, _worker_max_bytes)
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """One model with everything derived from it, swapped as a whole on reload."""
+
+    model: Model
+    cutoffs: Cutoffs
+    pool: ParallelEmailProcessor | None
+    cache: ClassificationCache | None
+
+
 class Pipeline:
     """The classification pipeline configured once from a `Config`."""
 
@@ -103,12 +120,8 @@ class Pipeline:
         self.features = config.features
         self.perf = config.performance.resolved()
         self.max_bytes = config.classifier.max_bytes
-        self.model = model if model is not None else load_model(config.classifier.model or None)
-        self.cutoffs = self._cutoffs_for(self.model)
+        model = model if model is not None else load_model(config.classifier.model or None)
         self.metrics = configure_from_config(config)
-        self.cache: ClassificationCache | None = (
-            configure_cache(self.perf.cache_size, self.perf.cache_ttl) if self.features.caching else None
-        )
         self.store: BulkOperationManager | DirectRecordWriter | None = None
         if with_store:
             self.store = configure_store(
@@ -118,14 +131,27 @@ class Pipeline:
                 queue_size=self.perf.queue_size,
                 bulk=self.features.bulk_ops,
             )
-        self.pool: ParallelEmailProcessor | None = self._make_pool(self.model)
+        self.scorer = self.make_scorer(model)
 
-    def _cutoffs_for(self, model: Model) -> Cutoffs:
-        spam = self.config.classifier.spam_cutoff or model.spam_cutoff
-        return Cutoffs(spam=spam, ham=min(self.config.classifier.ham_cutoff or model.ham_cutoff, spam))
+    # The current scorer's parts, for callers that classify nothing themselves.
+    model = property(lambda self: self.scorer.model)
+    cutoffs = property(lambda self: self.scorer.cutoffs)
+    pool = property(lambda self: self.scorer.pool)
+    cache = property(lambda self: self.scorer.cache)
+
+    def make_scorer(self, model: Model, classifier: ClassifierConfig | None = None) -> Scorer:
+        """A scorer for `model` (cutoffs from `classifier`, default this pipeline's config,
+        else the model's): its own worker pool and an empty cache. Not in use until `use`."""
+        classifier = classifier or self.config.classifier
+        spam = classifier.spam_cutoff or model.spam_cutoff
+        cutoffs = Cutoffs(spam=spam, ham=min(classifier.ham_cutoff or model.ham_cutoff, spam))
+        cache = configure_cache(self.perf.cache_size, self.perf.cache_ttl) if self.features.caching else None
+        return Scorer(model, cutoffs, self._make_pool(model), cache)
 
     def _make_pool(self, model: Model) -> ParallelEmailProcessor | None:
         if not (self.features.parallel and self.perf.workers > 1):
+            return None
+        if not getattr(model, "scorable", True):  # a stand-in for a model that failed to load
             return None
         return ParallelEmailProcessor(
             self.perf.workers,
@@ -136,36 +162,46 @@ class Pipeline:
         )
 
     def reload_model(self, model: Model) -> None:
-        """Switch to a new model (after learning or SIGHUP): new cutoffs, an empty cache
-        (its verdicts came from the old model) and fresh workers; calls in flight finish
-        on the old workers."""
-        old_pool = self.pool
-        self.model = model
-        self.cutoffs = self._cutoffs_for(model)
-        self.pool = self._make_pool(model)
-        if self.cache is not None:
-            self.cache.clear()
-        if old_pool is not None:
-            old_pool.shutdown(wait=False)
+        """Switch to a new model (after learning or a reload signal): new cutoffs, an empty
+        cache (its verdicts came from the old model) and fresh workers."""
+        self.use(self.make_scorer(model))
+
+    def use(self, scorer: Scorer, retire_after: float = 0.0) -> None:
+        """Make `scorer` the current one. Calls in flight finish with the old scorer; its
+        workers are stopped `retire_after` seconds later (for callers that may still
+        submit to a scorer they read just before the swap), after its queued work."""
+        old, self.scorer = self.scorer, scorer
+        if old.pool is None or old.pool is scorer.pool:
+            return
+        if retire_after <= 0:
+            old.pool.shutdown(wait=False)
+            return
+
+        def retire() -> None:
+            time.sleep(retire_after)
+            old.pool.shutdown(wait=True)
+
+        threading.Thread(target=retire, name="atlas-retire-pool", daemon=True).start()
 
     # --- one message ---------------------------------------------------------------
-    def _lookup(self, raw: bytes) -> tuple[Any, Score | None]:
+    def _lookup(self, s: Scorer, raw: bytes) -> tuple[Any, Score | None]:
         with performance_monitor(STAGE_CACHE_LOOKUP):
             fp = fingerprint(raw, self.max_bytes)
-            hit = self.cache.get(fp.sender, fp.subject, fp.body_digest) if self.cache is not None else None
+            hit = s.cache.get(fp.sender, fp.subject, fp.body_digest) if s.cache is not None else None
         return fp, hit
 
-    def _finish(self, key: str, fp: Any, analysis: Analysis | None, cached: Score | None, started: float) -> Result:
+    def _finish(self, s: Scorer, key: str, fp: Any, analysis: Analysis | None, cached: Score | None,
+                started: float) -> Result:
         if analysis is not None:
             self.metrics.record(STAGE_PARSE, analysis.parse_s)
             self.metrics.record(STAGE_CLASSIFY, analysis.classify_s)
             score = analysis.score
-            if self.cache is not None:
-                self.cache.set(fp.sender, fp.subject, score, fp.body_digest)
+            if s.cache is not None:
+                s.cache.set(fp.sender, fp.subject, score, fp.body_digest)
         else:
             assert cached is not None
             score = cached
-        verdict = decide(score, self.cutoffs, cache_hit=analysis is None)
+        verdict = decide(score, s.cutoffs, cache_hit=analysis is None)
         self.metrics.incr(verdict_counter(verdict.verdict))
         elapsed = time.perf_counter() - started
         self.metrics.record(STAGE_TOTAL, elapsed)
@@ -177,18 +213,20 @@ class Pipeline:
             defects=analysis.defects if analysis else (),
         )
 
-    def classify(self, raw: bytes, key: str = "", timeout: float | None = None) -> Result:
-        """Classify one message. With the pool, `timeout` bounds the wait (TimeoutError,
-        or PoolBusy when too much is in flight): the caller applies its failure action."""
+    def classify(self, raw: bytes, key: str = "", timeout: float | None = None, scorer: Scorer | None = None) -> Result:
+        """Classify one message with `scorer` (default: the current one, read once). With
+        the pool, `timeout` bounds the wait (TimeoutError, or PoolBusy when too much is in
+        flight): the caller applies its failure action."""
+        s = scorer or self.scorer
         started = time.perf_counter()
-        fp, cached = self._lookup(raw)
+        fp, cached = self._lookup(s, raw)
         analysis = None
         if cached is None:
-            if self.pool is not None:
-                analysis = self.pool.run(analyse_in_worker, raw, timeout=timeout)
+            if s.pool is not None:
+                analysis = s.pool.run(analyse_in_worker, raw, timeout=timeout)
             else:
-                analysis = analyse(raw, self.model, self.max_bytes)
-        return self._finish(key, fp, analysis, cached, started)
+                analysis = analyse(raw, s.model, self.max_bytes)
+        return self._finish(s, key, fp, analysis, cached, started)
 
     # --- many messages -------------------------------------------------------------
     def process_batch(
@@ -200,6 +238,7 @@ class Pipeline:
         parent's share (reading, fingerprints, records) overlaps the scoring. Returns one
         result per item, in order: `on_result(result)`'s return value when given, else
         the Result; an ItemError for a message that could not be scored."""
+        s = self.scorer  # one scorer for the whole chunk
         results: list[Any] = []
         analyses: dict[tuple, Analysis | ItemError] = {}  # dedup key -> its analysis, once collected
         submitted: set[tuple] = set()
@@ -207,27 +246,27 @@ class Pipeline:
         for offset in range(0, len(items), SLICE):
             started = time.perf_counter()
             piece = items[offset : offset + SLICE]
-            looked_up = [self._lookup(raw) for _, raw in piece]
-            keys = [self._dedup_key(fp, offset + i) for i, (fp, _) in enumerate(looked_up)]
+            looked_up = [self._lookup(s, raw) for _, raw in piece]
+            keys = [self._dedup_key(s, fp, offset + i) for i, (fp, _) in enumerate(looked_up)]
             new = []
             for i, (fp, cached) in enumerate(looked_up):
                 if cached is None and keys[i] not in submitted:
                     submitted.add(keys[i])
                     new.append(i)
-            batch = self._score_async([piece[i][1] for i in new])
+            batch = self._score_async(s, [piece[i][1] for i in new])
             if pending is not None:
                 results.extend(self._complete(*pending, analyses, on_result))
-            pending = (offset, piece, looked_up, keys, [keys[i] for i in new], batch, started)
+            pending = (s, offset, piece, looked_up, keys, [keys[i] for i in new], batch, started)
         if pending is not None:
             results.extend(self._complete(*pending, analyses, on_result))
         return results
 
-    def _score_async(self, raws: list[bytes]) -> Any:
-        if self.pool is not None and len(raws) > 1:
-            return self.pool.submit_batch(analyse_in_worker, raws)
-        return [self._analyse_inline(i, raw) for i, raw in enumerate(raws)]
+    def _score_async(self, s: Scorer, raws: list[bytes]) -> Any:
+        if s.pool is not None and len(raws) > 1:
+            return s.pool.submit_batch(analyse_in_worker, raws)
+        return [self._analyse_inline(s, i, raw) for i, raw in enumerate(raws)]
 
-    def _complete(self, offset, piece, looked_up, keys, new_keys, batch, started, analyses, on_result) -> list[Any]:
+    def _complete(self, s, offset, piece, looked_up, keys, new_keys, batch, started, analyses, on_result) -> list[Any]:
         scored = batch if isinstance(batch, list) else batch.results()
         analyses.update(zip(new_keys, scored))
         first_use = set(new_keys)
@@ -236,7 +275,7 @@ class Pipeline:
         for i, ((key, _), (fp, cached), dkey) in enumerate(zip(piece, looked_up, keys)):
             t0 = time.perf_counter() - share
             if cached is not None:
-                result: Any = self._finish(key, fp, None, cached, t0)
+                result: Any = self._finish(s, key, fp, None, cached, t0)
             else:
                 analysis = analyses[dkey]
                 if isinstance(analysis, ItemError):
@@ -244,18 +283,18 @@ class Pipeline:
                     continue
                 if dkey in first_use:
                     first_use.discard(dkey)
-                    result = self._finish(key, fp, analysis, None, t0)
+                    result = self._finish(s, key, fp, analysis, None, t0)
                 else:  # a copy of a message scored earlier in this chunk
-                    result = self._finish(key, fp, None, analysis.score, t0)
+                    result = self._finish(s, key, fp, None, analysis.score, t0)
             out.append(on_result(result) if on_result is not None else result)
         return out
 
-    def _dedup_key(self, fp: Any, index: int) -> tuple:
-        return (fp.sender, fp.subject, fp.body_digest) if self.cache is not None else (index,)
+    def _dedup_key(self, s: Scorer, fp: Any, index: int) -> tuple:
+        return (fp.sender, fp.subject, fp.body_digest) if s.cache is not None else (index,)
 
-    def _analyse_inline(self, index: int, raw: bytes) -> Analysis | ItemError:
+    def _analyse_inline(self, s: Scorer, index: int, raw: bytes) -> Analysis | ItemError:
         try:
-            return analyse(raw, self.model, self.max_bytes)
+            return analyse(raw, s.model, self.max_bytes)
         except Exception as exc:  # a bug, not bad mail: report it for this item only
             log.exception("classification failed")
             return ItemError(index, f"{type(exc).__name__}: {exc}")
@@ -312,9 +351,9 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the workers, flush and close the store (every accepted record is written)."""
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
+        if self.scorer.pool is not None:
+            self.scorer.pool.shutdown()
+            self.scorer = dataclasses.replace(self.scorer, pool=None)
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -9,9 +9,9 @@ anything, or decide anything about mail. Stdlib only (`http.server`).
 
 Threads: `start_http_server` starts two daemon threads, the HTTP server (one more thread
 per request, `ThreadingHTTPServer`) and the sampler that appends one point to the history
-ring every `sample_interval` seconds. Both are started with SIGTERM/SIGINT/SIGHUP blocked,
-so those signals keep reaching the thread the daemon expects (libmilter's sigwait thread,
-or the main thread).
+ring every `sample_interval` seconds. Both are started with SIGTERM/SIGINT/SIGHUP and the
+reload signal SIGUSR1 blocked, so those signals keep reaching the thread the daemon expects
+(libmilter's sigwait thread, the milter's reload thread, or the main thread).
 
 Access: loopback by default. Binding any other address needs a token (`[http] token`);
 with a token every request must carry `Authorization: Bearer TOKEN` or `?token=TOKEN`.
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 SAMPLE_INTERVAL = 5.0  # seconds between history points
 HISTORY_POINTS = 120  # 10 minutes at the default interval
 RATE_WINDOW = 60.0  # seconds over which messages_per_s is measured
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}  # stop, and reload
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -81,7 +81,7 @@ def current_store_stats() -> dict[str, Any] | None:
 class ModelVersion:
     """The version of the model file a daemon runs, read once per change of the file
     (size and mtime), off the hot path. `path()` is called each time: "" means the model
-    shipped in the package. The daemon loads the file at start and on SIGHUP; between a
+    shipped in the package. The daemon loads the file at start and on reload; between a
     change on disk and the reload this shows the file's version."""
 
     def __init__(self, path: Callable[[], str]) -> None:

@@ -216,3 +216,33 @@ def test_fetch_answer_reader_falls_back_errors_and_bye():
         imapmod._read_fetch_answer(_answer(b"* BYE shutting down\r\n"), b"A3", {1})
     with pytest.raises(IMAPClientAbortError):
         imapmod._read_fetch_answer(_answer(b"* 1 FETCH (UID 1 BODY[] {5}\r\n", b"ab"), b"A4", {1})
+
+
+def test_model_reload_keeps_the_current_model_when_the_file_is_garbage(tmp_path, caplog):
+    from atlas_milter.classifier import load_model, save_model
+    from atlas_milter.reload import COUNTER_RELOAD_FAILED, COUNTER_RELOAD_OK, GAUGE_RELOAD_FAILING
+
+    model_path = tmp_path / "m.json"
+    save_model(load_model(), model_path)
+    config = load_config(None, {"store.db": str(tmp_path / "v.db"), "statsd.enabled": False,
+                                "classifier.model": str(model_path), "imap.host": "127.0.0.1", "imap.user": "u",
+                                "imap.security": "plain"}, env={"ENABLE_PARALLEL": "false"})
+    listener = imapmod.Listener(config, None, False, env={"ATLAS_IMAP_PASSWORD": "pw"})
+    try:
+        metrics = listener.pipeline.metrics
+        metrics.reset()
+        shipped = listener.pipeline.model.version
+        model_path.write_bytes(b"\x1f\x8b garbage")
+        with caplog.at_level(logging.ERROR, logger="atlas_milter"):
+            assert not listener.reload_model()
+        assert listener.pipeline.model.version == shipped
+        assert [r.getMessage() for r in caplog.records if "imap reload failed" in r.getMessage()]
+        assert metrics.get_counters()[COUNTER_RELOAD_FAILED] == 1 and metrics.get_gauges()[GAUGE_RELOAD_FAILING] == 1
+        model = load_model()
+        model.meta["version"] = "imap-reloaded-1"
+        save_model(model, model_path)
+        assert listener.reload_model()
+        assert listener.pipeline.model.version == "imap-reloaded-1"
+        assert metrics.get_counters()[COUNTER_RELOAD_OK] == 1 and metrics.get_gauges()[GAUGE_RELOAD_FAILING] == 0
+    finally:
+        listener.pipeline.close()

@@ -222,7 +222,7 @@ def test_header_values_never_carry_cr_lf_from_content(engines):
     engine = engines()
     evil = Result(key="", verdict=Verdict("spam", 0.99, reasons=(("evil\r\nBcc: victim@x", 1.0), ("ok\x00\x7f", 0.5))),
                   summary=Summary("a", "b", "c", "d"), elapsed_ms=1.0)
-    engine.pipeline.classify = lambda raw, key="", timeout=None: evil
+    engine.pipeline.classify = lambda raw, key="", timeout=None, **kw: evil
     rc, ctx = feed(engine, SPAM)
     for change in ctx.changes:
         for part in change[1:]:
@@ -368,7 +368,7 @@ def test_body_over_the_cap_is_skipped(engines, tmp_path):
 # --- failure paths ---------------------------------------------------------------------------
 
 
-def _boom(raw, key="", timeout=None):
+def _boom(raw, key="", timeout=None, **kw):
     raise ValueError("classifier bug")
 
 
@@ -397,7 +397,7 @@ def test_classifier_error_tempfails_when_configured(engines):
 def test_timeout_answers_within_the_deadline(engines):
     engine = engines(classify="thread", timeout=0.2)
     real = engine.pipeline.classify
-    engine.pipeline.classify = lambda raw, key="", timeout=None: (time.sleep(1.0), real(raw, key))[1]
+    engine.pipeline.classify = lambda raw, key="", timeout=None, **kw: (time.sleep(1.0), real(raw, key))[1]
     t0 = time.perf_counter()
     rc, ctx = feed(engine, HAM)
     took = time.perf_counter() - t0
@@ -409,7 +409,7 @@ def test_timeout_answers_within_the_deadline(engines):
 def test_inline_late_verdict_counts_as_timeout(engines):
     engine = engines(classify="inline", timeout=0.05, on_error="tempfail")
     real = engine.pipeline.classify
-    engine.pipeline.classify = lambda raw, key="", timeout=None: (time.sleep(0.1), real(raw, key))[1]
+    engine.pipeline.classify = lambda raw, key="", timeout=None, **kw: (time.sleep(0.1), real(raw, key))[1]
     rc, _ = feed(engine, HAM)
     assert rc == Milter.TEMPFAIL
 
@@ -418,7 +418,7 @@ def test_burst_beyond_max_in_flight_is_back_pressure(engines):
     engine = engines(classify="thread", max_in_flight=1, timeout=2.0)
     release = threading.Event()
     real = engine.pipeline.classify
-    engine.pipeline.classify = lambda raw, key="", timeout=None: (release.wait(5), real(raw, key))[1]
+    engine.pipeline.classify = lambda raw, key="", timeout=None, **kw: (release.wait(5), real(raw, key))[1]
     first: dict = {}
     t = threading.Thread(target=lambda: first.setdefault("rc", feed(engine, HAM)[0]))
     t.start()
@@ -437,7 +437,7 @@ def test_pool_busy_from_the_process_pool_is_back_pressure(engines):
     engine = engines()
     engine.mode = "pool"
 
-    def busy(raw, key="", timeout=None):
+    def busy(raw, key="", timeout=None, **kw):
         raise PoolBusy("8 in flight")
 
     engine.pipeline.classify = busy

@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "conf" / "grafana-dashboard.json"
 # Where metric names are defined, as NAME = "value" constants (see architecture.md, habit 6).
-METRIC_MODULES = ["atlas_milter/monitor.py", "atlas_milter/store.py", "atlas_milter/adapters/milter.py"]
+METRIC_MODULES = ["atlas_milter/monitor.py", "atlas_milter/store.py", "atlas_milter/adapters/milter.py",
+                  "atlas_milter/reload.py"]
 CONSTANT = re.compile(r'^(STAGE|COUNTER|GAUGE)_[A-Z0-9_]+\s*=\s*"([^"]+)"', re.M)
 # StatsD timer aggregates (npm statsd 0.9, percentThreshold [50, 95, 99]) and counter suffixes
 # (graphite backend, legacyNamespace false).
@@ -184,3 +185,44 @@ def test_milter_through_postfix_sends_metrics(statsd_daemon, postfix, tmp_path_f
         assert counts.get(f"{prefix}.parse", 0) >= 1
     finally:
         assert proc.stop() == 0, proc.log()[-3000:]
+
+
+# --- a refused reload reaches StatsD (the alert) -------------------------------------------
+
+def test_milter_reload_outcome_reaches_statsd(statsd_daemon, tmp_path):
+    import os
+    import signal
+
+    from test_milter_helpers import MilterProcess
+
+    prefix = f"atlas_reload_e2e_{uuid.uuid4().hex[:8]}"
+    model = tmp_path / "model.json.gz"
+    with resources.as_file(resources.files("atlas_milter").joinpath("data", "default-model.json.gz")) as shipped:
+        good = Path(shipped).read_bytes()
+    model.write_bytes(good)
+    config = (f'[statsd]\nhost = "127.0.0.1"\nport = {statsd_daemon.udp_port}\nprefix = "{prefix}"\n'
+              f'[classifier]\nmodel = "{model}"\n')
+    proc = MilterProcess(tmp_path, f"unix:{tmp_path / 'm.sock'}", config_text=config, name="reload-statsd").start()
+    try:
+        def gauge() -> float | None:
+            return statsd_daemon.gauges().get(f"{prefix}.reload.failing")
+
+        assert statsd_daemon.wait_for("gauges", f"{prefix}.reload.failing") == 0  # there from the start
+        model.write_bytes(good[:1000])  # a copy cut short
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert statsd_daemon.wait_for("counters", f"{prefix}.reload.failed", timeout=10) == 1
+        deadline = time.monotonic() + 5
+        while gauge() != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gauge() == 1
+        model.write_bytes(good)
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert statsd_daemon.wait_for("counters", f"{prefix}.reload.ok", timeout=10) == 1
+        deadline = time.monotonic() + 5
+        while gauge() != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gauge() == 0
+        assert proc.alive()
+    finally:
+        assert proc.stop() == 0, proc.log()[-3000:]
+    assert "milter reload failed" in proc.log() and "Traceback" not in proc.log()

@@ -91,6 +91,8 @@ def test_hardening_present(unit):
     else:
         assert "RuntimeDirectory" in s
         assert any("milter --socket unix:/var/spool/postfix/atlas-milter/milter.sock" in v for v in s["ExecStart"])
+        # libmilter takes SIGHUP as stop: the milter reloads on SIGUSR1.
+        assert s["ExecReload"] == ["/bin/kill -USR1 $MAINPID"]
 
 
 MDWE_PROBE = r"""

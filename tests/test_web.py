@@ -172,12 +172,13 @@ def _blocked_signals(tid: int) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_server_threads_block_stop_signals(server):
-    # libmilter's sigwait thread must be the one to see SIGTERM/SIGHUP, never ours.
+    # libmilter's sigwait thread must be the one to see SIGTERM/SIGHUP, the reload thread
+    # SIGUSR1, never ours.
     threads = [t for t in threading.enumerate() if t.name.startswith("atlas-http")]
     assert threads
     for t in threads:
         mask = _blocked_signals(t.native_id)
-        for sig in (15, 2, 1):
+        for sig in (15, 2, 1, 10):
             assert mask & (1 << (sig - 1)), f"{t.name} does not block signal {sig}"
     assert not _blocked_signals(threading.main_thread().native_id) & (1 << 14)  # the caller's mask is restored
 

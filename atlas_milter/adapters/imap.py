@@ -45,6 +45,7 @@ from atlas_milter.message import fingerprint, parse_message
 from atlas_milter.migrate import connect, connect_readonly, now_iso
 from atlas_milter.notify import sd_notify
 from atlas_milter.pool import ItemError
+from atlas_milter.reload import RELOAD_SIGNAL, run_reload
 from atlas_milter.verdict import HAM, SPAM, UNSURE
 
 log = logging.getLogger(__name__)
@@ -650,19 +651,19 @@ class Listener:
     def new_session(self) -> ImapSession:
         return ImapSession(self.imap, self.password, self.force_plain).connect()
 
-    def reload_model(self) -> None:
+    def reload_model(self) -> bool:
+        """SIGHUP or SIGUSR1: the model file again (a bad one keeps the current model;
+        logged and counted like the milter's reloads, see atlas_milter/reload.py)."""
+        return run_reload("imap", self._reload_model, self.pipeline.metrics)
+
+    def _reload_model(self) -> str:
         path = learned_model_path(self.config)
         if not Path(path).exists():
-            log.info("SIGHUP: no model file %s; keeping the current model", path)
-            return
-        try:
-            model = load_model(path)
-        except AtlasError as exc:
-            log.error("SIGHUP: %s; keeping the current model", exc)
-            return
+            return f"no model file {path} yet; the current model {self.pipeline.model.version} stays"
+        model = load_model(path)
         with self.lock:
             self.pipeline.reload_model(model)
-        log.info("SIGHUP: reloaded model %s from %s", model.version, path)
+        return f"model {model.version} from {path}"
 
     def learn(self, raw: bytes, is_spam: bool, prior: PriorRecord | None, folder: str, uid: int, message_id: str) -> float:
         """Update the model from one message the user labelled; save it atomically, switch
@@ -868,8 +869,8 @@ class FolderWatcher(threading.Thread):
 
 def run_idle(config: Config, account: str | None = None, force_plain: bool = False,
              env: Mapping[str, str] | None = None) -> int:
-    """Watch the configured folders (and Junk, to learn) until SIGTERM/SIGINT; SIGHUP
-    reloads the model file. Returns the exit status."""
+    """Watch the configured folders (and Junk, to learn) until SIGTERM/SIGINT; SIGHUP (or
+    SIGUSR1, as for the milter) reloads the model file. Returns the exit status."""
     _quiet_imapclient_logs()
     listener = Listener(config, account, force_plain, env)
     imap = listener.imap
@@ -919,7 +920,8 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
     if in_main:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_stop)
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda s, f: threading.Thread(target=listener.reload_model, daemon=True).start())
+        for sig in (signal.SIGHUP, RELOAD_SIGNAL):
+            previous[sig] = signal.signal(sig, lambda s, f: threading.Thread(target=listener.reload_model, daemon=True).start())
     log.info("imap: watching %s on %s as %s (spam: %s%s)", ", ".join(w.folder for w in watchers), imap.host,
              imap.user, imap.spam_action, f" to {junk}" if junk else "")
     try:

@@ -3,12 +3,16 @@ per MAIL FROM (envelope, headers, body up to the analysis cap), classifies it at
 message through the pipeline with a deadline, and turns the verdict into a milter reply
 by policy: tag (headers), reject (550 5.7.1 + reference id), tempfail (451 4.7.1),
 quarantine (Postfix hold / Sendmail quarantine) or discard. Also `serve()`, which runs
-libmilter on a unix or inet socket until SIGTERM/SIGINT.
+libmilter on a unix or inet socket until SIGTERM/SIGINT (or SIGHUP: libmilter's signal
+thread takes it as stop), and `MilterEngine.reload()`, run on SIGUSR1: the config file and the model
+are read again and swapped in for the next messages.
 
 Threads: libmilter calls each SMTP connection on its own thread; one `AtlasMilter`
 instance per connection holds that connection's message state and nothing else. Shared
-state lives in `MilterEngine` (read-only config, a semaphore bounding work in flight, a
-locked byte budget for buffered messages) and in the pipeline (cache, pool, store).
+state lives in `MilterEngine` (the start config, a semaphore bounding work in flight, a
+locked byte budget for buffered messages, and the reloadable `MilterState`: policy and
+scorer in one immutable object that a message reads once at end of message, so it is
+decided wholly by the old or wholly by the new one) and in the pipeline (pool, store).
 
 Must not: let an exception reach libmilter (every callback is wrapped; a failure becomes
 the configured on_error action), hold more than `max_in_flight` classifications or
@@ -41,19 +45,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import Milter
 import milter as _libmilter
 
+from atlas_milter.classifier import load_model
 from atlas_milter.config import Config, MilterConfig
 from atlas_milter.errors import AtlasError, ModelError
 from atlas_milter.message import fingerprint, summarise
 from atlas_milter.monitor import PerformanceMetrics
 from atlas_milter.notify import sd_notify
-from atlas_milter.pipeline import Pipeline, Result
+from atlas_milter.pipeline import Pipeline, Result, Scorer
 from atlas_milter.policy import Cutoffs, label_for
 from atlas_milter.pool import PoolBusy
+from atlas_milter.reload import GAUGE_RELOAD_FAILING, RELOAD_SIGNAL, run_reload, start_reload_thread
 from atlas_milter.verdict import SPAM, UNSURE, Verdict
 
 log = logging.getLogger(__name__)
@@ -254,6 +260,7 @@ class _UnavailableModel:
     ham_cutoff = 0.1
     meta: dict = {"version": "unavailable"}
     version = "unavailable"
+    scorable = False  # the pipeline starts no worker pool for it
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -262,34 +269,77 @@ class _UnavailableModel:
         raise ModelError(self.reason)
 
 
+@dataclass(frozen=True)
+class MilterState:
+    """Everything a reload may change, swapped as one object: the [milter] policy (actions,
+    lists, per-recipient rules, timeout, texts) and the scorer (model, cutoffs). A message
+    reads `engine.state` once at end of message and uses nothing else."""
+
+    mc: MilterConfig
+    scorer: Scorer
+    model_error: str  # the model could not be loaded: every message gets on_error
+    policy: RecipientPolicy
+    allow: SenderList
+    deny: SenderList
+    trusted: tuple
+
+    @classmethod
+    def build(cls, mc: MilterConfig, scorer: Scorer, model_error: str = "") -> "MilterState":
+        return cls(mc, scorer, model_error, RecipientPolicy(mc), SenderList(mc.allow_senders),
+                   SenderList(mc.deny_senders),
+                   tuple(ipaddress.ip_network(n, strict=False) for n in mc.trusted_networks))
+
+
+# Settings read once at start (sockets, threads, pools, files): a reload names them in a
+# warning when they changed, and applies the rest.
+RESTART_ONLY_MILTER = ("socket", "socket_mode", "socket_group", "classify", "max_in_flight", "max_buffered_mb")
+RESTART_ONLY_SECTIONS = ("store", "statsd", "performance", "features", "http")
+
+
+def restart_only_changes(running: Config, new: Config) -> list[str]:
+    """The names (never the values) of settings in `new` that differ from `running` and
+    that only a restart applies."""
+    changed = [f"milter.{k}" for k in RESTART_ONLY_MILTER if getattr(running.milter, k) != getattr(new.milter, k)]
+    if running.classifier.max_bytes != new.classifier.max_bytes:
+        changed.append("classifier.max_bytes")
+    if running.log_level != new.log_level:
+        changed.append("log_level")
+    for section in RESTART_ONLY_SECTIONS:
+        old, now = getattr(running, section), getattr(new, section)
+        changed += [f"{section}.{f.name}" for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(now, f.name)]
+    return changed
+
+
 class MilterEngine:
-    """What every connection shares: the pipeline, the policy, the bounds on work in
-    flight and the failure logging. Thread-safe."""
+    """What every connection shares: the pipeline, the reloadable state, the bounds on
+    work in flight and the failure logging. Thread-safe."""
 
     def __init__(self, config: Config, pipeline: Pipeline, model_error: str = "") -> None:
-        self.config = config
-        self.mc = config.milter
+        self.config = config  # as started: what the sockets, threads and budgets were made from
         self.pipeline = pipeline
         self.metrics: PerformanceMetrics = pipeline.metrics
-        self.model_error = model_error
-        self.timeout = self.mc.timeout
+        self.state = MilterState.build(config.milter, pipeline.scorer, model_error)
         self.max_bytes = config.classifier.max_bytes
-        self.mode = self.mc.classify
-        self.policy = RecipientPolicy(self.mc)
-        self.allow = SenderList(self.mc.allow_senders)
-        self.deny = SenderList(self.mc.deny_senders)
-        self.trusted = [ipaddress.ip_network(n, strict=False) for n in self.mc.trusted_networks]
-        self._slots = threading.BoundedSemaphore(self.mc.max_in_flight)
+        self.mode = config.milter.classify
+        self.max_in_flight = config.milter.max_in_flight
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._executor = (
-            ThreadPoolExecutor(self.mc.max_in_flight, thread_name_prefix="atlas-milter-classify")
+            ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="atlas-milter-classify")
             if self.mode == "thread" else None
         )
-        self._budget = self.mc.max_buffered_mb * 2**20
+        self._budget = config.milter.max_buffered_mb * 2**20
         self._buffered = 0
         self._lock = threading.Lock()
         self._last_logged: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self.negotiated: tuple[int, int] | None = None
+        self._reload_lock = threading.Lock()  # a reload and close() never overlap
+        self._closed = False
+
+    # The current state's parts (for logging and tests; a message uses one `state` throughout).
+    mc = property(lambda self: self.state.mc)
+    policy = property(lambda self: self.state.policy)
+    model_error = property(lambda self: self.state.model_error)
 
     # -- memory bound ------------------------------------------------------------------
     def reserve(self, n: int) -> bool:
@@ -309,35 +359,37 @@ class MilterEngine:
         return self._buffered
 
     # -- classification with a deadline and bounded concurrency ---------------------------
-    def classify(self, raw: bytes, key: str) -> Result:
-        if self.model_error:
-            raise ClassifyFailed(ERR_MODEL, self.model_error)
-        if not self._slots.acquire(timeout=min(BUSY_WAIT, self.timeout / 2)):
-            raise ClassifyFailed(ERR_BUSY, f"{self.mc.max_in_flight} messages already in classification")
+    def classify(self, raw: bytes, key: str, state: MilterState | None = None) -> Result:
+        state = state or self.state
+        if state.model_error:
+            raise ClassifyFailed(ERR_MODEL, state.model_error)
+        timeout = state.mc.timeout
+        if not self._slots.acquire(timeout=min(BUSY_WAIT, timeout / 2)):
+            raise ClassifyFailed(ERR_BUSY, f"{self.max_in_flight} messages already in classification")
         handed_off = False
         try:
             if self.mode == "thread":
                 assert self._executor is not None
-                future = self._executor.submit(self.pipeline.classify, raw, key)
+                future = self._executor.submit(self.pipeline.classify, raw, key, scorer=state.scorer)
                 # The slot stays taken until the work is really done, even after a timeout.
                 future.add_done_callback(lambda _f: self._slots.release())
                 handed_off = True
                 try:
-                    return future.result(timeout=self.timeout)
+                    return future.result(timeout=timeout)
                 except TimeoutError:
-                    raise ClassifyFailed(ERR_TIMEOUT, f"no verdict within {self.timeout:g} s") from None
+                    raise ClassifyFailed(ERR_TIMEOUT, f"no verdict within {timeout:g} s") from None
             if self.mode == "pool":
                 try:
-                    return self.pipeline.classify(raw, key, timeout=self.timeout)
+                    return self.pipeline.classify(raw, key, timeout=timeout, scorer=state.scorer)
                 except TimeoutError:
-                    raise ClassifyFailed(ERR_TIMEOUT, f"no verdict within {self.timeout:g} s") from None
+                    raise ClassifyFailed(ERR_TIMEOUT, f"no verdict within {timeout:g} s") from None
                 except PoolBusy as exc:
                     raise ClassifyFailed(ERR_BUSY, f"worker pool busy ({exc})") from None
             started = time.perf_counter()
-            result = self.pipeline.classify(raw, key)
+            result = self.pipeline.classify(raw, key, scorer=state.scorer)
             took = time.perf_counter() - started
-            if took > self.timeout:  # inline cannot be interrupted: the verdict is late, not trusted
-                raise ClassifyFailed(ERR_TIMEOUT, f"verdict took {took:.2f} s, over the {self.timeout:g} s deadline")
+            if took > timeout:  # inline cannot be interrupted: the verdict is late, not trusted
+                raise ClassifyFailed(ERR_TIMEOUT, f"verdict took {took:.2f} s, over the {timeout:g} s deadline")
             return result
         except ClassifyFailed:
             raise
@@ -366,7 +418,39 @@ class MilterEngine:
     def incr(self, name: str) -> None:
         self.metrics.incr(name)
 
+    # -- reload -------------------------------------------------------------------------
+    def reload(self, read_config: Callable[[], Config]) -> bool:
+        """Read the config (`read_config()`) and its model again and put them in force for
+        the next messages; messages already at end of message finish with the old ones.
+        A bad config or model file leaves everything as it was (logged, counted, gauged).
+        Settings only a restart applies are named in a warning; the rest applies."""
+        return run_reload("milter", lambda: self._reload(read_config), self.metrics)
+
+    def _reload(self, read_config: Callable[[], Config]) -> str:
+        with self._reload_lock:
+            if self._closed:
+                raise AtlasError("the milter is stopping")
+            config = read_config()
+            model_path = config.classifier.model
+            model = load_model(model_path or None)
+            scorer = self.pipeline.make_scorer(model, config.classifier)
+            # One assignment: the next message sees the new policy and model together.
+            self.state = MilterState.build(config.milter, scorer, "")
+            # Old workers live on for a deadline: a message that read the old state just
+            # before the swap may still hand them its work.
+            self.pipeline.use(scorer, retire_after=self.config.milter.timeout + 1.0)
+        pending = restart_only_changes(self.config, config)
+        if pending:
+            log.warning("milter reload: %s changed; a restart applies them (systemctl restart atlas-milter), "
+                        "the rest of the new config is in force now", ", ".join(pending))
+        mc = config.milter
+        return (f"model {model.version} ({model_path or 'shipped'}), cutoffs spam {scorer.cutoffs.spam:g} "
+                f"ham {scorer.cutoffs.ham:g}, spam_action={mc.spam_action}, unsure_action={mc.unsure_action}, "
+                f"on_error={mc.on_error}, timeout {mc.timeout:g}s")
+
     def close(self) -> None:
+        with self._reload_lock:
+            self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         self.pipeline.flush(timeout=10.0)
@@ -399,6 +483,7 @@ class AtlasMilter(Milter.Base):
         self.failed = ""
         self.cb_seconds = 0.0
         self.in_body = False
+        self._state = self.engine.state  # replaced at end of message by the state then in force
 
     # -- negotiation ----------------------------------------------------------------------
     def negotiate(self, opts: list[int]) -> int:
@@ -524,7 +609,7 @@ class AtlasMilter(Milter.Base):
                 rc = self._apply_error(ERR_INTERNAL, self.failed, t0)
             except Exception as exc2:
                 engine.log_failure(ERR_INTERNAL, f"eom fallback: {exc2}", exc_info=True)
-                rc = Milter.TEMPFAIL if engine.mc.on_error == ACTION_TEMPFAIL else Milter.ACCEPT
+                rc = Milter.TEMPFAIL if self._state.mc.on_error == ACTION_TEMPFAIL else Milter.ACCEPT
         took = time.perf_counter() - t0
         metrics = engine.metrics
         metrics.record(STAGE_MILTER_EOM, took)
@@ -542,7 +627,8 @@ class AtlasMilter(Milter.Base):
 
     def _eom(self, t0: float) -> int:
         engine = self.engine
-        mc = engine.mc
+        state = self._state = engine.state  # this message's policy and model, whatever reloads meanwhile
+        mc = state.mc
         engine.incr(COUNTER_MESSAGES)
         raw = self._raw()
         if self.truncated:
@@ -550,15 +636,15 @@ class AtlasMilter(Milter.Base):
         if self.failed:
             return self._apply_error(ERR_INTERNAL, self.failed, t0)
         if self.over_budget:
-            return self._apply_error(ERR_BUSY, f"over max_buffered_mb ({mc.max_buffered_mb} MB in memory)", t0)
+            return self._apply_error(ERR_BUSY, f"over max_buffered_mb ({engine.config.milter.max_buffered_mb} MB in memory)", t0)
         queue_id = self.getsymval("{i}") or ""
         # Skips: not scored by policy.
         skip = ""
         if mc.skip_authenticated and self.getsymval("{auth_authen}"):
             skip = SKIP_AUTHENTICATED
-        elif engine.trusted and self._client_trusted():
+        elif state.trusted and self._client_trusted(state):
             skip = SKIP_TRUSTED
-        elif engine.allow and engine.allow.matches(self.sender):
+        elif state.allow and state.allow.matches(self.sender):
             skip = SKIP_ALLOWED
         if skip:
             engine.incr(COUNTER_SKIP_PREFIX + skip)
@@ -566,20 +652,20 @@ class AtlasMilter(Milter.Base):
             self._record(result, ACTION_ACCEPT, f"skipped: {skip}")
             engine.incr(COUNTER_ACTION_PREFIX + ACTION_ACCEPT)
             return Milter.ACCEPT
-        if engine.deny and engine.deny.matches(self.sender):
+        if state.deny and state.deny.matches(self.sender):
             engine.incr(COUNTER_DENY_LISTED)
             result = self._synthetic(raw, queue_id, SPAM, 1.0, (("deny-listed sender", 1.0),), t0)
             note = "deny-listed sender"
         else:
             try:
-                result = engine.classify(raw, queue_id)
+                result = engine.classify(raw, queue_id, state)
             except ClassifyFailed as exc:
                 if exc.kind != ERR_CLASSIFY:  # classify failures were logged with their traceback
                     engine.log_failure(exc.kind, exc.detail)
                 return self._apply_error(exc.kind, exc.detail, t0)
             note = ""
         verdict = result.verdict
-        decision = engine.policy.decide(self.recipients, verdict.score, engine.pipeline.cutoffs)
+        decision = state.policy.decide(self.recipients, verdict.score, state.scorer.cutoffs)
         if decision.mixed:
             engine.incr(COUNTER_MIXED)
         if note and decision.note:
@@ -588,7 +674,7 @@ class AtlasMilter(Milter.Base):
             note = note or decision.note
         return self._act(decision.action, result, queue_id, note)
 
-    def _client_trusted(self) -> bool:
+    def _client_trusted(self, state: MilterState) -> bool:
         addr = (self.getsymval("{client_addr}") or "").strip("[]")
         if addr.lower().startswith("ipv6:"):
             addr = addr[5:]
@@ -596,11 +682,11 @@ class AtlasMilter(Milter.Base):
             ip = ipaddress.ip_address(addr)
         except ValueError:
             return False
-        return any(ip in net for net in self.engine.trusted)
+        return any(ip in net for net in state.trusted)
 
     def _act(self, action: str, result: Result, queue_id: str, note: str) -> int:
         engine = self.engine
-        mc = engine.mc
+        mc = self._state.mc
         verdict = result.verdict
         engine.incr(COUNTER_ACTION_PREFIX + action)
         if action == ACTION_REJECT:
@@ -633,7 +719,7 @@ class AtlasMilter(Milter.Base):
         return Milter.ACCEPT
 
     def _add_verdict_headers(self, verdict: Verdict) -> None:
-        cutoffs = self.engine.pipeline.cutoffs
+        cutoffs = self._state.scorer.cutoffs
         is_spam = verdict.verdict == SPAM
         reasons = ", ".join(f"{name} {weight:+.2f}" for name, weight in verdict.reasons[:REASONS_SHOWN])
         self.addheader(HDR_VERDICT, clean_header_value(verdict.verdict))
@@ -654,7 +740,7 @@ class AtlasMilter(Milter.Base):
     def _apply_error(self, kind: str, detail: str, t0: float) -> int:
         """The on_error (or on_busy) action for a message we could not classify."""
         engine = self.engine
-        mc = engine.mc
+        mc = self._state.mc
         engine.incr(COUNTER_ERROR_PREFIX + kind)
         action = mc.on_busy if kind == ERR_BUSY else mc.on_error
         queue_id = ""
@@ -687,7 +773,7 @@ class AtlasMilter(Milter.Base):
         """A Result for a message the classifier did not score (skip, deny list, failure)."""
         summary = summarise(fingerprint(raw, self.engine.max_bytes))
         verdict = Verdict(verdict=label, score=score, reasons=reasons, error=error,
-                          model_version=self.engine.pipeline.model.version)
+                          model_version=self._state.scorer.model.version)
         return Result(key=queue_id, verdict=verdict, summary=summary, elapsed_ms=(time.perf_counter() - t0) * 1000.0)
 
     def _record(self, result: Result, action: str, note: str) -> None:
@@ -837,21 +923,33 @@ def socket_gid(group: str) -> int:
         raise AtlasError(f"[milter] socket_group: no group named {group!r} on this machine") from None
 
 
-def serve(config: Config) -> int:
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})  # libmilter's sigwait thread: stop
+
+
+def block_signals() -> set[int]:
+    """Block the stop signals and the reload signal in the calling thread, and so in every
+    thread started after it (store writer, StatsD flusher, classify workers, the HTTP
+    page): only libmilter's sigwait thread sees a stop, only our reload thread SIGUSR1.
+    Unblocked in any thread, SIGTERM or SIGUSR1 could land there and kill the process.
+    Call before starting any thread; returns the previous mask."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {RELOAD_SIGNAL})
+
+
+def serve(config: Config, read_config: Callable[[], Config] | None = None) -> int:
     """Run the milter on config.milter.socket until SIGTERM/SIGINT/SIGHUP (libmilter's own
     signal thread catches them and stops accepting; connections in progress finish).
-    Exit code 0 on a clean stop. Bad socket spec or unusable path: AtlasError."""
+    SIGUSR1 reloads: `read_config()` (default: `config` again) and the model it names are
+    read and swapped in (MilterEngine.reload). Exit code 0 on a clean stop. Bad socket
+    spec or unusable path: AtlasError."""
     mc = config.milter
     sock = parse_socket(mc.socket)
-    # Block the stop signals before any thread starts, so every thread (store writer,
-    # StatsD flusher, classify workers) inherits the mask and only libmilter's sigwait
-    # thread sees them; otherwise SIGTERM could land on a Python thread and kill us.
-    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    old_mask = block_signals()
     pipeline, model_error = make_pipeline(config)
     if model_error:
         log.error("milter: %s; every message gets on_error=%s until the model is fixed", model_error, mc.on_error)
     engine = MilterEngine(config, pipeline, model_error)
+    engine.metrics.set_gauge(GAUGE_RELOAD_FAILING, 0)
+    start_reload_thread(lambda: engine.reload(read_config or (lambda: config)))
     try:
         _register(engine)
         _libmilter.setconn(sock.spec)
@@ -896,5 +994,5 @@ def serve(config: Config) -> int:
 def _log_summary(engine: MilterEngine) -> None:
     stats = engine.metrics.get_stats()
     keep = {k: v for k, v in stats.items() if k in (STAGE_MILTER_EOM, STAGE_MILTER_MESSAGE, "total", "parse", "classify")}
-    counters = {k: v for k, v in engine.metrics.get_counters().items() if k.startswith(("milter.", "verdict.", "cache."))}
+    counters = {k: v for k, v in engine.metrics.get_counters().items() if k.startswith(("milter.", "verdict.", "cache.", "reload."))}
     log.info("atlas-milter stopped: %s", json.dumps({"timers_ms": keep, "counters": counters}, sort_keys=True))
