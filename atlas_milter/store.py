@@ -64,6 +64,7 @@ COUNTER_COMMITS = "store.commits"
 COUNTER_DROPPED = "store.dropped"
 COUNTER_DUPLICATES = "store.duplicates_ignored"
 COUNTER_WRITE_ERRORS = "store.write_errors"
+COUNTER_DB_REPLACED = "store.db_replaced"  # the file was deleted or replaced under us: writing to a new one
 
 PUT_WAIT = 0.05  # seconds add_email_record waits for room in a full queue
 DROP_LOG_INTERVAL = 10.0  # seconds between "queue full" warnings
@@ -228,7 +229,8 @@ class BulkOperationManager:
         self._flush_target = 0  # flush_all() wants _done to reach this
         self._closed = False  # close() called: refuse new records
         self._stopping = False  # the writer should exit
-        self._counts = {"written": 0, "commits": 0, "dropped": 0, "duplicates_ignored": 0, "write_errors": 0}
+        self._counts = {"written": 0, "commits": 0, "dropped": 0, "duplicates_ignored": 0, "write_errors": 0,
+                        "db_replaced": 0}
         self._last_error = ""
         self._last_drop_log = -math.inf
         apply_migrations(self.db_path, busy_timeout)  # fail here, loudly, if the db is unusable
@@ -338,7 +340,11 @@ class BulkOperationManager:
             while (rows := self._next_batch()) is not None:
                 try:
                     with performance_monitor(STAGE_STORE_FLUSH):
-                        writer = _usable_writer(writer, self.db_path, self.busy_timeout)
+                        previous, writer = writer, _usable_writer(writer, self.db_path, self.busy_timeout)
+                        if previous is not None and writer is not previous:
+                            with self._cond:
+                                self._counts["db_replaced"] += 1
+                            self._metrics.incr(COUNTER_DB_REPLACED)
                         inserted = writer.write(rows)
                 except Exception as exc:
                     failures += 1
