@@ -64,6 +64,7 @@ COUNTER_COMMITS = "store.commits"
 COUNTER_DROPPED = "store.dropped"
 COUNTER_DUPLICATES = "store.duplicates_ignored"
 COUNTER_WRITE_ERRORS = "store.write_errors"
+COUNTER_DB_REPLACED = "store.db_replaced"  # the file was deleted or replaced under us: writing to a new one
 
 PUT_WAIT = 0.05  # seconds add_email_record waits for room in a full queue
 DROP_LOG_INTERVAL = 10.0  # seconds between "queue full" warnings
@@ -228,7 +229,8 @@ class BulkOperationManager:
         self._flush_target = 0  # flush_all() wants _done to reach this
         self._closed = False  # close() called: refuse new records
         self._stopping = False  # the writer should exit
-        self._counts = {"written": 0, "commits": 0, "dropped": 0, "duplicates_ignored": 0, "write_errors": 0}
+        self._counts = {"written": 0, "commits": 0, "dropped": 0, "duplicates_ignored": 0, "write_errors": 0,
+                        "db_replaced": 0}
         self._last_error = ""
         self._last_drop_log = -math.inf
         apply_migrations(self.db_path, busy_timeout)  # fail here, loudly, if the db is unusable
@@ -301,7 +303,8 @@ class BulkOperationManager:
         if now - self._last_drop_log >= DROP_LOG_INTERVAL:
             self._last_drop_log = now
             log.warning(
-                "store: %s, record dropped; %d dropped so far (last write error: %s)",
+                "store: %s, record dropped; %d dropped so far (last write error: %s); "
+                "fix the write error, or raise [performance] queue_size to ride out longer outages",
                 reason,
                 self._counts["dropped"],
                 self._last_error or "none",
@@ -330,12 +333,18 @@ class BulkOperationManager:
     def _run(self) -> None:
         writer: _Writer | None = None  # this thread's alone
         failures = 0
+        failing_since = 0.0
         last_error_log = -math.inf
+        last_logged = ""  # a new cause (e.g. locked, then read-only) is logged at once
         try:
             while (rows := self._next_batch()) is not None:
                 try:
                     with performance_monitor(STAGE_STORE_FLUSH):
-                        writer = _usable_writer(writer, self.db_path, self.busy_timeout)
+                        previous, writer = writer, _usable_writer(writer, self.db_path, self.busy_timeout)
+                        if previous is not None and writer is not previous:
+                            with self._cond:
+                                self._counts["db_replaced"] += 1
+                            self._metrics.incr(COUNTER_DB_REPLACED)
                         inserted = writer.write(rows)
                 except Exception as exc:
                     failures += 1
@@ -347,17 +356,26 @@ class BulkOperationManager:
                         self._counts["write_errors"] += 1
                         self._last_error = error
                         self._metrics.incr(COUNTER_WRITE_ERRORS)
-                        self._metrics.set_gauge(GAUGE_WRITER_QUEUE, self._depth())
+                        depth = self._depth()
+                        self._metrics.set_gauge(GAUGE_WRITER_QUEUE, depth)
                     now = time.monotonic()
-                    if failures == 1 or now - last_error_log >= ERROR_LOG_INTERVAL:
-                        last_error_log = now
-                        log.error("store: writing %d rows failed (attempt %d, will retry): %s", len(rows), failures, error)
+                    if failures == 1:
+                        failing_since = now
+                    if failures == 1 or error != last_logged or now - last_error_log >= ERROR_LOG_INTERVAL:
+                        last_error_log, last_logged = now, error
+                        log.error(
+                            "store: writing %d rows failed (attempt %d, will retry; %d records queued, at most %d): %s",
+                            len(rows), failures, depth, self.queue_size, error,
+                        )
                     with self._cond:
                         self._cond.wait_for(lambda: self._stopping, min(MAX_BACKOFF, 0.05 * 2**failures))
                     continue
                 if failures:
-                    log.warning("store: writing resumed after %d failed attempts", failures)
-                    failures = 0
+                    log.warning(
+                        "store: writing to %s resumed after %d failed attempts (%.1f s); queued records are being written",
+                        self.db_path, failures, time.monotonic() - failing_since,
+                    )
+                    failures, last_logged = 0, ""
                 with self._cond:
                     self._inflight = []
                     self._done += len(rows)

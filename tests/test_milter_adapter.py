@@ -539,3 +539,26 @@ def test_quarantine_without_mta_support_tags_instead(engines, monkeypatch):
     assert ctx.added()["X-Atlas-Verdict"] == "spam"
     [row] = rows(engine)
     assert row["action"] == "tag" and "quarantine not offered" in row["note"]
+
+
+def test_locked_database_never_holds_end_of_message(tmp_path, caplog):
+    """Even with ENABLE_BULK_OPS=false the milter queues its records: with the database
+    write-locked by another process, eom answers at once and the row lands after release."""
+    config = load_config(None, {"store.db": str(tmp_path / "v.db"), "statsd.enabled": False},
+                         env={"ENABLE_BULK_OPS": "false"})
+    pipeline, err = am.make_pipeline(config)
+    engine = am.MilterEngine(config, pipeline, err)
+    try:
+        assert "ENABLE_BULK_OPS=false ignored" in caplog.text
+        holder = sqlite3.connect(config.store.db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        t0 = time.monotonic()
+        rc, _ = feed(engine, HAM)
+        took = time.monotonic() - t0
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert rc == Milter.ACCEPT and took < 1.0, took  # the busy timeout is 5 s
+        [row] = rows(engine)
+        assert row["action"] == "tag"
+    finally:
+        engine.close()

@@ -227,6 +227,7 @@ def test_deleted_database_is_recreated(db, manager_factory):
     m.add_email_record(rec(2, note="after"))
     assert m.flush_all(timeout=10)
     assert count(db) == 1 and count(db, "note = 'after'") == 1
+    assert m.stats()["db_replaced"] == 1 and m.stats()["write_errors"] == 0
 
 
 def test_close_flushes_and_refuses_more(db, manager_factory):

@@ -890,6 +890,12 @@ def make_pipeline(config: Config) -> tuple[Pipeline, str]:
     if config.milter.classify != "pool" and config.features.parallel:
         # inline/thread: no process pool (and none of its start-up cost or memory)
         cfg = dataclasses.replace(config, features=dataclasses.replace(config.features, parallel=False))
+    if not cfg.features.bulk_ops:
+        # The direct writer commits in the caller's thread: a locked or slow database would
+        # hold every end of message for up to the busy timeout. The milter always queues.
+        log.warning("milter: ENABLE_BULK_OPS=false ignored: the milter always queues its verdict records "
+                    "(a direct write would make each message wait on the database)")
+        cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, bulk_ops=True))
     try:
         return Pipeline(cfg), ""
     except ModelError as exc:
