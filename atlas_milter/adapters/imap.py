@@ -199,13 +199,15 @@ def highest_uid(db: str, folder: str, uidvalidity: int) -> int | None:
     return rows[0][0] if rows and rows[0][0] is not None else None
 
 
-def pending_move_uids(db: str, folder: str, uidvalidity: int) -> set[int]:
-    """UIDs recorded as moved to Junk from this mailbox: any still in it missed its move."""
+def pending_moves(db: str, folder: str, uidvalidity: int) -> dict[int, str]:
+    """{uid: Message-ID} recorded as moved to Junk from this mailbox: any still in it missed
+    its move (or, on a server without MOVE, its EXPUNGE after the COPY)."""
     return {
-        uid
-        for (uid,) in _read(
+        uid: mid or ""
+        for uid, mid in _read(
             db,
-            "SELECT uid FROM processed_emails WHERE folder = ? AND uidvalidity = ? AND action = ? AND uid IS NOT NULL",
+            "SELECT uid, message_id FROM processed_emails WHERE folder = ? AND uidvalidity = ? AND action = ? "
+            "AND uid IS NOT NULL",
             (folder, uidvalidity, ACTION_MOVE),
         )
     }
@@ -456,18 +458,44 @@ class ImapSession:
         if not uids:
             return
         use_move = self.has("MOVE")
-        uidplus = self.has("UIDPLUS")
         for part in _batches(sorted(uids), MOVE_BATCH):
             if use_move:
                 self.c.move(part, dest)
                 continue
             self.c.copy(part, dest)
-            self.c.add_flags(part, [FLAG_DELETED], silent=True)
-            if uidplus:
-                self.c.uid_expunge(part)
-            else:  # a plain EXPUNGE would also remove what the user marked deleted
-                log.warning("imap: server lacks UIDPLUS: %d message(s) copied to %s and marked \\Deleted, "
-                            "left for the mail client to expunge", len(part), dest)
+            self.remove(part, f"copied to {dest}")
+
+    def remove(self, uids: Sequence[int], why: str) -> None:
+        """\\Deleted, then UID EXPUNGE of just `uids` from the selected folder (callers make
+        sure a copy exists elsewhere). Without UIDPLUS they are only marked \\Deleted."""
+        self.c.add_flags(list(uids), [FLAG_DELETED], silent=True)
+        if self.has("UIDPLUS"):
+            self.c.uid_expunge(list(uids))
+        else:  # a plain EXPUNGE would also remove what the user marked deleted
+            log.warning("imap: server lacks UIDPLUS: %d message(s) %s and marked \\Deleted, "
+                        "left for the mail client to expunge", len(uids), why)
+
+    def copies_in(self, folder: str, wanted: Mapping[int, str]) -> set[int]:
+        """Those of `wanted` ({uid in the selected folder: Message-ID}) that already have a
+        copy in `folder`: same Message-ID and same size. Re-selects the current folder after."""
+        wanted = {uid: mid for uid, mid in wanted.items() if mid}
+        if not wanted:
+            return set()
+        back = self.selected
+        sizes = {uid: d.get(b"RFC822.SIZE") for uid, d in self.c.fetch(sorted(wanted), [b"RFC822.SIZE"]).items()}
+        found: set[int] = set()
+        try:
+            self.select(folder, readonly=True)
+            for mid in set(wanted.values()):
+                there = self.c.search(["HEADER", "Message-ID", mid])
+                if not there:
+                    continue
+                there_sizes = {d.get(b"RFC822.SIZE") for d in self.c.fetch(there, [b"RFC822.SIZE"]).values()}
+                found |= {uid for uid, m in wanted.items() if m == mid and sizes.get(uid) in there_sizes}
+        finally:
+            if back is not None:
+                self.select(back)
+        return found
 
     def contains_message_id(self, folder: str, message_id: str) -> bool:
         """Is a message with this Message-ID in `folder`? Re-selects the current folder after."""
@@ -613,14 +641,25 @@ def redo_pending_moves(session: ImapSession, db: str, state: FolderState) -> int
     """Move what we recorded as moved but is still in the folder (a crash between the
     record and the move). UIDs are never reused within a UIDVALIDITY, so a message the user
     moved back has a new UID and is left alone."""
-    recorded = pending_move_uids(db, state.name, state.uidvalidity)
+    recorded = pending_moves(db, state.name, state.uidvalidity)
     if not recorded:
         return 0
-    present = sorted(set(session.uids()) & recorded)
-    if present:
-        log.info("imap: %s: moving %d spam recorded as moved before an interruption", state.name, len(present))
-        session.add_keywords(present, [KEYWORD_JUNK])
-        session.move(present, session.junk_folder())
+    present = sorted(set(session.uids()) & recorded.keys())
+    if not present:
+        return 0
+    junk = session.junk_folder()
+    # A crash between COPY and EXPUNGE (servers without MOVE) left a copy in Junk already:
+    # remove the original instead of copying it a second time.
+    copied = session.copies_in(junk, {uid: recorded[uid] for uid in present})
+    if copied:
+        log.info("imap: %s: removing %d spam already copied to %s before an interruption", state.name,
+                 len(copied), junk)
+        session.remove(sorted(copied), f"already in {junk}")
+    rest = [uid for uid in present if uid not in copied]
+    if rest:
+        log.info("imap: %s: moving %d spam recorded as moved before an interruption", state.name, len(rest))
+        session.add_keywords(rest, [KEYWORD_JUNK])
+        session.move(rest, junk)
     return len(present)
 
 

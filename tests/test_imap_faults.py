@@ -1,0 +1,271 @@
+"""The IMAP listener under faults, against real Dovecot: kill -9 in the middle of its moves
+(with MOVE, and on a server without MOVE, where a move is COPY + \\Deleted + UID EXPUNGE)
+and restarts: every message ends in exactly one of the folder and Junk, recorded once.
+
+A private Dovecot without MOVE is started for the COPY path (`dovecot_no_move`); the rest
+use the session `dovecot` fixture, each test in folders of its own."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import require_binary, require_root
+from servers import DovecotInstance, ServerError
+from test_imap_support import (
+    append_all,
+    corpus_messages,
+    db_rows,
+    folder_message_ids,
+    imap_config_toml,
+    unique_names,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+FAST = "reconnect_initial = 0.5\nreconnect_max = 2.0\nkeepalive = 20.0\n"
+# Dovecot's default capabilities minus MOVE: our move() must fall back to COPY + UID EXPUNGE.
+NO_MOVE_CONF = (
+    "protocol imap {\n  imap_capability = IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS "
+    "MULTIAPPEND UNSELECT CHILDREN ESEARCH\n}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def dovecot_no_move(servers_dir: Path):
+    for name in ("dovecot", "doveadm"):
+        require_binary(name)
+    require_root("dovecot")
+    server = DovecotInstance(servers_dir / "dovecot-no-move", extra_conf=NO_MOVE_CONF)
+    try:
+        server.start()
+    except ServerError as exc:
+        pytest.fail(f"dovecot without MOVE failed to start: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+class IdleProcess:
+    """`atlas-milter idle FOLDER` as a subprocess; its log appended to one file across restarts."""
+
+    def __init__(self, conf: Path, folder: str, log: Path) -> None:
+        self.conf, self.folder, self.log = conf, folder, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "IdleProcess":
+        mark = len(self.log.read_text()) if self.log.exists() else 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "atlas_milter", "idle", self.folder, "--config", str(self.conf)],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env={**os.environ, "ENABLE_PARALLEL": "false"})
+        wait_for(lambda: self.proc.poll() is not None or "imap: watching" in self.log.read_text()[mark:], 30,
+                 "the listener to start")
+        assert self.proc.poll() is None, self.log.read_text()[-2000:]
+        return self
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("listener did not stop on SIGTERM\n" + self.log.read_text()[-2000:])
+        return self.proc.returncode
+
+
+def _recorded(db: Path) -> int:
+    return (db_rows(db, "SELECT count(*) FROM processed_emails") or [(0,)])[0][0]
+
+
+def _kill_9_during_moves(server, corpus_dir, corpus_index, tmp_path, total: int, kills: int) -> dict:
+    """Append `total` corpus messages while the listener runs, kill -9 it `kills` times at
+    random points of its work, restart it each time, then check exactly-once placement."""
+    tag, folder, junk = unique_names()
+    db, conf, log = tmp_path / "v.db", tmp_path / "atlas.toml", tmp_path / "idle.log"
+    conf.write_text(imap_config_toml(server, db, junk, FAST))
+    spam = [r for r in corpus_index if r["label"] == "spam"]
+    ham = [r for r in corpus_index if r["label"] == "ham"]
+    mix = spam[:: max(1, len(spam) * 4 // (total * 3))][: total * 3 // 4] + ham[:: max(1, len(ham) * 4 // total)]
+    appended = corpus_messages(corpus_dir, mix, total, tag, step=1)  # three quarters spam, shuffled
+    expected = Counter(mid for mid, _, _ in appended)
+    with server.client() as c:
+        c.create_folder(folder)
+    idle = IdleProcess(conf, folder, log).start()
+    rng = random.Random()
+    seen_both = 0
+    try:
+        with server.client() as c:
+            append_all(c, folder, [raw for _, _, raw in appended])
+        for k in range(kills):
+            # Somewhere in the middle of the work, not before it started or after it ended.
+            threshold = int(total * (k + 1) / (kills + 2))
+            wait_for(lambda: _recorded(db) >= threshold, 120, f"{threshold} records")
+            time.sleep(rng.uniform(0.0, 0.3))
+            idle.kill9()
+            with server.client() as c:  # at the moment of the kill: nothing lost
+                in_folder, in_junk = folder_message_ids(c, folder), folder_message_ids(c, junk)
+            placed = Counter(in_folder + in_junk)
+            assert set(placed) == set(expected), "a message vanished at a kill -9"
+            seen_both += sum(n - 1 for n in placed.values())  # a COPY not yet expunged
+            idle.start()
+        # The last run finishes: every record written, every recorded move done.
+        wait_for(lambda: _recorded(db) >= total, 120, "all records")
+
+        def settled():
+            with server.client() as c:
+                in_junk = folder_message_ids(c, junk)
+                placed = Counter(folder_message_ids(c, folder) + in_junk)
+            spam = {r[0] for r in db_rows(db, "SELECT message_id FROM processed_emails WHERE verdict = 'spam'")}
+            return placed == expected and set(in_junk) == spam
+        try:
+            wait_for(settled, 30, "every message in exactly one folder, the spam in Junk")
+        except AssertionError:
+            with server.client() as c:
+                in_folder, in_junk = folder_message_ids(c, folder), folder_message_ids(c, junk)
+            placed = Counter(in_folder + in_junk)
+            spam = {r[0] for r in db_rows(db, "SELECT message_id FROM processed_emails WHERE verdict = 'spam'")}
+            raise AssertionError(
+                f"twice: {[m for m, n in placed.items() if n > 1][:5]}; missing: {list(expected - placed)[:5]}; "
+                f"spam not in Junk: {list(spam - set(in_junk))[:5]}; in Junk, not spam: {list(set(in_junk) - spam)[:5]}"
+                "\n" + log.read_text()[-3000:]) from None
+    finally:
+        rc = idle.stop()
+    assert rc == 0, log.read_text()[-2000:]
+    rows = db_rows(db, "SELECT message_id, verdict, action FROM processed_emails WHERE folder = ?", (folder,))
+    assert Counter(r[0] for r in rows) == expected, "each message recorded exactly once"
+    with server.client() as c:
+        in_junk = set(folder_message_ids(c, junk))
+    assert in_junk == {r[0] for r in rows if r[1] == "spam"}, "spam, and only spam, in Junk"
+    assert db_rows(db, "SELECT count(*) FROM learning_events") == [(0,)], "our own moves were not learned"
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    return {"spam": len(in_junk), "seen_in_both_at_a_kill": seen_both,
+            "redone": text.count("recorded as moved before an interruption"),
+            "deduplicated": text.count("already copied to")}
+
+
+def test_kill_9_during_moves_with_move(dovecot, corpus_dir, corpus_index, tmp_path):
+    stats = _kill_9_during_moves(dovecot, corpus_dir, corpus_index, tmp_path, total=400, kills=3)
+    print("MOVE:", stats)
+    assert stats["spam"] >= 250
+    assert stats["seen_in_both_at_a_kill"] == 0  # MOVE is atomic
+
+
+def test_kill_9_during_moves_with_copy_and_expunge(dovecot_no_move, corpus_dir, corpus_index, tmp_path):
+    stats = _kill_9_during_moves(dovecot_no_move, corpus_dir, corpus_index, tmp_path, total=400, kills=3)
+    print("COPY+EXPUNGE:", stats)
+    assert stats["spam"] >= 250
+
+
+class CommandTrap:
+    """A TCP relay between the listener and Dovecot that, the first time the listener sends
+    `command`, calls `on_command` (kill -9 the listener) and drops the command: exactly the
+    state a crash just before that command leaves. Later connections are relayed untouched."""
+
+    def __init__(self, upstream_port: int, command: bytes, on_command) -> None:
+        import socket
+        import threading
+
+        self.upstream_port, self.command, self.on_command = upstream_port, command.upper(), on_command
+        self.fired = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for src, dst, watch in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, watch), daemon=True).start()
+
+    def _pump(self, src, dst, watch: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if watch and not self.fired.is_set() and self.command in data.upper():
+                    self.fired.set()
+                    self.on_command()
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_crash_between_copy_and_expunge_leaves_no_duplicate(dovecot_no_move, corpus_dir, corpus_index, tmp_path):
+    """Without MOVE a crash after COPY and before UID EXPUNGE leaves the spam in both
+    folders; the restarted listener removes the originals instead of copying them again."""
+    server = dovecot_no_move
+    tag, folder, junk = unique_names()
+    spam = [r for r in corpus_index if r["label"] == "spam"][::40][:40]
+    appended = corpus_messages(corpus_dir, spam, len(spam), tag, step=1)
+    expected = Counter(mid for mid, _, _ in appended)
+    holder: dict = {}
+    trap = CommandTrap(server.port, b"UID EXPUNGE", lambda: holder["idle"].kill9())
+    db, conf, log = tmp_path / "v.db", tmp_path / "atlas.toml", tmp_path / "idle.log"
+    conf.write_text(imap_config_toml(server, db, junk, FAST).replace(f"port = {server.port}", f"port = {trap.port}"))
+    with server.client() as c:
+        c.create_folder(folder)
+    idle = holder["idle"] = IdleProcess(conf, folder, log).start()
+    try:
+        with server.client() as c:
+            append_all(c, folder, [raw for _, _, raw in appended])
+        wait_for(trap.fired.is_set, 60, "the listener's first UID EXPUNGE")
+        assert idle.proc.returncode == -signal.SIGKILL
+        with server.client() as c:
+            in_folder, in_junk = folder_message_ids(c, folder), folder_message_ids(c, junk)
+        both = set(in_folder) & set(in_junk)
+        assert both, "the kill did not land between COPY and EXPUNGE"
+        assert set(in_folder + in_junk) == set(expected)
+        recorded_spam = {r[0] for r in db_rows(db, "SELECT message_id FROM processed_emails WHERE action = 'move'")}
+        assert both <= recorded_spam  # recorded before acted on
+
+        idle.start()
+
+        def settled():
+            with server.client() as c:
+                return Counter(folder_message_ids(c, folder) + folder_message_ids(c, junk)) == expected
+        wait_for(settled, 30, "every message in exactly one folder")
+    finally:
+        rc = idle.stop()
+        trap.close()
+    assert rc == 0
+    with server.client() as c:
+        assert Counter(folder_message_ids(c, junk)) == Counter(
+            r[0] for r in db_rows(db, "SELECT message_id FROM processed_emails WHERE verdict = 'spam'"))
+    assert Counter(r[0] for r in db_rows(db, "SELECT message_id FROM processed_emails")) == expected
+    text = log.read_text()
+    assert f"removing {len(both)} spam already copied to {junk}" in text, text[-3000:]
+    print(f"in both folders after the kill: {len(both)} of {len(expected)}; deduplicated at restart")
