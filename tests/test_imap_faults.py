@@ -181,7 +181,8 @@ class CommandTrap:
         import threading
 
         self.upstream_port, self.command, self.on_command = upstream_port, command.upper(), on_command
-        self.fired = threading.Event()
+        self.fired = threading.Event()  # set once on_command has returned
+        self._lock, self._armed = threading.Lock(), True
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -206,10 +207,13 @@ class CommandTrap:
                 data = src.recv(65536)
                 if not data:
                     break
-                if watch and not self.fired.is_set() and self.command in data.upper():
-                    self.fired.set()
-                    self.on_command()
-                    break
+                if watch and self.command in data.upper():
+                    with self._lock:
+                        first, self._armed = self._armed, False
+                    if first:
+                        self.on_command()
+                        self.fired.set()
+                        break
                 dst.sendall(data)
         except OSError:
             pass
