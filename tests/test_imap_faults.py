@@ -21,6 +21,7 @@ import pytest
 from conftest import require_binary, require_root
 from servers import DovecotInstance, ServerError
 from test_imap_support import (
+    with_message_id,
     append_all,
     corpus_messages,
     db_rows,
@@ -273,3 +274,118 @@ def test_crash_between_copy_and_expunge_leaves_no_duplicate(dovecot_no_move, cor
     text = log.read_text()
     assert f"removing {len(both)} spam already copied to {junk}" in text, text[-3000:]
     print(f"in both folders after the kill: {len(both)} of {len(expected)}; deduplicated at restart")
+
+
+# Microsecond log times (to measure the gaps between attempts) and no auth penalty: Dovecot
+# would otherwise slow every failed login down itself, hiding how often the listener tries.
+AUTH_TEST_CONF = (
+    'log_timestamp = "%Y-%m-%d %H:%M:%S.%{usecs} "\n'
+    "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}\n"
+)
+_LOG_TIME = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}) "
+
+
+@pytest.fixture
+def dovecot_private(servers_dir: Path, tmp_path: Path):
+    """A Dovecot of this test's own, whose user's password the test changes."""
+    for name in ("dovecot", "doveadm"):
+        require_binary(name)
+    require_root("dovecot")
+    server = DovecotInstance(servers_dir / f"dovecot-{tmp_path.name}", extra_conf=AUTH_TEST_CONF)
+    try:
+        server.start()
+    except ServerError as exc:
+        pytest.fail(f"private dovecot failed to start: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+def _set_server_password(server, password: str) -> None:
+    server.users_path.write_text(f"{server.user}:{{PLAIN}}{password}\n")
+    server.password = password  # for server.client()
+    # passwd-file is re-read when its mtime changes, checked at most once a second.
+    time.sleep(1.1)
+
+
+def _login_events(server, since: float) -> list[tuple[float, bool]]:
+    """(time, succeeded) of every login attempt in Dovecot's log after `since` (epoch)."""
+    import datetime as dt
+    import re
+
+    out = []
+    for line in server.log().splitlines():
+        m = re.match(_LOG_TIME, line)
+        if not m or "imap-login:" not in line:
+            continue
+        t = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        if t < since:
+            continue
+        if "Login: user=" in line:
+            out.append((t, True))
+        elif "auth failed" in line:
+            out.append((t, False))
+    return out
+
+
+def test_refused_logins_after_start_back_off_and_recover(dovecot_private, tmp_path):
+    """The password is changed on the server while the listener runs: it keeps running,
+    tries again once per backoff delay (for all its folders together, capped at
+    reconnect_max), says what to do in one line per attempt, and logs in again by itself
+    once the new password is in its password file."""
+    server = dovecot_private
+    tag, folder, junk = unique_names()
+    initial, cap, window = 0.5, 4.0, 14.0
+    pw_file = tmp_path / "password"
+    pw_file.write_text(server.password + "\n")
+    pw_file.chmod(0o600)
+    db, conf, log = tmp_path / "v.db", tmp_path / "atlas.toml", tmp_path / "idle.log"
+    conf.write_text(imap_config_toml(server, db, junk, f"reconnect_initial = {initial}\nreconnect_max = {cap}\n"
+                                     "keepalive = 20.0\n").replace(str(server.password_file), str(pw_file)))
+    with server.client() as c:
+        c.create_folder(folder)
+    idle = IdleProcess(conf, folder, log).start()
+    old_password = server.password
+    try:
+        _set_server_password(server, "rotated-" + tag)
+        t0 = time.time()
+        kick = subprocess.run(["doveadm", "-c", str(server.conf_path), "kick", server.user],
+                              capture_output=True, text=True, timeout=30)
+        assert kick.returncode == 0, kick.stderr
+        time.sleep(window)
+        assert idle.proc.poll() is None, "the listener died on refused logins:\n" + log.read_text()[-2000:]
+        events = _login_events(server, t0)
+        failed = [t for t, ok in events if not ok]
+        assert not any(ok for _, ok in events)
+        refusals = [line for line in log.read_text().splitlines() if "imap: login as" in line and " refused (" in line]
+        print(f"{len(failed)} refused logins in {window:.0f} s; gaps "
+              f"{[round(b - a, 2) for a, b in zip(failed, failed[1:])]}")
+        # Every folder's connection drops at once: their first failures may coincide, then
+        # one attempt per delay for the whole listener.
+        assert failed and failed[0] - t0 < 2.0
+        later = [t for t in failed if t - failed[0] > 0.2]
+        gaps = [b - a for a, b in zip([failed[0], *later], later)]
+        bases = [min(cap, initial * 2**k) for k in range(len(gaps))]
+        for gap, base in zip(gaps, bases):  # plus up to 1 s: Dovecot takes ~0.5 s to refuse a login
+            assert base / 2 - 0.05 <= gap <= base + 1.0, (gaps, bases)
+        # With no backoff the listener would have tried hundreds of times; with a backoff
+        # per folder instead of one shared, about twice this.
+        assert 4 <= len(failed) <= 10, failed
+        assert 1 <= len(refusals) <= len(failed) and all("put the new one in the file" in r for r in refusals)
+        assert old_password not in log.read_text() and "rotated-" not in log.read_text()
+
+        # The admin puts the new password in the listener's password file.
+        pw_file.write_text("rotated-" + tag + "\n")
+        t1 = time.time()
+        wait_for(lambda: any(ok for _, ok in _login_events(server, t1)), cap + 5, "a successful login")
+        recovered = min(t for t, ok in _login_events(server, t1) if ok) - t1
+        print(f"logged in again {recovered:.2f} s after the password file was updated")
+        assert recovered <= cap + 1.0
+        wait_for(lambda: "works again" in log.read_text(), 5, "the recovery line")
+        spam_mid = f"<after-{tag}@faults.test>"
+        sample = Path(__file__).resolve().parents[1] / "atlas_milter" / "data" / "sample" / "07-crypto-scam.eml"
+        with server.client() as c:
+            c.append(folder, with_message_id(sample.read_bytes(), spam_mid))
+            wait_for(lambda: spam_mid in folder_message_ids(c, junk), 20, "new spam moved after recovery")
+    finally:
+        rc = idle.stop()
+    assert rc == 0, log.read_text()[-2000:]

@@ -677,17 +677,64 @@ class Listener:
         self.config = config
         self.account = account
         self.force_plain = force_plain
-        self.password, where = read_password(self.imap, account, env)
-        log.info("imap: password from %s", where)
+        self.env = env
+        self.password, self.password_source = read_password(self.imap, account, env)
+        log.info("imap: password from %s", self.password_source)
         self.db = config.store.db
         self.lock = threading.RLock()
         self.stop = threading.Event()
         self.fatal: str | None = None
         self.logged_in_once = threading.Event()
+        # Refused logins after the start (password rotated, the server's auth down): shared
+        # by every watcher, so the server sees one attempt per backoff delay, not one per folder.
+        self.login_lock = threading.Lock()
+        self.login_refusals = 0
+        self.next_login = 0.0  # time.monotonic() before which nobody tries again
+        self.rng = random.Random()
         self.pipeline = Pipeline(config)
 
     def new_session(self) -> ImapSession:
-        return ImapSession(self.imap, self.password, self.force_plain).connect()
+        """A logged-in session. After a refused login every watcher waits for the same
+        backoff delay, and the password is read again from its source before each retry
+        (the admin may have put the new one there). Raises LoginError while refused."""
+        with self.login_lock:
+            refused = self.login_refusals > 0
+            if refused:
+                return self._retry_login()
+        try:
+            return ImapSession(self.imap, self.password, self.force_plain).connect()
+        except LoginError as exc:
+            with self.login_lock:
+                if self.login_refusals == 0:  # the other watchers' simultaneous failures count once
+                    self._refused(exc)
+            raise
+
+    def _retry_login(self) -> ImapSession:
+        """Under `login_lock`: wait out the shared delay, re-read the password, try once."""
+        if self.stop.wait(max(0.0, self.next_login - time.monotonic())):
+            raise ConnectionLost("stopping")
+        try:
+            self.password, self.password_source = read_password(self.imap, self.account, self.env)
+            session = ImapSession(self.imap, self.password, self.force_plain).connect()
+        except (LoginError, AtlasError) as exc:
+            self._refused(exc)
+            raise LoginError(str(exc)) from None
+        log.warning("imap: login as %s on %s works again after %d refused attempt(s)", self.imap.user,
+                    self.imap.host, self.login_refusals)
+        self.login_refusals, self.next_login = 0, 0.0
+        return session
+
+    def _refused(self, exc: BaseException) -> None:
+        imap = self.imap
+        delay = backoff_delay(self.login_refusals, imap.reconnect_initial, imap.reconnect_max, self.rng)
+        self.login_refusals += 1
+        self.next_login = time.monotonic() + delay
+        if self.password_source.startswith("file "):
+            todo = f"put the new one in the {self.password_source} (read again before every attempt)"
+        else:  # the environment and systemd credentials are fixed for the life of the process
+            todo = f"update the {self.password_source} and restart the listener"
+        log.error("imap: login as %s on %s refused (%s), attempt %d; trying again in %.1f s. If the password "
+                  "changed, %s", imap.user, imap.host, _one_line(exc), self.login_refusals, delay, todo)
 
     def reload_model(self) -> None:
         path = learned_model_path(self.config)
@@ -765,8 +812,7 @@ class FolderWatcher(threading.Thread):
                     lst.fatal = f"IMAP login as {lst.imap.user} on {lst.imap.host} refused: {_one_line(exc)}"
                     lst.stop.set()
                     return
-                self._wait(attempt, exc)
-                attempt += 1
+                # Logged, and the next try delayed, by new_session for all watchers at once.
             except (ConnectionLost, *RECOVERABLE) as exc:
                 if lst.stop.is_set():
                     break
@@ -980,5 +1026,6 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
 
 def _quiet_imapclient_logs() -> None:
     # imapclient logs every command and response at DEBUG: message bodies (and, were its
-    # redaction ever to miss, a secret) must not reach our logs.
-    logging.getLogger("imapclient").setLevel(max(logging.INFO, logging.getLogger("imapclient").level))
+    # redaction ever to miss, a secret) must not reach our logs; at INFO it says "Connection
+    # closed" for every reconnect, which our own lines already say.
+    logging.getLogger("imapclient").setLevel(max(logging.WARNING, logging.getLogger("imapclient").level))
