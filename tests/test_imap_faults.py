@@ -389,3 +389,46 @@ def test_refused_logins_after_start_back_off_and_recover(dovecot_private, tmp_pa
     finally:
         rc = idle.stop()
     assert rc == 0, log.read_text()[-2000:]
+
+
+def test_junk_moves_made_while_the_listener_was_stopped_are_learned(dovecot, corpus_dir, corpus_index, tmp_path):
+    """Stopped, the user moves a message we called ham into Junk and our spam out of it;
+    started again, the listener learns both (and each once)."""
+    from test_imap_idle import _hammy_spam
+
+    tag, folder, junk = unique_names()
+    db, conf, log = tmp_path / "v.db", tmp_path / "atlas.toml", tmp_path / "idle.log"
+    # High cutoffs: this spam is scored "ham", as a model that has not seen its like would.
+    conf.write_text(imap_config_toml(dovecot, db, junk, FAST + "[classifier]\nspam_cutoff = 0.995\nham_cutoff = 0.99\n"))
+    missed, rescued = f"<missed-{tag}@faults.test>", f"<rescued-{tag}@faults.test>"
+    sample = Path(__file__).resolve().parents[1] / "atlas_milter" / "data" / "sample" / "07-crypto-scam.eml"
+    with dovecot.client() as c:
+        c.create_folder(folder)
+    idle = IdleProcess(conf, folder, log).start()
+    try:
+        with dovecot.client() as c:
+            c.append(folder, with_message_id(_hammy_spam(corpus_dir, corpus_index), missed))
+            c.append(folder, with_message_id(sample.read_bytes(), rescued))
+            wait_for(lambda: rescued in folder_message_ids(c, junk), 15, "our spam in Junk")
+        wait_for(lambda: len(db_rows(db, "SELECT 1 FROM processed_emails")) == 2, 10, "both verdicts")
+        assert db_rows(db, "SELECT verdict FROM processed_emails WHERE message_id = ?", (missed,)) == [("ham",)]
+        assert idle.stop() == 0
+
+        with dovecot.client() as c:  # the user, while the listener is stopped
+            c.select_folder(folder)
+            c.move(c.search(["HEADER", "Message-ID", missed]), junk)
+            c.select_folder(junk)
+            c.move(c.search(["HEADER", "Message-ID", rescued]), folder)
+
+        idle.start()
+        events = wait_for(lambda: sorted(db_rows(db, "SELECT message_id, label FROM learning_events")) if len(
+            db_rows(db, "SELECT 1 FROM learning_events")) >= 2 else None, 15, "both learning events")
+        assert events == sorted([(missed, "spam"), (rescued, "ham")])
+        assert idle.stop() == 0
+        idle.start()  # a third run learns nothing again
+        time.sleep(2.0)
+    finally:
+        idle.stop()
+    assert len(db_rows(db, "SELECT 1 FROM learning_events")) == 2
+    with dovecot.client() as c:  # and moved nothing back
+        assert folder_message_ids(c, junk) == [missed] and folder_message_ids(c, folder) == [rescued]

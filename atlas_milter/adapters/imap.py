@@ -199,6 +199,27 @@ def highest_uid(db: str, folder: str, uidvalidity: int) -> int | None:
     return rows[0][0] if rows and rows[0][0] is not None else None
 
 
+def folder_mark(db: str, folder: str, uidvalidity: int) -> int | None:
+    """The highest UID of `folder` the listener looked at in an earlier run (the Junk folder,
+    whose arrivals are not recorded in processed_emails), or None."""
+    rows = _read(db, "SELECT last_uid FROM imap_folder_marks WHERE folder = ? AND uidvalidity = ?", (folder, uidvalidity))
+    return rows[0][0] if rows else None
+
+
+def save_folder_mark(db: str, folder: str, uidvalidity: int, last_uid: int) -> None:
+    conn = connect(db)
+    try:
+        with conn:
+            conn.execute(
+                "INSERT INTO imap_folder_marks (folder, uidvalidity, last_uid, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (folder, uidvalidity) DO UPDATE SET last_uid = max(last_uid, excluded.last_uid), "
+                "updated_at = excluded.updated_at",
+                (folder, uidvalidity, last_uid, now_iso()),
+            )
+    finally:
+        conn.close()
+
+
 def pending_moves(db: str, folder: str, uidvalidity: int) -> dict[int, str]:
     """{uid: Message-ID} recorded as moved to Junk from this mailbox: any still in it missed
     its move (or, on a server without MOVE, its EXPUNGE after the COPY)."""
@@ -900,6 +921,8 @@ class FolderWatcher(threading.Thread):
             else:
                 self.handle_new(session, state, items)
             self.high = max(self.high, part[-1])
+            if self.junk_role:  # learned from: not again after a restart
+                save_folder_mark(lst.db, self.folder, state.uidvalidity, self.high)
 
     def handle_new(self, session: ImapSession, state: FolderState, items: list[tuple[int, bytes]]) -> None:
         lst = self.listener
@@ -984,9 +1007,15 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
                 state = probe.select(w.folder, readonly=True)
             except IMAPClientError as exc:
                 raise AtlasError(f"IMAP folder {w.folder!r}: {_one_line(exc)}") from None
-            # Where the last run stopped (catch up on what came meanwhile), else from now on.
-            stored = None if w.junk_role else highest_uid(listener.db, w.folder, state.uidvalidity)
+            # Where the last run stopped (catch up on what came meanwhile, including what the
+            # user moved into Junk while we were stopped), else from now on.
+            if w.junk_role:
+                stored = folder_mark(listener.db, w.folder, state.uidvalidity)
+            else:
+                stored = highest_uid(listener.db, w.folder, state.uidvalidity)
             w.uidvalidity, w.high = state.uidvalidity, stored if stored is not None else state.uidnext - 1
+            if w.junk_role and stored is None:
+                save_folder_mark(listener.db, w.folder, state.uidvalidity, w.high)
     except BaseException:
         listener.pipeline.close()
         raise
