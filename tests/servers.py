@@ -529,8 +529,10 @@ class DovecotInstance(_Server):
 
     name = "dovecot"
 
-    def __init__(self, tmpdir: Path | str, port: int | None = None, *, password: str | None = None) -> None:
+    def __init__(self, tmpdir: Path | str, port: int | None = None, *, password: str | None = None,
+                 extra_conf: str = "") -> None:
         self.base = _prepare_base(Path(tmpdir))
+        self.extra_conf = extra_conf  # appended to dovecot.conf, e.g. an imap_capability without MOVE
         self.port = port or free_port()
         self.host = LOCALHOST
         self.user = MAIL_USER
@@ -607,7 +609,7 @@ namespace inbox {{
 protocol imap {{
   mail_max_userip_connections = 50
 }}
-""")
+{self.extra_conf}""")
         self._configured = True
 
     def start(self, timeout: float = 30.0) -> "DovecotInstance":

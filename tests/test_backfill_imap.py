@@ -156,3 +156,52 @@ def test_fetch_raw_reads_the_same_bytes_as_imapclient(dovecot, corpus_dir, corpu
         assert s.c.noop()  # the connection is in step after the direct read
         s.select(folder, readonly=True)
         assert not s.c.search(["SEEN"])
+
+
+HOSTILE = ["nested_1000", "nested_rfc822_1000", "parts_10000", "line_10mb_only", "nul_everywhere",
+           "invalid_utf8_headers", "encoded_words_every_charset", "base64_garbage", "header_1mb",
+           "headers_100000", "zip_bomb", "empty", "only_headers", "binary_garbage", "boundary_storm",
+           "html_tag_storm"]
+
+
+def test_backfill_of_crafted_hostile_messages(dovecot, tmp_path):
+    """The crafted messages of test_hostile_input that Dovecot takes (APPEND), backfilled
+    over IMAP: each one gets a verdict or a logged reason, in bounded time and memory."""
+    import resource
+
+    from imapclient.exceptions import IMAPClientError
+    from test_hostile_input import CRAFTED
+
+    tag, folder, junk = unique_names()
+    accepted, refused = [], {}
+    with dovecot.client(timeout=60) as c:
+        c.create_folder(folder)
+        for name in HOSTILE:
+            try:
+                c.append(folder, CRAFTED[name]())
+                accepted.append(name)
+            except IMAPClientError as exc:
+                refused[name] = str(exc)
+    print(f"Dovecot took {len(accepted)} of {len(HOSTILE)}; refused: {refused}")
+    assert len(accepted) >= 12, refused
+    db, conf = tmp_path / "v.db", tmp_path / "atlas.toml"
+    conf.write_text(imap_config_toml(dovecot, db, junk))
+    t0 = time.monotonic()
+    done = subprocess.run(_backfill_cmd(dovecot, db, folder, conf), capture_output=True, text=True, timeout=180)
+    took = time.monotonic() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
+    print(f"backfill of {len(accepted)} hostile messages: {took:.1f} s, children's peak RSS {peak_mb:.0f} MB; "
+          f"{done.stdout.strip()}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    rows = db_rows(db, "SELECT uid, verdict, error FROM processed_emails WHERE folder = ?", (folder,))
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(rows) + len(errors) >= len(accepted), (rows, errors)
+    assert len({uid for uid, _, _ in rows}) == len(rows)
+    assert all(verdict in ("ham", "unsure", "spam") or error for _, verdict, error in rows), rows
+    assert took < 60
+    assert peak_mb < 1024
+    with dovecot.client() as c:  # nothing lost
+        placed = sum(len(c.search(["ALL"])) for f in (folder, junk) if c.folder_exists(f)
+                     and c.select_folder(f, readonly=True))
+    assert placed == len(accepted)

@@ -21,7 +21,8 @@ PERF_INDEXES = {
     "idx_processed_emails_queue_id",
     "idx_domains_domain",
 }
-ALL_NAMES = ["0001_initial", "0002_add_performance_indexes"]
+ALL_NAMES = ["0001_initial", "0002_add_performance_indexes", "0003_imap_lookups"]
+IMAP_INDEXES = {"idx_processed_emails_message_id", "idx_learning_events_message_id"}
 
 
 def names(db: Path, kind: str) -> set[str]:
@@ -37,7 +38,7 @@ def recorded(db: Path) -> list[int]:
 def test_package_finds_the_numbered_files_only():
     found = migrate.available_migrations()
     assert [m.name for m in found] == ALL_NAMES
-    assert [m.version for m in found] == [1, 2]
+    assert [m.version for m in found] == [1, 2, 3]
     # The package directory is the top-level folder, through the symlink.
     assert migrate.MIGRATIONS_DIR.resolve() == REPO_MIGRATIONS.resolve()
     assert (REPO_MIGRATIONS / "add_performance_indexes.sql").read_text() == found[1].sql()
@@ -48,10 +49,10 @@ def test_fresh_database_gets_everything_and_rerun_applies_nothing(tmp_path):
     assert migrate.apply_migrations(db) == ALL_NAMES
     assert {"processed_emails", "domains", "learning_events", "schema_migrations"} <= names(db, "table")
     assert PERF_INDEXES | {"uq_processed_emails_mailbox_uid"} <= names(db, "index")
-    assert recorded(db) == [1, 2]
+    assert recorded(db) == [1, 2, 3]
     assert migrate.apply_migrations(db) == []
-    assert recorded(db) == [1, 2]
-    assert [s["status"] for s in migrate.migration_status(db)] == ["applied", "applied"]
+    assert recorded(db) == [1, 2, 3]
+    assert [s["status"] for s in migrate.migration_status(db)] == ["applied", "applied", "applied"]
 
 
 def test_connection_pragmas(tmp_path):
@@ -64,23 +65,40 @@ def test_connection_pragmas(tmp_path):
         conn.close()
 
 
+def test_rollback_0003_drops_the_imap_lookups_and_message_id_lookups_use_the_index(tmp_path):
+    db = tmp_path / "v.db"
+    migrate.apply_migrations(db)
+    assert IMAP_INDEXES <= names(db, "index") and "imap_folder_marks" in names(db, "table")
+    with sqlite3.connect(db) as conn:
+        plan = " ".join(r[-1] for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT verdict FROM processed_emails WHERE message_id = ? ORDER BY id DESC LIMIT 1",
+            ("<x@y>",)))
+    assert "idx_processed_emails_message_id" in plan, plan
+    assert migrate.rollback_last(db) == "0003_imap_lookups"
+    assert not IMAP_INDEXES & names(db, "index") and "imap_folder_marks" not in names(db, "table")
+    assert recorded(db) == [1, 2]
+    assert migrate.apply_migrations(db) == ["0003_imap_lookups"]
+
+
 def test_rollback_last_drops_the_indexes_and_reapply_restores_them(tmp_path):
     db = tmp_path / "v.db"
     migrate.apply_migrations(db)
+    assert migrate.rollback_last(db) == "0003_imap_lookups"
     assert migrate.rollback_last(db) == "0002_add_performance_indexes"
     assert not PERF_INDEXES & names(db, "index")
     assert "uq_processed_emails_mailbox_uid" in names(db, "index")  # belongs to 0001
     assert recorded(db) == [1]
-    assert [s["status"] for s in migrate.migration_status(db)] == ["applied", "pending"]
+    assert [s["status"] for s in migrate.migration_status(db)] == ["applied", "pending", "pending"]
 
-    assert migrate.apply_migrations(db) == ["0002_add_performance_indexes"]
+    assert migrate.apply_migrations(db) == ["0002_add_performance_indexes", "0003_imap_lookups"]
     assert PERF_INDEXES <= names(db, "index")
-    assert recorded(db) == [1, 2]
+    assert recorded(db) == [1, 2, 3]
 
 
 def test_rollback_everything_then_nothing_left(tmp_path):
     db = tmp_path / "v.db"
     migrate.apply_migrations(db)
+    assert migrate.rollback_last(db) == "0003_imap_lookups"
     assert migrate.rollback_last(db) == "0002_add_performance_indexes"
     assert migrate.rollback_last(db) == "0001_initial"
     assert names(db, "table") == {"schema_migrations"}
@@ -118,7 +136,7 @@ def test_split_statements_respects_strings_and_comments():
 
 def test_migration_status_of_a_missing_database_does_not_create_it(tmp_path):
     db = tmp_path / "absent.db"
-    assert [s["status"] for s in migrate.migration_status(db)] == ["pending", "pending"]
+    assert [s["status"] for s in migrate.migration_status(db)] == ["pending"] * len(ALL_NAMES)
     assert not db.exists()
 
 
@@ -126,7 +144,8 @@ def test_migration_status_of_a_missing_database_does_not_create_it(tmp_path):
 def test_add_performance_indexes_runs_with_the_sqlite3_cli(tmp_path):
     db = tmp_path / "v.db"
     migrate.apply_migrations(db)
-    migrate.rollback_last(db)
+    migrate.rollback_last(db)  # 0003
+    migrate.rollback_last(db)  # 0002
     assert not PERF_INDEXES & names(db, "index")
     script = REPO_MIGRATIONS / "add_performance_indexes.sql"
     for _ in range(2):  # running it again is harmless
@@ -170,7 +189,7 @@ def test_locked_wal_database_with_pending_migration_raises_store_error(tmp_path)
             migrate.rollback_last(db, busy_timeout=0.1)
     finally:
         holder.close()
-    assert recorded(db) == [1]
+    assert recorded(db) == [1, 2]
 
 
 def test_not_a_database_raises_store_error(tmp_path):

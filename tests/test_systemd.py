@@ -88,6 +88,10 @@ def test_hardening_present(unit):
         assert s["ExecStart"] == ["/usr/local/bin/atlas-milter idle --account %i"]
         assert "imap-password-%i" in s["LoadCredential"][0]
         assert "RuntimeDirectory" not in s  # instances sharing one would delete it for each other
+        # A password refused at start exits 1: restarts must not become a login storm.
+        restart_s = float(s["RestartSec"][-1].rstrip("s"))
+        burst, interval = int(s["StartLimitBurst"][-1]), float(s["StartLimitIntervalSec"][-1].rstrip("s"))
+        assert restart_s >= 10 and burst * restart_s >= 60 and burst <= 5 and interval >= burst * restart_s
     else:
         assert "RuntimeDirectory" in s
         assert any("milter --socket unix:/var/spool/postfix/atlas-milter/milter.sock" in v for v in s["ExecStart"])

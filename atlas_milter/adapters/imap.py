@@ -200,13 +200,36 @@ def highest_uid(db: str, folder: str, uidvalidity: int) -> int | None:
     return rows[0][0] if rows and rows[0][0] is not None else None
 
 
-def pending_move_uids(db: str, folder: str, uidvalidity: int) -> set[int]:
-    """UIDs recorded as moved to Junk from this mailbox: any still in it missed its move."""
+def folder_mark(db: str, folder: str, uidvalidity: int) -> int | None:
+    """The highest UID of `folder` the listener looked at in an earlier run (the Junk folder,
+    whose arrivals are not recorded in processed_emails), or None."""
+    rows = _read(db, "SELECT last_uid FROM imap_folder_marks WHERE folder = ? AND uidvalidity = ?", (folder, uidvalidity))
+    return rows[0][0] if rows else None
+
+
+def save_folder_mark(db: str, folder: str, uidvalidity: int, last_uid: int) -> None:
+    conn = connect(db)
+    try:
+        with conn:
+            conn.execute(
+                "INSERT INTO imap_folder_marks (folder, uidvalidity, last_uid, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (folder, uidvalidity) DO UPDATE SET last_uid = max(last_uid, excluded.last_uid), "
+                "updated_at = excluded.updated_at",
+                (folder, uidvalidity, last_uid, now_iso()),
+            )
+    finally:
+        conn.close()
+
+
+def pending_moves(db: str, folder: str, uidvalidity: int) -> dict[int, str]:
+    """{uid: Message-ID} recorded as moved to Junk from this mailbox: any still in it missed
+    its move (or, on a server without MOVE, its EXPUNGE after the COPY)."""
     return {
-        uid
-        for (uid,) in _read(
+        uid: mid or ""
+        for uid, mid in _read(
             db,
-            "SELECT uid FROM processed_emails WHERE folder = ? AND uidvalidity = ? AND action = ? AND uid IS NOT NULL",
+            "SELECT uid, message_id FROM processed_emails WHERE folder = ? AND uidvalidity = ? AND action = ? "
+            "AND uid IS NOT NULL",
             (folder, uidvalidity, ACTION_MOVE),
         )
     }
@@ -457,18 +480,44 @@ class ImapSession:
         if not uids:
             return
         use_move = self.has("MOVE")
-        uidplus = self.has("UIDPLUS")
         for part in _batches(sorted(uids), MOVE_BATCH):
             if use_move:
                 self.c.move(part, dest)
                 continue
             self.c.copy(part, dest)
-            self.c.add_flags(part, [FLAG_DELETED], silent=True)
-            if uidplus:
-                self.c.uid_expunge(part)
-            else:  # a plain EXPUNGE would also remove what the user marked deleted
-                log.warning("imap: server lacks UIDPLUS: %d message(s) copied to %s and marked \\Deleted, "
-                            "left for the mail client to expunge", len(part), dest)
+            self.remove(part, f"copied to {dest}")
+
+    def remove(self, uids: Sequence[int], why: str) -> None:
+        """\\Deleted, then UID EXPUNGE of just `uids` from the selected folder (callers make
+        sure a copy exists elsewhere). Without UIDPLUS they are only marked \\Deleted."""
+        self.c.add_flags(list(uids), [FLAG_DELETED], silent=True)
+        if self.has("UIDPLUS"):
+            self.c.uid_expunge(list(uids))
+        else:  # a plain EXPUNGE would also remove what the user marked deleted
+            log.warning("imap: server lacks UIDPLUS: %d message(s) %s and marked \\Deleted, "
+                        "left for the mail client to expunge", len(uids), why)
+
+    def copies_in(self, folder: str, wanted: Mapping[int, str]) -> set[int]:
+        """Those of `wanted` ({uid in the selected folder: Message-ID}) that already have a
+        copy in `folder`: same Message-ID and same size. Re-selects the current folder after."""
+        wanted = {uid: mid for uid, mid in wanted.items() if mid}
+        if not wanted:
+            return set()
+        back = self.selected
+        sizes = {uid: d.get(b"RFC822.SIZE") for uid, d in self.c.fetch(sorted(wanted), [b"RFC822.SIZE"]).items()}
+        found: set[int] = set()
+        try:
+            self.select(folder, readonly=True)
+            for mid in set(wanted.values()):
+                there = self.c.search(["HEADER", "Message-ID", mid])
+                if not there:
+                    continue
+                there_sizes = {d.get(b"RFC822.SIZE") for d in self.c.fetch(there, [b"RFC822.SIZE"]).values()}
+                found |= {uid for uid, m in wanted.items() if m == mid and sizes.get(uid) in there_sizes}
+        finally:
+            if back is not None:
+                self.select(back)
+        return found
 
     def contains_message_id(self, folder: str, message_id: str) -> bool:
         """Is a message with this Message-ID in `folder`? Re-selects the current folder after."""
@@ -614,14 +663,25 @@ def redo_pending_moves(session: ImapSession, db: str, state: FolderState) -> int
     """Move what we recorded as moved but is still in the folder (a crash between the
     record and the move). UIDs are never reused within a UIDVALIDITY, so a message the user
     moved back has a new UID and is left alone."""
-    recorded = pending_move_uids(db, state.name, state.uidvalidity)
+    recorded = pending_moves(db, state.name, state.uidvalidity)
     if not recorded:
         return 0
-    present = sorted(set(session.uids()) & recorded)
-    if present:
-        log.info("imap: %s: moving %d spam recorded as moved before an interruption", state.name, len(present))
-        session.add_keywords(present, [KEYWORD_JUNK])
-        session.move(present, session.junk_folder())
+    present = sorted(set(session.uids()) & recorded.keys())
+    if not present:
+        return 0
+    junk = session.junk_folder()
+    # A crash between COPY and EXPUNGE (servers without MOVE) left a copy in Junk already:
+    # remove the original instead of copying it a second time.
+    copied = session.copies_in(junk, {uid: recorded[uid] for uid in present})
+    if copied:
+        log.info("imap: %s: removing %d spam already copied to %s before an interruption", state.name,
+                 len(copied), junk)
+        session.remove(sorted(copied), f"already in {junk}")
+    rest = [uid for uid in present if uid not in copied]
+    if rest:
+        log.info("imap: %s: moving %d spam recorded as moved before an interruption", state.name, len(rest))
+        session.add_keywords(rest, [KEYWORD_JUNK])
+        session.move(rest, junk)
     return len(present)
 
 
@@ -639,17 +699,64 @@ class Listener:
         self.config = config
         self.account = account
         self.force_plain = force_plain
-        self.password, where = read_password(self.imap, account, env)
-        log.info("imap: password from %s", where)
+        self.env = env
+        self.password, self.password_source = read_password(self.imap, account, env)
+        log.info("imap: password from %s", self.password_source)
         self.db = config.store.db
         self.lock = threading.RLock()
         self.stop = threading.Event()
         self.fatal: str | None = None
         self.logged_in_once = threading.Event()
+        # Refused logins after the start (password rotated, the server's auth down): shared
+        # by every watcher, so the server sees one attempt per backoff delay, not one per folder.
+        self.login_lock = threading.Lock()
+        self.login_refusals = 0
+        self.next_login = 0.0  # time.monotonic() before which nobody tries again
+        self.rng = random.Random()
         self.pipeline = Pipeline(config)
 
     def new_session(self) -> ImapSession:
-        return ImapSession(self.imap, self.password, self.force_plain).connect()
+        """A logged-in session. After a refused login every watcher waits for the same
+        backoff delay, and the password is read again from its source before each retry
+        (the admin may have put the new one there). Raises LoginError while refused."""
+        with self.login_lock:
+            refused = self.login_refusals > 0
+            if refused:
+                return self._retry_login()
+        try:
+            return ImapSession(self.imap, self.password, self.force_plain).connect()
+        except LoginError as exc:
+            with self.login_lock:
+                if self.login_refusals == 0:  # the other watchers' simultaneous failures count once
+                    self._refused(exc)
+            raise
+
+    def _retry_login(self) -> ImapSession:
+        """Under `login_lock`: wait out the shared delay, re-read the password, try once."""
+        if self.stop.wait(max(0.0, self.next_login - time.monotonic())):
+            raise ConnectionLost("stopping")
+        try:
+            self.password, self.password_source = read_password(self.imap, self.account, self.env)
+            session = ImapSession(self.imap, self.password, self.force_plain).connect()
+        except (LoginError, AtlasError) as exc:
+            self._refused(exc)
+            raise LoginError(str(exc)) from None
+        log.warning("imap: login as %s on %s works again after %d refused attempt(s)", self.imap.user,
+                    self.imap.host, self.login_refusals)
+        self.login_refusals, self.next_login = 0, 0.0
+        return session
+
+    def _refused(self, exc: BaseException) -> None:
+        imap = self.imap
+        delay = backoff_delay(self.login_refusals, imap.reconnect_initial, imap.reconnect_max, self.rng)
+        self.login_refusals += 1
+        self.next_login = time.monotonic() + delay
+        if self.password_source.startswith("file "):
+            todo = f"put the new one in the {self.password_source} (read again before every attempt)"
+        else:  # the environment and systemd credentials are fixed for the life of the process
+            todo = f"update the {self.password_source} and restart the listener"
+        log.error("imap: login as %s on %s refused (%s), attempt %d; trying again in %.1f s. If the password "
+                  "changed, %s", imap.user, imap.host, _one_line(exc), self.login_refusals, delay, todo)
 
     def reload_model(self) -> bool:
         """SIGHUP or SIGUSR1: the model file again (a bad one keeps the current model;
@@ -727,8 +834,7 @@ class FolderWatcher(threading.Thread):
                     lst.fatal = f"IMAP login as {lst.imap.user} on {lst.imap.host} refused: {_one_line(exc)}"
                     lst.stop.set()
                     return
-                self._wait(attempt, exc)
-                attempt += 1
+                # Logged, and the next try delayed, by new_session for all watchers at once.
             except (ConnectionLost, *RECOVERABLE) as exc:
                 if lst.stop.is_set():
                     break
@@ -816,6 +922,8 @@ class FolderWatcher(threading.Thread):
             else:
                 self.handle_new(session, state, items)
             self.high = max(self.high, part[-1])
+            if self.junk_role:  # learned from: not again after a restart
+                save_folder_mark(lst.db, self.folder, state.uidvalidity, self.high)
 
     def handle_new(self, session: ImapSession, state: FolderState, items: list[tuple[int, bytes]]) -> None:
         lst = self.listener
@@ -900,9 +1008,15 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
                 state = probe.select(w.folder, readonly=True)
             except IMAPClientError as exc:
                 raise AtlasError(f"IMAP folder {w.folder!r}: {_one_line(exc)}") from None
-            # Where the last run stopped (catch up on what came meanwhile), else from now on.
-            stored = None if w.junk_role else highest_uid(listener.db, w.folder, state.uidvalidity)
+            # Where the last run stopped (catch up on what came meanwhile, including what the
+            # user moved into Junk while we were stopped), else from now on.
+            if w.junk_role:
+                stored = folder_mark(listener.db, w.folder, state.uidvalidity)
+            else:
+                stored = highest_uid(listener.db, w.folder, state.uidvalidity)
             w.uidvalidity, w.high = state.uidvalidity, stored if stored is not None else state.uidnext - 1
+            if w.junk_role and stored is None:
+                save_folder_mark(listener.db, w.folder, state.uidvalidity, w.high)
     except BaseException:
         listener.pipeline.close()
         raise
@@ -943,5 +1057,6 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
 
 def _quiet_imapclient_logs() -> None:
     # imapclient logs every command and response at DEBUG: message bodies (and, were its
-    # redaction ever to miss, a secret) must not reach our logs.
-    logging.getLogger("imapclient").setLevel(max(logging.INFO, logging.getLogger("imapclient").level))
+    # redaction ever to miss, a secret) must not reach our logs; at INFO it says "Connection
+    # closed" for every reconnect, which our own lines already say.
+    logging.getLogger("imapclient").setLevel(max(logging.WARNING, logging.getLogger("imapclient").level))
