@@ -122,6 +122,10 @@ def _kill_9_during_moves(server, corpus_dir, corpus_index, tmp_path, total: int,
             placed = Counter(in_folder + in_junk)
             assert set(placed) == set(expected), "a message vanished at a kill -9"
             seen_both += sum(n - 1 for n in placed.values())  # a COPY not yet expunged
+            # systemd restarts the listener RestartSec=15s later: by then Dovecot has finished
+            # the command the killed client had in flight (a COPY it has not answered yet). An
+            # instant restart could look at the folders before that COPY lands and copy again.
+            time.sleep(1.0)
             idle.start()
         # The last run finishes: every record written, every recorded move done.
         wait_for(lambda: _recorded(db) >= total, 120, "all records")
