@@ -207,3 +207,26 @@ def test_killed_milter_tempfails_with_f_t(mta, workdir, messages):
     assert (code, text) == (451, "4.3.2 Please try again later")  # F=T: the client keeps it and retries
     assert tok not in sunk_tokens(mta)
 
+
+def test_milter_gets_its_eom_macros_without_the_snippet_define(workdir, messages):
+    """Sendmail 8.17 honours the milter's own end-of-message macro list (SMFIF_SETSYMLIST) only
+    when the milter also set an end-of-header list; atlas-milter does, so {client_addr} arrives
+    even on a Sendmail configured without the snippet's confMILTER_MACROS_EOM line."""
+    base = workdir / "no-eom-define"
+    base.mkdir()
+    server = SendmailInstance(base / "sendmail", milter_mc=snippet_mc(base / "milter.sock", eom_macros=False))
+    try:
+        server.start()
+        proc = MilterProcess(base, f"unix:{base / 'milter.sock'}", config_text=BASE_CONFIG, name="symlist").start()
+        try:
+            tok = new_token()
+            assert send(server, messages[0][1], tok) == (250, "ok")
+            [data] = sunk(server, {tok}).values()
+        finally:
+            assert proc.stop() == 0
+    finally:
+        server.stop()
+    assert "\nO Milter.macros.eom={msg_id}\n" in server.cf_path.read_text()  # the cf default, no {client_addr}
+    [row] = db_rows(proc)
+    assert row["queue_id"] == QUEUE_ID.search(data).group(1).decode()
+    assert row["client_ip"] == "127.0.0.1"
