@@ -2,8 +2,8 @@
 subprocess on a unix socket) → relay to smtp-sink. Sendmail is the Debian build, extracted into
 .cache/sendmail/root by scripts/bootstrap.sh --system (it cannot be installed beside Postfix), and
 the milter is wired in with the very lines of conf/sendmail.mc. Corpus spam is tagged, rejected
-with 550 or quarantined by policy (`mailq -qQ` lists it), the verdict rows match what the client
-and the sink saw, and a killed milter gives F=T's tempfail."""
+with 550 or quarantined by policy (`mailq -qQ` lists it, `sendmail -qQ -qI<id>` releases it), the
+verdict rows match what the client and the sink saw, and a killed milter gives F=T's tempfail."""
 
 from __future__ import annotations
 
@@ -194,6 +194,21 @@ def test_corpus_spam_quarantined_in_sendmail_queue(mta, workdir, messages):
         assert block, listing.stdout
         assert re.search(r"QUARANTINE: atlas-milter: spam score \d\.\d{3} \(ref [0-9A-F]{10}\)", block.group(0)), \
             block.group(0)
+    # the admin releases one (sendmail -qQ -qI<id>: a queue run over quarantined items matching the id)
+    first, *rest = sorted(held)
+    before = set(sunk_tokens(mta))
+    release = mta.sendmail_cmd("-qQ", f"-qI{first}")
+    assert release.returncode == 0, release.stderr
+    wait_until(lambda: len(sunk_tokens(mta) - before) == 1, timeout=30, what=f"released {first} at the sink",
+               proc=mta.proc, logs=(mta.traffic_log,))
+    [data] = [p.read_bytes().replace(b"\r\n", b"\n") for p in mta.sink_messages()
+              if (m := TOKEN.search(p.read_bytes())) and m.group(1).decode() not in before]
+    assert QUEUE_ID.search(data).group(1).decode() == first
+    assert header(data, "X-Atlas-Verdict") == ["spam"] and header(data, "X-Spam-Flag") == ["YES"]
+    # the delivery run removes its queue file just after the sink has the message
+    wait_until(lambda: {p.name[2:] for p in mta.queued()} == set(rest), timeout=10,
+               what=f"{first} gone from the queue, the others still held", logs=(mta.traffic_log,))
+    assert all(p.name.startswith("hf") for p in mta.queued())
 
 
 def test_killed_milter_tempfails_with_f_t(mta, workdir, messages):
