@@ -5,8 +5,9 @@
 #                                   compiles against, when it is missing)
 #   scripts/bootstrap.sh --system   also the real servers the integration tests drive: postfix,
 #                                   dovecot-imapd, miltertest, sqlite3, node/npm, chromium (headless, for
-#                                   the /performance page test), and npm `statsd` in
-#                                   .cache/statsd (git-ignored)
+#                                   the /performance page test), npm `statsd` in
+#                                   .cache/statsd, and Sendmail unpacked (never installed: it
+#                                   conflicts with postfix) in .cache/sendmail (both git-ignored)
 #
 # System packages come from apt-get, only when something is missing and only as root; otherwise this
 # prints one line naming what to install and exits 1.  Set PYTHON=/path/to/python3.11 to pick the
@@ -23,7 +24,7 @@ system=0
 for arg in "$@"; do
     case $arg in
         --system) system=1 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "bootstrap: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -52,6 +53,8 @@ if [ "$system" = 1 ]; then
     command -v node >/dev/null 2>&1 || missing+=(nodejs)
     command -v npm >/dev/null 2>&1 || missing+=(npm)
     command -v script >/dev/null 2>&1 || missing+=(bsdutils)   # postfix diagnostics (tests/servers.py)
+    command -v m4 >/dev/null 2>&1 || missing+=(m4)               # builds the private sendmail.cf
+    command -v unshare >/dev/null 2>&1 || missing+=(util-linux)  # sendmail runs in its own UTS namespace
     # headless browser for tests/test_web_chromium.py (~120 MB download, ~20 s, only once)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 fi
@@ -142,6 +145,45 @@ if [ "$system" = 1 ]; then
             "statsd@$STATSD_VERSION" >/dev/null
         touch "$sd_stamp"
         log "statsd installed in $((SECONDS - t0))s"
+    fi
+fi
+
+# ----------------------------------------------------------------- Sendmail (unpacked, not installed)
+# sendmail-bin Conflicts with postfix, so the packages are downloaded and unpacked with dpkg-deb
+# into .cache/sendmail/root, which tests/servers.py SendmailInstance runs from (the .debs stay in
+# .cache/sendmail/debs: a re-extract needs no network).  The rest of its dependencies are on any
+# machine with postfix, except m4 (above) and liblockfile1 (only mail.local needs it: unused).
+if [ "$system" = 1 ]; then
+    sm=$CACHE/sendmail
+    if ! [ -f "$sm/root/.extracted" ]; then
+        if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then
+            echo "bootstrap: fetching Sendmail needs apt-get and dpkg-deb (Debian/Ubuntu); without them tests/test_sendmail_e2e.py cannot run" >&2
+            exit 1
+        fi
+        t0=$SECONDS
+        mkdir -p "$sm/debs"
+        if ! ls "$sm"/debs/sendmail-bin_*.deb "$sm"/debs/sendmail-base_*.deb "$sm"/debs/sendmail-cf_*.deb \
+            >/dev/null 2>&1; then
+            log "apt-get download sendmail-bin sendmail-base sendmail-cf into .cache/sendmail/debs"
+            fetch() {
+                (cd "$sm/debs" && apt-get -q -o APT::Sandbox::User=root download \
+                    sendmail-bin sendmail-base sendmail-cf) >"$CACHE/apt-sendmail.log" 2>&1
+            }
+            if ! fetch; then   # stale or empty package lists on a fresh machine
+                apt-get -o DPkg::Lock::Timeout=600 update -qq >>"$CACHE/apt-sendmail.log" 2>&1 || true
+                fetch || { tail -20 "$CACHE/apt-sendmail.log" >&2
+                    echo "bootstrap: apt-get download sendmail-bin sendmail-base sendmail-cf failed (log: .cache/apt-sendmail.log)" >&2
+                    exit 1; }
+            fi
+        fi
+        rm -rf "$sm/root" "$sm/root.new"
+        mkdir -p "$sm/root.new"
+        for deb in "$sm"/debs/sendmail-{bin,base,cf}_*.deb; do
+            dpkg-deb -x "$deb" "$sm/root.new"
+        done
+        touch "$sm/root.new/.extracted"
+        mv "$sm/root.new" "$sm/root"
+        log "sendmail unpacked into .cache/sendmail/root in $((SECONDS - t0))s"
     fi
 fi
 

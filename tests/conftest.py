@@ -27,17 +27,19 @@ from servers import (  # noqa: E402
     ServerError,
     StatsdInstance,
     find_binary,
+    sendmail_missing,
+    sendmail_tree,
     statsd_js_path,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVER_FIXTURES = {"postfix", "dovecot", "statsd_daemon"}
+SERVER_FIXTURES = {"postfix", "dovecot", "statsd_daemon", "sendmail_root"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "integration: drives real servers (Postfix, Dovecot, StatsD); run alone with -m integration",
+        "integration: drives real servers (Postfix, Dovecot, StatsD, Sendmail); run alone with -m integration",
     )
 
 
@@ -163,3 +165,14 @@ def statsd_daemon(servers_dir: Path):
     server = _start(StatsdInstance(servers_dir / "statsd"), "statsd")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def sendmail_root() -> Path:
+    """The extracted Sendmail packages (.cache/sendmail/root) for tests that build a SendmailInstance,
+    plus the m4, unshare and smtp-sink it needs; skips (fails under ATLAS_REQUIRE_SERVERS=1) when absent."""
+    why = sendmail_missing()
+    if why:
+        _unavailable(why)
+    require_root("sendmail")
+    return sendmail_tree()

@@ -13,8 +13,11 @@ Recipes and gotchas: shared/docs/infra-recipes.md (items 2, 5 and 6).
   passwd-file user (user@example.test) whose password is also written to a file.
 * ``StatsdInstance``   the npm ``statsd`` daemon (Etsy) with a long flush interval, read
   back through its admin TCP port.
+* ``SendmailInstance`` Sendmail 8.17 run from the Debian packages extracted into
+  ``.cache/sendmail/root`` (sendmail-bin conflicts with postfix, so it is never installed),
+  with a private sendmail.cf built by m4, relaying everything to an smtp-sink.
 
-Postfix and Dovecot must be started as root (their master processes drop privileges).
+Postfix, Dovecot and Sendmail must be started as root (their master processes drop privileges).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import imaplib
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import smtplib
@@ -43,6 +47,7 @@ VIRTUAL_UID = 65534  # nobody/nogroup: valid for virtual(8) (>= 100) and Dovecot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATSD_DIR = REPO_ROOT / ".cache" / "statsd"  # filled by scripts/bootstrap.sh --system
+SENDMAIL_TREE = REPO_ROOT / ".cache" / "sendmail" / "root"  # likewise (dpkg-deb -x of sendmail-*)
 
 # Debian puts the daemons in sbin, which a non-login PATH can lack.
 _EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -851,3 +856,234 @@ def statsd_js_path() -> Path:
     """Where stats.js is: $ATLAS_STATSD_JS, else <repo>/.cache/statsd/node_modules/statsd/stats.js."""
     env = os.environ.get("ATLAS_STATSD_JS")
     return Path(env) if env else STATSD_DIR / "node_modules" / "statsd" / "stats.js"
+
+
+# --------------------------------------------------------------------------- Sendmail
+
+
+def sendmail_tree() -> Path:
+    """Root of the extracted sendmail-bin/-base/-cf packages: $ATLAS_SENDMAIL_TREE, else .cache/sendmail/root."""
+    env = os.environ.get("ATLAS_SENDMAIL_TREE")
+    return Path(env) if env else SENDMAIL_TREE
+
+
+def sendmail_missing(tree: Path | None = None) -> str | None:
+    """Why a SendmailInstance cannot run here (None when it can)."""
+    tree = tree or sendmail_tree()
+    if not (tree / SendmailInstance.BINARY).is_file() or not (tree / SendmailInstance.CF_DIR / "m4/cf.m4").is_file():
+        return f"sendmail is not extracted in {tree} (run: bash scripts/bootstrap.sh --system)"
+    for name in ("m4", "unshare", "smtp-sink"):
+        if not find_binary(name):
+            return f"{name} is not installed (run: bash scripts/bootstrap.sh --system)"
+    return None
+
+
+def private_tmpdir(prefix: str) -> Path:
+    """A fresh 0755 directory whose whole path is writable by root only.
+
+    Sendmail refuses a milter socket, queue or config below a group- or world-writable
+    directory such as /tmp ("local socket name ... unsafe: World writable directory"),
+    so its instances live under /run (or the repo's .cache when /run will not do).
+    """
+    for parent in (Path("/run"), REPO_ROOT / ".cache"):
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            chain = [parent, *parent.parents]
+            if all(os.stat(d).st_uid == 0 and not os.stat(d).st_mode & 0o022 for d in chain):
+                path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+                os.chmod(path, 0o755)
+                return path
+        except OSError:
+            continue
+    raise ServerError("no root-owned, non-group/world-writable directory for a private sendmail (tried /run, .cache)")
+
+
+class SendmailInstance(_Server):
+    """A private Sendmail: SMTP on 127.0.0.1:``smtp_port``; every message is relayed to an
+    smtp-sink on 127.0.0.1:``sink_port`` that writes one file per message into ``sink_dir``.
+
+    ``milter_mc`` is m4 text added to the .mc (the INPUT_MAIL_FILTER lines of
+    conf/sendmail.mc, say).  The binary, the cf macros and the helpfile come from the
+    extracted Debian packages (``tree``); m4 is the system one.  Sendmail runs in its own
+    UTS namespace with the host name mx.atlas.test: on a host whose name has no dot it
+    otherwise sleeps 60 s at every start ("My unqualified host name ... sleeping for retry").
+    Nothing goes to syslog (there is none here): ``traffic_log`` has the SMTP transcripts
+    (-X) and ``debug_log`` the milter conversation (-d64.5); ``log_tail`` shows both.
+    ``tmpdir`` must be root-owned all the way up: use ``private_tmpdir()``.
+    """
+
+    name = "sendmail"
+    BINARY = "usr/libexec/sendmail/sendmail"
+    CF_DIR = "usr/share/sendmail/cf"
+    HOSTNAME = "mx.atlas.test"
+
+    def __init__(
+        self,
+        tmpdir: Path | str,
+        smtp_port: int | None = None,
+        *,
+        milter_mc: str = "",
+        sink_port: int | None = None,
+        tree: Path | str | None = None,
+    ) -> None:
+        self.base = _prepare_base(Path(tmpdir))
+        self.tree = Path(tree) if tree else sendmail_tree()
+        self.binary = self.tree / self.BINARY
+        self.smtp_port = smtp_port or free_port()
+        self.sink_port = sink_port or free_port()
+        self.milter_mc = milter_mc
+        self.host = LOCALHOST
+        self.mc_path = self.base / "sendmail.mc"
+        self.cf_path = self.base / "sendmail.cf"
+        self.queue_dir = self.base / "queue"
+        self.sink_dir = self.base / "sink"
+        self.traffic_log = self.base / "traffic.log"
+        self.debug_log = self.base / "debug.log"
+        self.stdout_path = self.base / "sendmail.out"
+        self.sink_log = self.base / "smtp-sink.log"
+        self.sink_proc: subprocess.Popen | None = None
+        self._configured = False
+
+    # -- configuration
+    def mc_text(self) -> str:
+        b = self.base
+        return f"""\
+divert(-1)
+Private atlas-milter test instance (tests/servers.py SendmailInstance); built with
+m4 -D_CF_DIR_={self.tree / self.CF_DIR}/ cf.m4 sendmail.mc > sendmail.cf
+divert(0)dnl
+VERSIONID(`atlas-milter test instance')dnl
+OSTYPE(`linux')dnl
+FEATURE(`no_default_msa')dnl
+FEATURE(`accept_unresolvable_domains')dnl
+define(`confDOMAIN_NAME', `{self.HOSTNAME}')dnl
+define(`QUEUE_DIR', `{self.queue_dir}')dnl
+define(`STATUS_FILE', `{b}/statistics')dnl
+define(`confPID_FILE', `{b}/sendmail.pid')dnl
+define(`ALIAS_FILE', `{b}/aliases')dnl
+define(`HELP_FILE', `{self.tree}/etc/mail/helpfile')dnl
+define(`confSERVICE_SWITCH_FILE', `{b}/service.switch')dnl
+define(`confHOSTS_FILE', `{b}/hosts')dnl
+define(`confDONT_PROBE_INTERFACES', `True')dnl
+define(`confTO_IDENT', `0s')dnl
+define(`confDEF_USER_ID', `{VIRTUAL_UID}:{VIRTUAL_UID}')dnl
+dnl a busy shared machine must not make it queue or refuse (defaults: 8 and 12 per CPU)
+define(`confQUEUE_LA', `1000')dnl
+define(`confREFUSE_LA', `1000')dnl
+define(`confMILTER_LOG_LEVEL', `9')dnl
+dnl everything goes to the smtp-sink
+define(`SMART_HOST', `esmtp:[{LOCALHOST}]')dnl
+define(`ESMTP_MAILER_ARGS', `TCP $h {self.sink_port}')dnl
+define(`SMTP_MAILER_ARGS', `TCP $h {self.sink_port}')dnl
+DAEMON_OPTIONS(`Port={self.smtp_port}, Addr={LOCALHOST}, Name=MTA')dnl
+{self.milter_mc.rstrip()}
+MAILER(`local')dnl
+MAILER(`smtp')dnl
+"""
+
+    def configure(self) -> None:
+        if self._configured:
+            return
+        self.queue_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.sink_dir.mkdir(exist_ok=True)
+        shutil.chown(self.sink_dir, user="postfix")  # smtp-sink -u postfix writes here
+        (self.base / "aliases").write_text("")
+        (self.base / "statistics").write_text("")
+        (self.base / "service.switch").write_text("hosts files\naliases files\n")
+        (self.base / "hosts").write_text(f"{LOCALHOST} localhost {self.HOSTNAME}\n")
+        self.mc_path.write_text(self.mc_text())
+        cf_dir = self.tree / self.CF_DIR
+        res = subprocess.run(
+            [_binary("m4"), f"-D_CF_DIR_={cf_dir}/", str(cf_dir / "m4" / "cf.m4"), str(self.mc_path)],
+            capture_output=True, stdin=subprocess.DEVNULL, timeout=60,
+        )
+        if res.returncode != 0 or res.stderr.strip():
+            raise ServerError(f"m4 {self.mc_path}: exit {res.returncode}\n{res.stderr.decode(errors='replace')}")
+        self.cf_path.write_bytes(res.stdout)
+        self._configured = True
+
+    # -- lifecycle
+    def start(self, timeout: float = 30.0) -> "SendmailInstance":
+        if self.running:
+            return self
+        if not self.binary.is_file():
+            raise ServerError(f"sendmail not extracted at {self.binary} (run scripts/bootstrap.sh --system)")
+        self.configure()
+        t0 = time.monotonic()
+        self._start_sink(timeout)
+        daemon = [str(self.binary), "-C", str(self.cf_path), "-bD", "-X", str(self.traffic_log),
+                  "-D", str(self.debug_log), "-d64.5"]
+        # exec: the Popen'd pid is sendmail itself, in its own UTS namespace and our new session.
+        script = f"hostname {self.HOSTNAME} && exec " + " ".join(shlex.quote(a) for a in daemon)
+        self._spawn([_binary("unshare"), "--uts", "sh", "-c", script], self.stdout_path)
+        try:
+            wait_until(self._greets, timeout=timeout, what=f"sendmail on {LOCALHOST}:{self.smtp_port}",
+                       proc=self.proc, logs=self._logs())
+        except ServerError:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def _start_sink(self, timeout: float) -> None:
+        if tcp_port_listening(self.sink_port):
+            raise ServerError(f"smtp-sink: {LOCALHOST}:{self.sink_port} already in use by another process")
+        with open(self.sink_log, "ab") as out:
+            self.sink_proc = subprocess.Popen(
+                [_binary("smtp-sink"), "-u", "postfix", "-d", f"{self.sink_dir}/msg.",
+                 f"{LOCALHOST}:{self.sink_port}", "50"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        wait_until(lambda: tcp_port_listening(self.sink_port), timeout=timeout,
+                   what=f"smtp-sink on {LOCALHOST}:{self.sink_port}", proc=self.sink_proc, logs=(self.sink_log,))
+
+    def _logs(self) -> tuple[Path, ...]:
+        return (self.stdout_path, self.debug_log, self.traffic_log, self.sink_log)
+
+    def _ports(self) -> list[tuple[str, int]]:
+        return [("tcp", self.smtp_port)]
+
+    def _greets(self) -> bool:
+        if not tcp_port_listening(self.smtp_port):
+            return False
+        try:
+            with smtplib.SMTP(self.host, self.smtp_port, timeout=5) as smtp:
+                return smtp.noop()[0] == 250
+        except (OSError, smtplib.SMTPException):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)  # the daemon passes it on to its SMTP children
+            self._reap(timeout=10)
+        if self.sink_proc is not None:
+            if self.sink_proc.poll() is None:
+                self.sink_proc.send_signal(signal.SIGTERM)
+            try:
+                self.sink_proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.sink_proc.kill()
+                self.sink_proc.wait(5)
+            self.sink_proc = None
+
+    # -- observation
+    def log_tail(self, lines: int = 40) -> str:
+        return log_tail(*self._logs(), lines=lines)
+
+    def sendmail_cmd(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """Run the extracted sendmail with the private config, e.g. ``sendmail_cmd("-bp", "-qQ")``
+        (= ``mailq -qQ``, the quarantined messages).  It runs in a UTS namespace like the daemon."""
+        argv = [str(self.binary), "-C", str(self.cf_path), *args]
+        script = f"hostname {self.HOSTNAME} && exec " + " ".join(shlex.quote(a) for a in argv)
+        return subprocess.run([_binary("unshare"), "--uts", "sh", "-c", script], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+
+    def sink_messages(self) -> list[Path]:
+        """Files smtp-sink wrote, one per relayed message, oldest first."""
+        files = [p for p in self.sink_dir.glob("msg.*") if p.is_file()]
+        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def queued(self) -> list[Path]:
+        """Queue control files still in the queue: qf = waiting, hf = quarantined (held)."""
+        return sorted(p for p in self.queue_dir.iterdir() if p.name[:2] in ("qf", "hf"))

@@ -22,7 +22,8 @@ this module maps verdicts to replies through the tables below).
 
 Wire economy (see conf/postfix-main.cf): only envfrom, envrcpt, header (all no-reply),
 body and eom are negotiated; only the actions used are requested; the only macros asked
-for are {i}, {auth_authen} and {client_addr}, at end of message. The inet listening
+for are {i}, {auth_authen} and {client_addr}, at end of message ({i} at end of header too, which
+is skipped: Sendmail needs that to honour the end-of-message list). The inet listening
 socket gets TCP_NODELAY so that the several small replies at end of message (one per
 header change, then the verdict) do not wait on the MTA's delayed ACK.
 """
@@ -494,6 +495,10 @@ class AtlasMilter(Milter.Base):
                 # Straight to the context: pymilter 1.0.5's Base.setsymlist hands the C
                 # module bytes where it wants str.
                 self._ctx.setsymlist(Milter.M_EOM, " ".join(EOM_MACROS))
+                # Sendmail (8.17.1 included) sends a milter its own end-of-message list only
+                # when that milter also set an end-of-header list (milter_data() tests the EOH
+                # flag), else just its global {msg_id}.  EOH is negotiated away: this costs nothing.
+                self._ctx.setsymlist(Milter.M_EOH, "{i}")
             opts[0] = self._actions
             opts[1] = self._protocol = offered_protocol & ~self.protocol_mask()
             opts[2] = opts[3] = 0
