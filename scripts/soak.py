@@ -542,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default=os.environ.get("ATLAS_CORPUS", str(DEFAULT_CORPUS)))
     ap.add_argument("--out", help="also write the JSON summary here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (milter log, Postfix maillog)")
+    ap.add_argument("--prelude", default="", help="Python run in the milter process first (investigations)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("soak: needs root (it runs a private Postfix)", file=sys.stderr)
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(work, 0o755)
     http_port = free_port()
     lib_spec, pf_spec = unix_spec(work / "milter.sock")
-    milter = MilterProcess(work, lib_spec, config_text=milter_config(opts, http_port), name="soak")
+    milter = MilterProcess(work, lib_spec, config_text=milter_config(opts, http_port), name="soak", prelude=args.prelude)
     pf = PostfixInstance(work / "postfix", milter=pf_spec, milter_default_action="tempfail", extra_config={
         "smtpd_client_connection_count_limit": "0",
         "smtpd_client_connection_rate_limit": "0",
