@@ -9,8 +9,11 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from importlib import resources
@@ -539,3 +542,16 @@ def test_quarantine_without_mta_support_tags_instead(engines, monkeypatch):
     assert ctx.added()["X-Atlas-Verdict"] == "spam"
     [row] = rows(engine)
     assert row["action"] == "tag" and "quarantine not offered" in row["note"]
+
+
+def test_malloc_arenas_capped_unless_the_environment_says(tmp_path):
+    """serve() caps glibc's arenas (RSS crept under sustained load without it; see
+    scripts/soak.py); MALLOC_ARENA_MAX in the environment wins. In a subprocess: mallopt
+    changes the whole process."""
+    code = "from atlas_milter.adapters.milter import limit_malloc_arenas as f; print(f())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "4"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
