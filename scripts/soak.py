@@ -437,6 +437,8 @@ def soak(postfix, milter: MilterProcess, corpus: list[bytes], opts: SoakOptions,
         "memory": {"warmup_s": round(warm_end, 1), "reference_window_s": [round(x, 1) for x in ref],
                    "final_window_s": [round(final[0], 1), round(opts.duration, 1)],
                    "rss_reference_kb": rss_ref, "rss_final_kb": rss_final,
+                   "reference_samples": sum(1 for x in samples if ref[0] <= x["t"] < ref[1]),
+                   "final_samples": sum(1 for x in samples if final[0] <= x["t"] < final[1]),
                    "rss_min_kb": min((s["rss_kb"] for s in samples), default=None),
                    "rss_max_kb": max((s["rss_kb"] for s in samples), default=None),
                    "growth": round(growth, 4) if growth is not None else None},
@@ -453,13 +455,12 @@ def soak(postfix, milter: MilterProcess, corpus: list[bytes], opts: SoakOptions,
         "samples": len(samples),
         "milter_alive": milter_alive,
     })
-    summary["failures"] = check_bars(summary, opts, max_rate, samples, http_port)
+    summary["failures"] = check_bars(summary, opts, http_port)
     summary["rss_series_kb"] = [(s["t"], s["rss_kb"]) for s in samples]
     return summary
 
 
-def check_bars(summary: dict, opts: SoakOptions, max_rate: float | None, samples: list[dict],
-               http_port: int | None) -> list[str]:
+def check_bars(summary: dict, opts: SoakOptions, http_port: int | None) -> list[str]:
     """One line per bar that failed."""
     fail = []
     acc = summary["accounting"]
@@ -471,12 +472,11 @@ def check_bars(summary: dict, opts: SoakOptions, max_rate: float | None, samples
         fail.append(f"replies other than 250/550: {odd} e.g. {acc['other_replies'][:3]}")
     if not summary["milter_alive"]:
         fail.append("the milter process died")
-    min_samples = 3 * max(1, round(1 / opts.window))
-    if len(samples) < min_samples:
-        fail.append(f"only {len(samples)} memory samples (need {min_samples}): longer --duration or "
-                    f"shorter --sample-interval")
     mem = summary["memory"]
-    if mem["growth"] is None:
+    if min(mem["reference_samples"], mem["final_samples"]) < 3:
+        fail.append(f"{mem['reference_samples']} and {mem['final_samples']} memory samples in the reference and "
+                    "final windows (need 3 each): longer --duration or shorter --sample-interval")
+    elif mem["growth"] is None:
         fail.append("memory growth could not be computed (empty window)")
     elif mem["growth"] > opts.max_memory_growth:
         fail.append(f"memory grew {mem['growth']:.1%} after warm-up ({mem['rss_reference_kb']} -> "
