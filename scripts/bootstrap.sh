@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Bootstrap a development/CI environment for atlas-milter. Idempotent; seconds when already done.
 #
-#   scripts/bootstrap.sh            .venv with exactly the versions in requirements.lock, then
-#                                   `pip install --no-deps -e .` (and libmilter-dev, which pymilter
-#                                   compiles against, when it is missing)
+#   scripts/bootstrap.sh            .venv with exactly the versions in requirements.lock, then the
+#                                   project (`pip install -e '.[test]'`, which must add nothing: a
+#                                   stale lock fails), and libmilter-dev (pymilter compiles against
+#                                   it) when it is missing
 #   scripts/bootstrap.sh --lock     regenerate requirements.lock (`make lock`): `pip install -e '.[test]'`
 #                                   in a fresh throw-away venv, then `pip freeze` minus the project
 #   scripts/bootstrap.sh --system   also the real servers the integration tests drive: postfix,
@@ -28,7 +29,7 @@ for arg in "$@"; do
     case $arg in
         --system) system=1 ;;
         --lock) lock=1 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "bootstrap: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
