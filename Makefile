@@ -5,13 +5,16 @@
 #   make test                 the whole test suite, with the real Postfix/Dovecot/StatsD servers
 #   make test PYTEST_ARGS="tests/test_servers_smoke.py -q"
 #   make bench                benchmark against the recorded baseline
+#   make audit                pip-audit requirements.lock against the PyPI vulnerability database
+#   make lock                 regenerate requirements.lock after changing dependencies in pyproject.toml
+#   make soak                 30 minutes of load through Postfix + milter (scripts/soak.py; root, corpus)
 #   make clean                remove .venv, .cache and build/test leftovers
 
 SHELL := /bin/bash
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: all bootstrap bootstrap-system demo test bench clean
+.PHONY: all bootstrap bootstrap-system demo test bench audit lock soak clean
 
 all: test
 
@@ -32,6 +35,17 @@ test: bootstrap-system
 
 bench: bootstrap
 	$(VENV)/bin/atlas-milter bench --compare
+
+# No bootstrap first: auditing needs only requirements.lock (and installs pip-audit in its own venv).
+audit:
+	bash scripts/audit.sh
+
+lock:
+	bash scripts/bootstrap.sh --lock
+
+SOAK_ARGS ?=
+soak: bootstrap-system
+	$(VENV)/bin/python scripts/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis build dist *.egg-info

@@ -9,8 +9,11 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from importlib import resources
@@ -562,3 +565,16 @@ def test_locked_database_never_holds_end_of_message(tmp_path, caplog):
         assert row["action"] == "tag"
     finally:
         engine.close()
+
+
+def test_malloc_arenas_capped_unless_the_environment_says(tmp_path):
+    """serve() caps glibc's arenas (RSS crept under sustained load without it; see
+    scripts/soak.py); MALLOC_ARENA_MAX in the environment wins. In a subprocess: mallopt
+    changes the whole process."""
+    code = "from atlas_milter.adapters.milter import limit_malloc_arenas as f; print(f())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "4"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

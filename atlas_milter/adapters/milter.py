@@ -30,6 +30,7 @@ header change, then the verdict) do not wait on the MTA's delayed ACK.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import grp
@@ -934,6 +935,27 @@ def socket_gid(group: str) -> int:
         raise AtlasError(f"[milter] socket_group: no group named {group!r} on this machine") from None
 
 
+MALLOC_ARENAS = 2  # glibc malloc arenas of the milter process (see limit_malloc_arenas)
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (mallopt M_ARENA_MAX) unless MALLOC_ARENA_MAX is set in the
+    environment (then glibc already applied it). libmilter runs every SMTP connection on a
+    new thread and glibc hands new threads arenas of their own, up to 8 per core, where
+    freed memory fragments: under sustained load (scripts/soak.py, 150 messages/s) the
+    milter's RSS crept up ~5 MB a minute with the default and stayed flat with 2 arenas, at
+    the same latency. False where this does not apply (not glibc, or mallopt refused)."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return mallopt(_M_ARENA_MAX, arenas) == 1
+
+
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})  # libmilter's sigwait thread: stop
 
 
@@ -955,6 +977,7 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
     mc = config.milter
     sock = parse_socket(mc.socket)
     old_mask = block_signals()
+    limit_malloc_arenas()  # before any thread starts
     pipeline, model_error = make_pipeline(config)
     if model_error:
         log.error("milter: %s; every message gets on_error=%s until the model is fixed", model_error, mc.on_error)
