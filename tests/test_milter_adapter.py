@@ -130,8 +130,9 @@ def test_negotiates_only_what_it_uses(engines):
     ctx = Ctx()
     ctx._connect()
     prot = ctx._protocol
-    for skipped in (Milter.P_NOCONNECT, Milter.P_NOHELO, Milter.P_NODATA, Milter.P_NOEOH, Milter.P_NOUNKNOWN):
+    for skipped in (Milter.P_NOCONNECT, Milter.P_NOHELO, Milter.P_NOEOH, Milter.P_NOUNKNOWN):
         assert prot & skipped, hex(skipped)
+    assert not prot & (Milter.P_NODATA | Milter.P_NR_DATA)  # DATA answered: see the module docstring
     for wanted in (Milter.P_NOMAIL, Milter.P_NORCPT, Milter.P_NOHDRS, Milter.P_NOBODY):
         assert not prot & wanted, hex(wanted)
     for no_reply in (Milter.P_NR_MAIL, Milter.P_NR_RCPT, Milter.P_NR_HDR):

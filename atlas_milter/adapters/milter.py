@@ -21,11 +21,17 @@ or an SMTP reply, or decide thresholds itself (scores and cutoffs come from the 
 this module maps verdicts to replies through the tables below).
 
 Wire economy (see conf/postfix-main.cf): only envfrom, envrcpt, header (all no-reply),
-body and eom are negotiated; only the actions used are requested; the only macros asked
+DATA, body and eom are negotiated; only the actions used are requested; the only macros asked
 for are {i}, {auth_authen} and {client_addr}, at end of message ({i} at end of header too, which
-is skipped: Sendmail needs that to honour the end-of-message list). The inet listening
-socket gets TCP_NODELAY so that the several small replies at end of message (one per
-header change, then the verdict) do not wait on the MTA's delayed ACK.
+is skipped: Sendmail needs that to honour the end-of-message list).
+
+No Nagle stalls on inet: the listening socket gets TCP_NODELAY, so that our several small
+replies at end of message (one per header change, then the verdict) go out at once; and
+the DATA step is negotiated *with* a reply (`data()`), because the MTA's side of the same
+pattern stalled every message ~40 ms: Postfix writes the DATA-stage macros as a small
+packet that gets no answer, then its first header waits under Nagle's algorithm for our
+kernel's delayed ACK. Answering DATA sends that ACK at once (measured with one client:
+inet 22 -> 217 messages/s, the same as unix).
 """
 
 from __future__ import annotations
@@ -540,6 +546,10 @@ class AtlasMilter(Milter.Base):
         return Milter.CONTINUE
 
     # -- content ------------------------------------------------------------------------------
+    def data(self) -> int:
+        """Negotiated only for its reply, which ends the inet stall (see the module docstring)."""
+        return Milter.CONTINUE
+
     @Milter.noreply
     def header(self, name: str, value: Any) -> int:
         """Negotiates the header step (no reply); the work is in header_bytes."""
