@@ -115,11 +115,15 @@ class Scorer:
 class Pipeline:
     """The classification pipeline configured once from a `Config`."""
 
-    def __init__(self, config: Config, model: Model | None = None, with_store: bool = True) -> None:
+    def __init__(self, config: Config, model: Model | None = None, with_store: bool = True,
+                 pool_in_flight: int | None = None) -> None:
+        """`pool_in_flight`: calls the worker pool accepts at once before PoolBusy (default
+        4 per worker; the milter passes its [milter] max_in_flight)."""
         self.config = config
         self.features = config.features
         self.perf = config.performance.resolved()
         self.max_bytes = config.classifier.max_bytes
+        self.pool_in_flight = pool_in_flight or self.perf.workers * 4
         model = model if model is not None else load_model(config.classifier.model or None)
         self.metrics = configure_from_config(config)
         self.store: BulkOperationManager | DirectRecordWriter | None = None
@@ -158,7 +162,7 @@ class Pipeline:
             use_processes=True,
             initializer=init_worker,
             initargs=(model, self.max_bytes),
-            max_in_flight=self.perf.workers * 4,
+            max_in_flight=self.pool_in_flight,
         )
 
     def reload_model(self, model: Model) -> None:

@@ -87,6 +87,7 @@ def main() -> int:
                     help="push every corpus message through Postfix + milter and count unhandled exceptions")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--prelude", default="", help="Python run in the milter process first (experiments)")
+    ap.add_argument("--milter-config", default="", help="more [milter] lines for atlas-milter, e.g. 'max_in_flight = 32'")
     args = ap.parse_args()
 
     corpus = Path(args.corpus)
@@ -120,7 +121,7 @@ def main() -> int:
     results: dict[str, list[float]] = {}
     timers: dict[str, list[dict]] = {}
     cfg = (f'[milter]\nclassify = "{args.classify}"\nspam_action = "{args.spam_action}"\nsocket_mode = 0o666\n'
-           '[statsd]\nenabled = false\n')
+           f'{args.milter_config}\n[statsd]\nenabled = false\n')
     try:
         pf.start()
         wait_until(lambda: True, timeout=1, what="noop")

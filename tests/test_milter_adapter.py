@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from importlib import resources
 
@@ -447,6 +448,28 @@ def test_pool_busy_from_the_process_pool_is_back_pressure(engines):
     engine.pipeline.classify = busy
     rc, _ = feed(engine, HAM)
     assert rc == Milter.TEMPFAIL
+
+
+def test_pool_mode_takes_as_many_messages_at_once_as_max_in_flight(tmp_path):
+    """The worker pool queues up to [milter] max_in_flight calls (not its own default of 4
+    per worker): 16 messages at end of message together all get a verdict, none on_busy."""
+    config = load_config(None, {"store.db": str(tmp_path / "v.db"), "statsd.enabled": False,
+                                "milter.classify": "pool", "milter.max_in_flight": 16,
+                                "performance.workers": 2}, env={})
+    pipeline, err = am.make_pipeline(config)
+    engine = am.MilterEngine(config, pipeline, err)
+    try:
+        start = threading.Barrier(16)
+
+        def one(i):
+            start.wait()
+            return engine.classify(HAM + b"\n%d" % i, f"Q{i}")
+
+        with ThreadPoolExecutor(16) as ex:
+            results = list(ex.map(one, range(16)))
+        assert len(results) == 16 and all(r.verdict.verdict for r in results)
+    finally:
+        engine.close()
 
 
 def test_buffer_budget_is_back_pressure(engines):

@@ -928,7 +928,8 @@ def make_pipeline(config: Config) -> tuple[Pipeline, str]:
                     "(a direct write would make each message wait on the database)")
         cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, bulk_ops=True))
     try:
-        return Pipeline(cfg), ""
+        # Every message the milter lets into classification may wait for a worker.
+        return Pipeline(cfg, pool_in_flight=config.milter.max_in_flight), ""
     except ModelError as exc:
         cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, parallel=False))
         return Pipeline(cfg, model=_UnavailableModel(str(exc))), str(exc)  # type: ignore[arg-type]
