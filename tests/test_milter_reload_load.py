@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from atlas_milter.classifier import load_model, save_model
+from servers import wait_until
 from test_milter_helpers import (
     TOKEN_HEADER, MilterProcess, load_corpus, new_token, pick, send_one, unix_spec, wait_milter_active, with_token,
 )
@@ -201,3 +202,22 @@ def test_sighup_stops_the_milter_cleanly(tmp_path):
     log = proc.log()
     assert "atlas-milter stopping" in log and "atlas-milter stopped" in log and "Traceback" not in log
     assert not (tmp_path / "m.sock").exists()
+
+
+@pytest.mark.parametrize("classify", ["inline", "pool"])
+def test_reload_then_sigterm_in_every_classify_mode(tmp_path, classify):
+    """SIGUSR1 reloads and SIGTERM stops cleanly (exit 0, summary logged) whichever thread
+    the kernel picks; with classify = "pool" too, whose worker pool starts multiprocessing's
+    resource tracker (that unblocks SIGTERM in the starting thread)."""
+    conf = f'[statsd]\nenabled = false\n[milter]\nclassify = "{classify}"\n'
+    proc = MilterProcess(tmp_path, f"unix:{tmp_path / 'm.sock'}", config_text=conf).start()
+    try:
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_until(lambda: "milter reloaded" in proc.log(), timeout=20, what="reload logged")
+        assert proc.alive()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.proc.wait(20) == 0, proc.log()[-2000:]
+    finally:
+        proc.kill()
+    log = proc.log()
+    assert "atlas-milter stopped" in log and "Traceback" not in log

@@ -1005,6 +1005,9 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
     old_mask = block_signals()
     limit_malloc_arenas()  # before any thread starts
     pipeline, model_error = make_pipeline(config)
+    # Again: starting a worker pool starts multiprocessing's resource tracker, which unblocks
+    # SIGINT and SIGTERM in this thread when done; the reload thread must not inherit that.
+    block_signals()
     if model_error:
         log.error("milter: %s; every message gets on_error=%s until the model is fixed", model_error, mc.on_error)
     engine = MilterEngine(config, pipeline, model_error)
