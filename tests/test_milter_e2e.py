@@ -177,6 +177,45 @@ def test_killed_milter_gives_postfix_default_action(postfix, workdir, messages):
     assert code == 451 and "4.7.1" in text, (code, text)
 
 
+@pytest.mark.parametrize("default_action,expect", [("tempfail", 451), ("accept", 250)])
+def test_kill_9_mid_message_gives_postfix_default_action_and_loses_nothing(postfix, workdir, messages,
+                                                                           default_action, expect):
+    """Eight messages sit in the milter's end of message (the classifier sleeps 2 s) when it is
+    killed with SIGKILL: every client gets Postfix's milter_default_action for its message
+    (451: it will retry; or 250: delivered once, untagged). A new milter then tags the retries."""
+    proc = start_milter(workdir, f"kill9-{default_action}", prelude=SLOW_PRELUDE)
+    items = [(new_token(), raw) for _, raw in messages[:8]]
+    with postfix.milter_set(postfix_spec(proc), default_action=default_action):
+        wait_milter_active(postfix, messages[8][1])
+        with ThreadPoolExecutor(len(items)) as pool:
+            futures = {tok: pool.submit(send_one, postfix.host, postfix.smtp_port, with_token(raw, tok),
+                                        [postfix.user]) for tok, raw in items}
+            time.sleep(1.0)  # every message is now inside the milter's eom, in the sleeping classifier
+            assert proc.alive()
+            proc.kill()
+            replies = {tok: f.result() for tok, f in futures.items()}
+    assert {code for code, _ in replies.values()} == {expect}, replies
+    tokens = {tok for tok, _ in items}
+    if expect == 250:
+        delivered = delivered_by_token(postfix, tokens)
+        assert set(delivered) == tokens  # delivered once each (delivered_by_token fails on a second copy)
+        assert all(header(data, "X-Atlas-Verdict") == [] for data in delivered.values())
+        return
+    assert delivered_by_token(postfix, tokens, timeout=2.0) == {}
+    # The clients retry once a milter is back: every message is delivered, tagged, once.
+    again = start_milter(workdir, f"kill9-{default_action}-restarted")
+    try:
+        with postfix.milter_set(postfix_spec(again), default_action=default_action):
+            wait_milter_active(postfix, messages[8][1])
+            codes = send_all(postfix, [(tok, with_token(raw, tok)) for tok, raw in items])
+        assert {code for code, _ in codes.values()} == {250}, codes
+        delivered = delivered_by_token(postfix, tokens)
+        assert set(delivered) == tokens
+        assert all(len(header(data, "X-Atlas-Verdict")) == 1 for data in delivered.values())
+    finally:
+        assert again.stop() == 0
+
+
 @pytest.mark.parametrize("on_error,expect", [("accept", 250), ("tempfail", 451)])
 def test_slow_classifier_gets_on_error_within_deadline(postfix, workdir, messages, on_error, expect):
     extra = f'\nclassify = "thread"\ntimeout = 0.5\non_error = "{on_error}"\n'
