@@ -115,6 +115,17 @@ def udp_port_bound(port: int, host: str = LOCALHOST) -> bool:
     return _proc_net_has("udp", port, host, None)
 
 
+def smtp_greets(host: str, port: int) -> bool:
+    """An SMTP server on host:port greets and answers NOOP with 250."""
+    if not tcp_port_listening(port, host):
+        return False
+    try:
+        with smtplib.SMTP(host, port, timeout=5) as smtp:
+            return smtp.noop()[0] == 250
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
 def pid_alive(pid: int) -> bool:
     """Like kill(pid, 0), but a zombie counts as dead (PID 1 here may never reap orphans)."""
     try:
@@ -430,13 +441,7 @@ class PostfixInstance(_Server):
 
     def _greets(self) -> bool:
         """Ready = smtpd answers 220 (master listens before any smtpd has started)."""
-        if not tcp_port_listening(self.smtp_port):
-            return False
-        try:
-            with smtplib.SMTP(self.host, self.smtp_port, timeout=5) as smtp:
-                return smtp.noop()[0] == 250
-        except (OSError, smtplib.SMTPException):
-            return False
+        return smtp_greets(self.host, self.smtp_port)
 
     def _master_pid(self) -> int | None:
         try:
@@ -1044,13 +1049,7 @@ MAILER(`smtp')dnl
         return [("tcp", self.smtp_port)]
 
     def _greets(self) -> bool:
-        if not tcp_port_listening(self.smtp_port):
-            return False
-        try:
-            with smtplib.SMTP(self.host, self.smtp_port, timeout=5) as smtp:
-                return smtp.noop()[0] == 250
-        except (OSError, smtplib.SMTPException):
-            return False
+        return smtp_greets(self.host, self.smtp_port)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _unavailable, require_binary
-from test_milter_e2e import delivered_by_token
+from test_milter_helpers import delivered_by_token
 from test_milter_helpers import MilterProcess, load_corpus, new_token, pick, send_one, unix_spec, wait_milter_active, with_token
 from servers import free_port, wait_until
 
@@ -359,7 +359,6 @@ def test_read_only_under_the_running_daemon(postfix, workdir, messages):
         for f in files:
             if f.exists():  # the last connection to close removed -wal and -shm
                 f.chmod(0o644)
-        released = time.monotonic()
         resumed_s = daemon.wait_written()
         traffic.burst(6, "after")
         daemon.wait_written()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from test_milter_helpers import (
-    TOKEN_HEADER, MilterProcess, load_corpus, new_token, pick, send_one, unix_spec, wait_milter_active, with_token,
+    MilterProcess, db_rows, delivered_by_token, header, load_corpus, new_token, pick, send_one, unix_spec,
+    wait_milter_active, with_token,
 )
 
 pytestmark = pytest.mark.integration
@@ -66,38 +66,6 @@ def send_all(postfix, items, clients=8):
 
     with ThreadPoolExecutor(clients) as pool:
         return dict(pool.map(one, items))
-
-
-def delivered_by_token(postfix, tokens: set[str], timeout=60.0) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    deadline = time.monotonic() + timeout
-    pattern = re.compile(rb"^" + TOKEN_HEADER.encode() + rb": ([0-9a-f]{32})", re.M)
-    while time.monotonic() < deadline:
-        for path in postfix.mailbox_messages():
-            data = path.read_bytes()
-            m = pattern.search(data)
-            if m and m.group(1).decode() in tokens:
-                tok = m.group(1).decode()
-                assert tok not in found or found[tok] == data, f"message {tok} delivered twice"
-                found[tok] = data
-        if len(found) == len(tokens):
-            break
-        time.sleep(0.2)
-    return found
-
-
-def db_rows(proc: MilterProcess) -> list[dict]:
-    con = sqlite3.connect(proc.db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM processed_emails WHERE source = 'milter'")]
-    finally:
-        con.close()
-
-
-def header(data: bytes, name: str) -> list[str]:
-    head = data.split(b"\n\n", 1)[0].replace(b"\r\n", b"\n")
-    return [m.decode().strip() for m in re.findall(rb"^" + name.encode() + rb": (.*)$", head, re.M | re.I)]
 
 
 def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages):

@@ -10,6 +10,7 @@ import re
 import signal
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -228,7 +229,40 @@ def wait_queue_empty(queue_dir: Path, timeout: float = 120.0) -> None:
     wait_until(empty, timeout=timeout, what="postfix queue to drain", interval=0.1)
 
 
+def delivered_by_token(postfix, tokens: set[str], timeout=60.0) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(rb"^" + TOKEN_HEADER.encode() + rb": ([0-9a-f]{32})", re.M)
+    while time.monotonic() < deadline:
+        for path in postfix.mailbox_messages():
+            data = path.read_bytes()
+            m = pattern.search(data)
+            if m and m.group(1).decode() in tokens:
+                tok = m.group(1).decode()
+                assert tok not in found or found[tok] == data, f"message {tok} delivered twice"
+                found[tok] = data
+        if len(found) == len(tokens):
+            break
+        time.sleep(0.2)
+    return found
+
+
+def db_rows(proc: MilterProcess) -> list[dict]:
+    con = sqlite3.connect(proc.db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM processed_emails WHERE source = 'milter'")]
+    finally:
+        con.close()
+
+
+def header(data: bytes, name: str) -> list[str]:
+    head = data.split(b"\n\n", 1)[0].replace(b"\r\n", b"\n")
+    return [m.decode().strip() for m in re.findall(rb"^" + name.encode() + rb": (.*)$", head, re.M | re.I)]
+
+
 __all__ = [
     "MilterProcess", "free_port", "inet_spec", "unix_spec", "load_corpus", "pick", "with_token", "new_token",
     "send_one", "wait_queue_empty", "wait_milter_active", "TOKEN_HEADER",
+    "delivered_by_token", "db_rows", "header",
 ]

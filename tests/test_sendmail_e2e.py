@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import re
 import shutil
-import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from servers import REPO_ROOT, SendmailInstance, ServerError, private_tmpdir, wait_until
-from test_milter_helpers import TOKEN_HEADER, MilterProcess, load_corpus, new_token, pick, send_one, with_token
+from test_milter_helpers import (
+    TOKEN_HEADER, MilterProcess, db_rows, header, load_corpus, new_token, pick, send_one, with_token,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -108,20 +109,6 @@ def sunk(mta: SendmailInstance, tokens: set[str], timeout: float = 30.0) -> dict
 
 def sunk_tokens(mta: SendmailInstance) -> set[str]:
     return {m.group(1).decode() for p in mta.sink_messages() if (m := TOKEN.search(p.read_bytes()))}
-
-
-def header(data: bytes, name: str) -> list[str]:
-    head = data.split(b"\n\n", 1)[0]
-    return [v.decode().strip() for v in re.findall(rb"^" + name.encode() + rb": (.*)$", head, re.M | re.I)]
-
-
-def db_rows(proc: MilterProcess) -> list[dict]:
-    con = sqlite3.connect(proc.db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM processed_emails WHERE source = 'milter'")]
-    finally:
-        con.close()
 
 
 def test_corpus_tagged_by_default_and_rows_match(mta, workdir, messages):
