@@ -144,3 +144,17 @@ def test_unreadable_ca_file_is_one_line(tmp_path, content):
     line = _one_error_line(failed)
     assert line.startswith(f"Error: CA file {ca} (--ca-file, [imap] ca_file): cannot load it (") and "PEM file" in line, line
     assert ("No such file or directory" if content is None else "no certificate or crl found") in line, line
+
+
+@pytest.mark.parametrize("security, expected", [
+    ("starttls", "does not offer STARTTLS: use --tls"),
+    ("tls", "(is it a TLS port? try --starttls or --port)"),
+])
+def test_tls_to_a_server_without_tls_is_one_line(dovecot, tmp_path, security, expected):
+    # The session Dovecot has ssl = no: no STARTTLS capability, and its port speaks plain IMAP.
+    _tag, folder, junk = unique_names()
+    conf, _db = _config(tmp_path, junk)
+    flags = ["--host", "localhost", "--port", str(dovecot.port), f"--{security}", "--user", dovecot.user,
+             "--password-file", str(dovecot.password_file)]
+    line = _one_error_line(_backfill(folder, conf, flags))
+    assert expected in line and f"localhost:{dovecot.port}" in line, line

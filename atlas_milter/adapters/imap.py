@@ -366,6 +366,9 @@ class ImapSession:
                             ssl_context=context if imap.security == "tls" else None, timeout=imap.timeout)
         try:
             if imap.security == "starttls":
+                if not client.has_capability("STARTTLS"):
+                    raise AtlasError(f"IMAP server {imap.host}:{resolve_port(imap)} does not offer STARTTLS: use --tls "
+                                     "with its TLS port (993 unless --port), or ask its admin to enable STARTTLS")
                 client.starttls(context)
             client.login(imap.user, self._password)
         except BaseException:
@@ -650,6 +653,7 @@ def open_session(config: Config, account: str | None = None, force_plain: bool =
                  env: Mapping[str, str] | None = None) -> ImapSession:
     """A connected, logged-in session for `account` (or [imap]); one-line AtlasErrors for
     bad settings, a refused login or an unreachable server."""
+    _quiet_imapclient_logs()
     imap = resolve_account(config, account)
     check_connection_settings(imap, force_plain)
     password, _where = read_password(imap, account, env)
@@ -1026,6 +1030,9 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
     # Fail fast on a wrong password or an unreachable server at start; later losses are retried.
     try:
         probe = listener.new_session()
+    except AtlasError:
+        listener.pipeline.close()
+        raise
     except LoginError as exc:
         listener.pipeline.close()
         raise AtlasError(f"IMAP login as {imap.user} on {imap.host} refused: {_one_line(exc)}") from None
