@@ -880,7 +880,8 @@ class FolderWatcher(threading.Thread):
                     lst.stop.set()
                     return
                 # Logged, and the next try delayed, by new_session for all watchers at once.
-            except (ConnectionLost, *RECOVERABLE) as exc:
+            # AtlasError: a CA file gone or STARTTLS withdrawn since the start: one warning line, retried.
+            except (ConnectionLost, AtlasError, *RECOVERABLE) as exc:
                 if lst.stop.is_set():
                     break
                 self._wait(attempt, exc)
