@@ -55,6 +55,10 @@ def _tls_logins(server) -> int:
     return sum(1 for line in server.log().splitlines() if "imap-login: Info: Login:" in line and ", TLS," in line)
 
 
+def _log_count(server, text: str) -> int:
+    return server.log().count(text)
+
+
 def _fill(server, folder: str, tag: str) -> list[str]:
     mids = [f"<{tag}-{i}@tls.test>" for i in range(len(SAMPLES))]
     with server.client() as c:
@@ -85,8 +89,12 @@ def test_backfill_over_tls_with_ca_file(dovecot_tls, tmp_path, security):
 def test_untrusted_certificate_is_one_line_naming_ca_file(dovecot_tls, tmp_path, security):
     _tag, folder, junk = unique_names()
     conf, db = _config(tmp_path, junk)
+    logins, no_auth = _log_count(dovecot_tls, "Info: Login: user="), _log_count(dovecot_tls, "(no auth attempts")
     failed = _backfill(folder, conf, _connection(dovecot_tls, security))
     line = _one_error_line(failed)
+    # The server saw a connection end without any login attempt: the password was never sent.
+    wait_for(lambda: _log_count(dovecot_tls, "(no auth attempts") > no_auth, 5, "Dovecot to log the aborted connection")
+    assert _log_count(dovecot_tls, "Info: Login: user=") == logins
     assert "certificate" in line and "not trusted" in line and "--ca-file" in line, line
     assert "(unable to get local issuer certificate)" in line, line  # OpenSSL's reason, kept (Dovecot sends no chain)
     assert not db_rows(db, "SELECT 1 FROM processed_emails")
