@@ -333,7 +333,7 @@ def _imap_overrides(args: argparse.Namespace) -> dict[str, Any]:
     security = "starttls" if args.starttls else "plain" if args.plain else "tls" if args.tls else None
     over = {
         "imap.host": args.host, "imap.port": args.port, "imap.user": args.user,
-        "imap.password_file": args.password_file, "imap.security": security,
+        "imap.password_file": args.password_file, "imap.security": security, "imap.ca_file": args.ca_file,
     }
     if getattr(args, "folders", None) and args.command == "idle":
         over["imap.folders"] = list(args.folders)
@@ -389,6 +389,7 @@ def _add_imap_flags(p: argparse.ArgumentParser, http: bool = False) -> None:
     sec.add_argument("--starttls", action="store_true", help="STARTTLS on the plain port")
     sec.add_argument("--plain", action="store_true", help="no TLS (loopback only unless --force-plain)")
     p.add_argument("--force-plain", action="store_true", help="allow --plain to a non-loopback server")
+    p.add_argument("--ca-file", metavar="FILE", help="PEM CA certificate(s) to trust for the server's certificate, besides the system's (a private CA or a self-signed certificate)")
     p.add_argument("--user", help="IMAP login")
     p.add_argument("--password-file", metavar="FILE", help="file holding the password (or ATLAS_IMAP_PASSWORD, or a systemd credential)")
     p.add_argument("--account", metavar="NAME", help="an account from the [accounts] tables of the config file")

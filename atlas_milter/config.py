@@ -243,6 +243,7 @@ class ImapConfig:
     security: str = "tls"  # tls | starttls | plain
     user: str = ""
     password_file: str = ""  # or ATLAS_IMAP_PASSWORD, or the systemd credential imap-password
+    ca_file: str = ""  # PEM file of CA certificates to trust as well as the system's (a private CA, a self-signed server)
     folders: list[str] = ("INBOX",)
     junk_folder: str = "Junk"  # used when the server marks no folder \Junk; created if missing
     trash_folder: str = "Trash"  # used when the server marks no folder \Trash (moves there teach nothing)

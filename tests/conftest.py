@@ -33,7 +33,7 @@ from servers import (  # noqa: E402
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVER_FIXTURES = {"postfix", "dovecot", "statsd_daemon", "sendmail_root"}
+SERVER_FIXTURES = {"postfix", "dovecot", "dovecot_tls", "statsd_daemon", "sendmail_root"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -150,6 +150,19 @@ def dovecot(servers_dir: Path):
         require_binary(name)
     require_root("dovecot")
     server = _start(DovecotInstance(servers_dir / "dovecot"), "dovecot")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot_tls(servers_dir: Path):
+    """A running DovecotInstance with TLS: STARTTLS on dovecot_tls.port, implicit TLS on
+    dovecot_tls.imaps_port; its certificate names only ``localhost`` (not 127.0.0.1) and is
+    signed by a throw-away CA in dovecot_tls.ca_file, which no system store trusts."""
+    for name in ("dovecot", "doveadm", "openssl"):
+        require_binary(name)
+    require_root("dovecot")
+    server = _start(DovecotInstance(servers_dir / "dovecot-tls", tls=True, tls_names=("localhost",)), "dovecot (TLS)")
     yield server
     server.stop()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import imaplib
+import ipaddress
 import os
 import re
 import secrets
@@ -530,20 +531,66 @@ class PostfixInstance(_Server):
 # --------------------------------------------------------------------------- Dovecot
 
 
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def make_test_certificates(directory: Path, names: tuple[str, ...] = ("localhost", LOCALHOST)) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate it signed for ``names`` (DNS names and IP
+    addresses, as subjectAltName; the first is also the CN), made with the openssl CLI.
+    Returns (ca.pem, server.pem, server.key); valid for two days."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ext = directory / "server.ext"
+    sans = ",".join(f"{'IP' if _is_ip(n) else 'DNS'}:{n}" for n in names)
+    ext.write_text(f"subjectAltName = {sans}\nbasicConstraints = critical, CA:FALSE\n"
+                   "keyUsage = critical, digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\n"
+                   "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n")
+    openssl = _binary("openssl")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+        [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=atlas-milter test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN={names[0]}"],
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2",
+         "-extfile", ext, "-out", cert],
+    ):
+        done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise ServerError(f"openssl {cmd[1]} failed: {done.stderr.strip()[-500:]}")
+    os.chmod(key, 0o600)
+    os.chmod(ca_key, 0o600)
+    return ca, cert, key
+
+
 class DovecotInstance(_Server):
     """A private Dovecot IMAP server on 127.0.0.1:``port`` with one user, user@example.test.
 
     The password is random; it is in ``password`` and in the file ``password_file``.
     Mail lives in ``mail_root/<domain>/<user>`` (Maildir), owned by uid 65534.
+
+    With ``tls=True`` it also speaks TLS: STARTTLS on ``port`` and implicit TLS (imaps) on
+    ``imaps_port``, with a server certificate for ``tls_names`` signed by a throw-away CA made
+    at start (``ca_file``, the file a client passes as --ca-file). Plain LOGIN stays allowed.
     """
 
     name = "dovecot"
 
     def __init__(self, tmpdir: Path | str, port: int | None = None, *, password: str | None = None,
-                 extra_conf: str = "") -> None:
+                 extra_conf: str = "", tls: bool = False,
+                 tls_names: tuple[str, ...] = ("localhost", LOCALHOST)) -> None:
         self.base = _prepare_base(Path(tmpdir))
         self.extra_conf = extra_conf  # appended to dovecot.conf, e.g. an imap_capability without MOVE
         self.port = port or free_port()
+        self.tls = tls
+        self.tls_names = tls_names
+        self.imaps_port = free_port() if tls else 0
+        self.ca_file = self.base / "tls" / "ca.pem"
         self.host = LOCALHOST
         self.user = MAIL_USER
         self.password = password or secrets.token_urlsafe(12)
@@ -572,13 +619,18 @@ class DovecotInstance(_Server):
         self.users_path.write_text(f"{self.user}:{{PLAIN}}{self.password}\n")
         self.password_file.write_text(self.password + "\n")
         os.chmod(self.password_file, 0o600)
+        if self.tls:
+            _ca, cert, key = make_test_certificates(self.base / "tls", self.tls_names)
+            ssl_conf = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}"
+        else:
+            ssl_conf = "ssl = no"
         self.conf_path.write_text(f"""\
 protocols = imap
 listen = {LOCALHOST}
 base_dir = {self.run_dir}
 instance_name = {self.instance_name}
 log_path = {self.log_path}
-ssl = no
+{ssl_conf}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_failure_delay = 0
@@ -599,7 +651,8 @@ service imap-login {{
     port = {self.port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = {LOCALHOST}
+    port = {self.imaps_port}
   }}
 }}
 service pop3-login {{
@@ -641,7 +694,7 @@ protocol imap {{
         return self
 
     def _ports(self) -> list[tuple[str, int]]:
-        return [("tcp", self.port)]
+        return [("tcp", self.port)] + ([("tcp", self.imaps_port)] if self.tls else [])
 
     def stop(self) -> None:
         if self.proc is None:
@@ -664,7 +717,7 @@ protocol imap {{
 
     def _login_works(self) -> bool:
         """Ready = a full IMAP LOGIN succeeds (the port opens before auth and imap workers are up)."""
-        if not tcp_port_listening(self.port):
+        if not tcp_port_listening(self.port) or (self.tls and not tcp_port_listening(self.imaps_port)):
             return False
         try:
             with imaplib.IMAP4(self.host, self.port, timeout=5) as imap:

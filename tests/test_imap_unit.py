@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 import subprocess
 import sys
 
@@ -24,6 +25,8 @@ from atlas_milter.adapters.imap import (
     is_loopback,
     read_password,
     resolve_port,
+    tls_context,
+    tls_failure,
 )
 from atlas_milter.config import ImapConfig, load_config
 from atlas_milter.errors import AtlasError, ConfigError
@@ -246,3 +249,31 @@ def test_model_reload_keeps_the_current_model_when_the_file_is_garbage(tmp_path,
         assert metrics.get_counters()[COUNTER_RELOAD_OK] == 1 and metrics.get_gauges()[GAUGE_RELOAD_FAILING] == 0
     finally:
         listener.pipeline.close()
+
+
+def _verify_error(code: int, message: str) -> ssl.SSLCertVerificationError:
+    exc = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}")
+    exc.verify_code, exc.verify_message = code, message
+    return exc
+
+
+def test_tls_failure_lines_say_what_to_do():
+    imap = ImapConfig(host="imap.example.org", user="u")
+    untrusted = tls_failure(imap, _verify_error(20, "unable to get local issuer certificate"))
+    assert untrusted == ("the TLS certificate of imap.example.org:993 is not trusted (unable to get local issuer "
+                         "certificate): if the server uses a private CA or a self-signed certificate, give that CA "
+                         "certificate with --ca-file FILE ([imap] ca_file)")
+    wrong_ca = tls_failure(ImapConfig(host="h", user="u", ca_file="/etc/ca.pem"), _verify_error(18, "self-signed certificate"))
+    assert "--ca-file /etc/ca.pem does not hold the CA that signed it" in wrong_ca
+    mismatch = tls_failure(imap, _verify_error(62, "Hostname mismatch, certificate is not valid for 'imap.example.org'."))
+    assert "not valid for the name 'imap.example.org'" in mismatch and "--host" in mismatch
+    expired = tls_failure(imap, _verify_error(10, "certificate has expired"))
+    assert "was rejected (certificate has expired)" in expired and "--ca-file" not in expired
+    not_tls = tls_failure(imap, ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"))
+    assert "is it a TLS port?" in not_tls
+    assert all("\n" not in line for line in (untrusted, wrong_ca, mismatch, expired, not_tls))
+
+
+def test_tls_context_always_verifies_the_certificate_and_name():
+    context = tls_context(ImapConfig(host="h", user="u"))
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname

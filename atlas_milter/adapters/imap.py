@@ -106,6 +106,48 @@ def check_connection_settings(imap: ImapConfig, force_plain: bool = False) -> No
             f"--plain would send the password unencrypted to {imap.host}: plain IMAP is allowed only to "
             "loopback; use --tls or --starttls, or add --force-plain if you really mean it"
         )
+    if imap.security != "plain":
+        tls_context(imap)  # a bad --ca-file is said at start, not at the first connection
+
+
+def tls_context(imap: ImapConfig) -> ssl.SSLContext:
+    """The context for --tls and --starttls: the system's trusted CAs plus those in [imap]
+    ca_file (--ca-file), certificate and host name always verified."""
+    context = ssl.create_default_context()
+    if imap.ca_file:
+        path = Path(imap.ca_file).expanduser()
+        try:
+            context.load_verify_locations(cafile=str(path))
+        except OSError as exc:  # ssl.SSLError (not PEM, no certificate in it) is an OSError too
+            reason = exc.strerror if exc.strerror and not isinstance(exc, ssl.SSLError) else _one_line(exc)
+            reason = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", reason)
+            raise AtlasError(f"CA file {path} (--ca-file, [imap] ca_file): cannot load it ({reason}); give a readable PEM file holding the "
+                             "CA certificate that signed the server's certificate (or the self-signed certificate itself)") from None
+    return context
+
+
+# OpenSSL verify codes (X509_V_ERR_*) for "issued by a CA you do not trust": fixed by --ca-file.
+_UNTRUSTED_ISSUER = {2, 18, 19, 20, 21}
+_NAME_MISMATCH = {62, 64}  # HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
+
+
+def tls_failure(imap: ImapConfig, exc: ssl.SSLError) -> str:
+    """One line for a failed TLS handshake: what is wrong with the certificate and what to do."""
+    where = f"{imap.host}:{resolve_port(imap)}"
+    if not isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS with {where} failed: {_one_line(exc)} (is it a TLS port? try --starttls or --port)"
+    reason = (exc.verify_message or _one_line(exc)).rstrip(".")
+    if exc.verify_code in _NAME_MISMATCH:
+        return (f"the TLS certificate of {where} is not valid for the name {imap.host!r} ({reason}): "
+                "give --host the name the certificate was issued for")
+    if exc.verify_code in _UNTRUSTED_ISSUER:
+        if imap.ca_file:
+            todo = f"--ca-file {imap.ca_file} does not hold the CA that signed it; give the right CA certificate"
+        else:
+            todo = ("if the server uses a private CA or a self-signed certificate, give that CA certificate "
+                    "with --ca-file FILE ([imap] ca_file)")
+        return f"the TLS certificate of {where} is not trusted ({reason}): {todo}"
+    return f"the TLS certificate of {where} was rejected ({reason}): the server's certificate needs fixing"
 
 
 def resolve_port(imap: ImapConfig) -> int:
@@ -319,11 +361,14 @@ class ImapSession:
 
     def connect(self) -> "ImapSession":
         imap = self.imap
-        context = ssl.create_default_context()
+        context = tls_context(imap) if imap.security != "plain" else None
         client = IMAPClient(imap.host, port=resolve_port(imap), ssl=imap.security == "tls",
                             ssl_context=context if imap.security == "tls" else None, timeout=imap.timeout)
         try:
             if imap.security == "starttls":
+                if not client.has_capability("STARTTLS"):
+                    raise AtlasError(f"IMAP server {imap.host}:{resolve_port(imap)} does not offer STARTTLS: use --tls "
+                                     "with its TLS port (993 unless --port), or ask its admin to enable STARTTLS")
                 client.starttls(context)
             client.login(imap.user, self._password)
         except BaseException:
@@ -608,6 +653,7 @@ def open_session(config: Config, account: str | None = None, force_plain: bool =
                  env: Mapping[str, str] | None = None) -> ImapSession:
     """A connected, logged-in session for `account` (or [imap]); one-line AtlasErrors for
     bad settings, a refused login or an unreachable server."""
+    _quiet_imapclient_logs()
     imap = resolve_account(config, account)
     check_connection_settings(imap, force_plain)
     password, _where = read_password(imap, account, env)
@@ -617,8 +663,7 @@ def open_session(config: Config, account: str | None = None, force_plain: bool =
     except LoginError as exc:
         raise AtlasError(f"IMAP login as {imap.user} on {imap.host} refused: {_one_line(exc)}") from None
     except ssl.SSLError as exc:
-        raise AtlasError(f"TLS with {imap.host}:{resolve_port(imap)} failed: {_one_line(exc)} "
-                         "(is it a TLS port? try --starttls or --port)") from None
+        raise AtlasError(tls_failure(imap, exc)) from None
     except (OSError, IMAPClientError) as exc:
         raise AtlasError(f"cannot reach IMAP server {imap.host}:{resolve_port(imap)}: {_one_line(exc)}") from None
 
@@ -835,7 +880,8 @@ class FolderWatcher(threading.Thread):
                     lst.stop.set()
                     return
                 # Logged, and the next try delayed, by new_session for all watchers at once.
-            except (ConnectionLost, *RECOVERABLE) as exc:
+            # AtlasError: a CA file gone or STARTTLS withdrawn since the start: one warning line, retried.
+            except (ConnectionLost, AtlasError, *RECOVERABLE) as exc:
                 if lst.stop.is_set():
                     break
                 self._wait(attempt, exc)
@@ -985,12 +1031,15 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
     # Fail fast on a wrong password or an unreachable server at start; later losses are retried.
     try:
         probe = listener.new_session()
+    except AtlasError:
+        listener.pipeline.close()
+        raise
     except LoginError as exc:
         listener.pipeline.close()
         raise AtlasError(f"IMAP login as {imap.user} on {imap.host} refused: {_one_line(exc)}") from None
     except ssl.SSLError as exc:
         listener.pipeline.close()
-        raise AtlasError(f"TLS with {imap.host}:{resolve_port(imap)} failed: {_one_line(exc)}") from None
+        raise AtlasError(tls_failure(imap, exc)) from None
     except (OSError, IMAPClientError) as exc:
         listener.pipeline.close()
         raise AtlasError(f"cannot reach IMAP server {imap.host}:{resolve_port(imap)}: {_one_line(exc)}") from None
