@@ -145,6 +145,36 @@ def test_killed_milter_gives_postfix_default_action(postfix, workdir, messages):
     assert code == 451 and "4.7.1" in text, (code, text)
 
 
+@pytest.mark.parametrize("statsd,complaint", [
+    ("host = \"statsd.invalid\"", "StatsD disabled"),  # DNS fails: warned once, metrics off
+    ("host = \"127.0.0.1\"\nport = PORT", None),  # nothing listens: UDP sends go nowhere, silently
+])
+def test_statsd_unresolvable_or_unreachable_mail_still_flows(postfix, workdir, messages, statsd, complaint):
+    """StatsD is a side channel: a name that does not resolve or a port nobody listens on
+    changes nothing for the mail: tagged, recorded, no traceback."""
+    from servers import free_port
+
+    config = BASE_CONFIG.replace("[statsd]\nenabled = false\n", "")
+    config += "[statsd]\nenabled = true\n" + statsd.replace("PORT", str(free_port("udp"))) + "\n"
+    proc = MilterProcess(workdir, unix_spec(workdir / "statsd-fault.sock")[0], config_text=config,
+                         name=f"statsd-fault-{'dns' if complaint else 'port'}").start()
+    items = [(new_token(), raw) for _, raw in messages[:10]]
+    try:
+        with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
+            wait_milter_active(postfix, messages[10][1])
+            replies = send_all(postfix, [(tok, with_token(raw, tok)) for tok, raw in items])
+        assert {code for code, _ in replies.values()} == {250}, replies
+        delivered = delivered_by_token(postfix, {tok for tok, _ in items})
+        assert all(len(header(data, "X-Atlas-Verdict")) == 1 for data in delivered.values()) and len(delivered) == 10
+    finally:
+        assert proc.stop() == 0
+    log = proc.log()
+    assert "Traceback" not in log
+    if complaint:
+        assert log.count(complaint) == 1, log[-2000:]
+    assert len(db_rows(proc)) >= 10
+
+
 @pytest.mark.parametrize("default_action,expect", [("tempfail", 451), ("accept", 250)])
 def test_kill_9_mid_message_gives_postfix_default_action_and_loses_nothing(postfix, workdir, messages,
                                                                            default_action, expect):
