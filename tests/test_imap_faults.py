@@ -398,7 +398,7 @@ def test_refused_logins_after_start_back_off_and_recover(dovecot_private, tmp_pa
 def test_junk_moves_made_while_the_listener_was_stopped_are_learned(dovecot, corpus_dir, corpus_index, tmp_path):
     """Stopped, the user moves a message we called ham into Junk and our spam out of it;
     started again, the listener learns both (and each once)."""
-    from test_imap_idle import _hammy_spam
+    from test_imap_support import hammy_spam
 
     tag, folder, junk = unique_names()
     db, conf, log = tmp_path / "v.db", tmp_path / "atlas.toml", tmp_path / "idle.log"
@@ -411,7 +411,7 @@ def test_junk_moves_made_while_the_listener_was_stopped_are_learned(dovecot, cor
     idle = IdleProcess(conf, folder, log).start()
     try:
         with dovecot.client() as c:
-            c.append(folder, with_message_id(_hammy_spam(corpus_dir, corpus_index), missed))
+            c.append(folder, with_message_id(hammy_spam(corpus_dir, corpus_index), missed))
             c.append(folder, with_message_id(sample.read_bytes(), rescued))
             wait_for(lambda: rescued in folder_message_ids(c, junk), 15, "our spam in Junk")
         wait_for(lambda: len(db_rows(db, "SELECT 1 FROM processed_emails")) == 2, 10, "both verdicts")

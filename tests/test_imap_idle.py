@@ -5,7 +5,6 @@ itself and handles what arrived meanwhile; the user's moves into and out of Junk
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,11 +16,13 @@ import pytest
 from atlas_milter.classifier import load_model
 from atlas_milter.message import parse_message
 
-from test_imap_support import db_rows, folder_message_ids, imap_config_toml, unique_names, wait_for, with_message_id
+from test_imap_support import (
+    db_rows, folder_message_ids, hammy_spam, imap_config_toml, last_row, sample_message, stop_listener, unique_names,
+    wait_for, with_message_id,
+)
 
 pytestmark = pytest.mark.integration
 
-SAMPLE = Path(__file__).resolve().parents[1] / "atlas_milter" / "data" / "sample"
 FAST_RECONNECT = "reconnect_initial = 0.5\nreconnect_max = 2.0\nkeepalive = 20.0\n"
 
 
@@ -39,26 +40,6 @@ def _start_idle(dovecot, tmp_path: Path, folder: str, junk: str, extra: str = ""
     return proc, db, log
 
 
-def _stop(proc: subprocess.Popen, log: Path) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("listener did not stop on SIGTERM\n" + log.read_text()[-2000:])
-
-
-def _row(db: Path, mid: str):
-    rows = db_rows(db, "SELECT verdict, action, score, uid FROM processed_emails WHERE message_id = ? ORDER BY id", (mid,))
-    return rows[-1] if rows else None
-
-
-def _sample(name: str, mid: str) -> bytes:
-    return with_message_id((SAMPLE / name).read_bytes(), mid)
-
-
 def test_idle_acts_within_seconds_and_reconnects_after_dovecot_restart(dovecot, tmp_path):
     tag, folder, junk = unique_names()
     proc, db, log = _start_idle(dovecot, tmp_path, folder, junk)
@@ -66,16 +47,16 @@ def test_idle_acts_within_seconds_and_reconnects_after_dovecot_restart(dovecot, 
         spam, ham = f"<spam-{tag}@idle.test>", f"<ham-{tag}@idle.test>"
         with dovecot.client() as c:
             t0 = time.monotonic()
-            c.append(folder, _sample("07-crypto-scam.eml", spam))
-            c.append(folder, _sample("01-team-meeting.eml", ham))
-        wait_for(lambda: _row(db, spam) and _row(db, ham), 10, "both verdicts", interval=0.05)
+            c.append(folder, sample_message("07-crypto-scam.eml", spam))
+            c.append(folder, sample_message("01-team-meeting.eml", ham))
+        wait_for(lambda: last_row(db, spam) and last_row(db, ham), 10, "both verdicts", interval=0.05)
         with dovecot.client() as c:
             wait_for(lambda: spam in folder_message_ids(c, junk), 10, "the spam in Junk", interval=0.05)
             latency = time.monotonic() - t0
             assert folder_message_ids(c, folder) == [ham]
             c.select_folder(junk, readonly=True)
             assert c.search(["KEYWORD", "$Junk"]) and not c.search(["SEEN"])
-        assert _row(db, spam)[:2] == ("spam", "move") and _row(db, ham)[:2] == ("ham", "none")
+        assert last_row(db, spam)[:2] == ("spam", "move") and last_row(db, ham)[:2] == ("ham", "none")
         assert latency < 5, f"acted on after {latency:.1f} s"
 
         # Dovecot goes away; mail is delivered to the Maildir meanwhile (as Postfix would).
@@ -85,35 +66,24 @@ def test_idle_acts_within_seconds_and_reconnects_after_dovecot_restart(dovecot, 
             new = dovecot.maildir / f".{folder}" / "new"
             assert new.is_dir()
             dropped = new / f"{int(time.time())}.M{uuid.uuid4().int % 10**6}P1.atlas-test"
-            dropped.write_bytes(_sample("10-lottery.eml", away).replace(b"\r\n", b"\n"))
+            dropped.write_bytes(sample_message("10-lottery.eml", away).replace(b"\r\n", b"\n"))
             os.chown(dropped, 65534, 65534)
             wait_for(lambda: "reconnecting" in log.read_text(), 15, "the listener to notice")
         finally:
             dovecot.start()
         with dovecot.client() as c:
-            c.append(folder, _sample("08-pharmacy.eml", after))
-        wait_for(lambda: _row(db, away) and _row(db, after), 30, "the mail from while it was away")
+            c.append(folder, sample_message("08-pharmacy.eml", after))
+        wait_for(lambda: last_row(db, away) and last_row(db, after), 30, "the mail from while it was away")
         with dovecot.client() as c:
             wait_for(lambda: {away, after} <= set(folder_message_ids(c, junk)), 10, "both in Junk")
             assert folder_message_ids(c, folder) == [ham]
         rows = db_rows(db, "SELECT message_id, count(*) FROM processed_emails GROUP BY 1 HAVING count(*) > 1")
         assert rows == [], "nothing processed twice"
     finally:
-        _stop(proc, log)
+        stop_listener(proc, log)
     assert proc.returncode == 0, log.read_text()[-2000:]
     text = log.read_text()
     assert dovecot.password not in text
-
-
-def _hammy_spam(corpus_dir: Path, corpus_index: list[dict]) -> bytes:
-    """A corpus spam the shipped model scores between 0.2 and 0.95 (not already certain)."""
-    model = load_model(None)
-    for row in corpus_index:
-        if row["label"] == "spam":
-            raw = (corpus_dir / row["path"]).read_bytes()
-            if 0.2 < model.score(parse_message(raw)).score < 0.95:
-                return raw
-    pytest.skip("no moderately scored spam in the corpus")
 
 
 def test_learning_from_the_users_moves(dovecot, tmp_path, corpus_dir, corpus_index):
@@ -121,13 +91,13 @@ def test_learning_from_the_users_moves(dovecot, tmp_path, corpus_dir, corpus_ind
     # High cutoffs: this spam is scored "ham", as a model that has not seen its like would.
     proc, db, log = _start_idle(dovecot, tmp_path, folder, junk,
                                 "[classifier]\nspam_cutoff = 0.995\nham_cutoff = 0.99\n")
-    raw = _hammy_spam(corpus_dir, corpus_index)
+    raw = hammy_spam(corpus_dir, corpus_index)
     try:
         first, second = f"<learn1-{tag}@idle.test>", f"<learn2-{tag}@idle.test>"
         with dovecot.client() as c:
             c.append(folder, with_message_id(raw, first))
-        wait_for(lambda: _row(db, first), 10, "the first verdict")
-        verdict, action, score_before, _ = _row(db, first)
+        wait_for(lambda: last_row(db, first), 10, "the first verdict")
+        verdict, action, score_before, _ = last_row(db, first)
         assert (verdict, action) == ("ham", "none")
 
         with dovecot.client() as c:  # the user disagrees: into Junk it goes
@@ -141,24 +111,24 @@ def test_learning_from_the_users_moves(dovecot, tmp_path, corpus_dir, corpus_ind
 
         with dovecot.client() as c:  # the next copy scores higher
             c.append(folder, with_message_id(raw, second))
-        wait_for(lambda: _row(db, second), 10, "the second verdict")
-        score_after = _row(db, second)[2]
+        wait_for(lambda: last_row(db, second), 10, "the second verdict")
+        score_after = last_row(db, second)[2]
         assert score_after > score_before + 0.1, (score_before, score_after)
         assert load_model(model_file).score(parse_message(raw)).score == pytest.approx(score_after, abs=1e-6)
 
         # Our spam, rescued by the user from Junk: learned as ham, and left where the user put it.
         rescued = f"<rescued-{tag}@idle.test>"
         with dovecot.client() as c:
-            c.append(folder, _sample("07-crypto-scam.eml", rescued))
+            c.append(folder, sample_message("07-crypto-scam.eml", rescued))
             wait_for(lambda: rescued in folder_message_ids(c, junk), 10, "our move to Junk")
             c.select_folder(junk)
             c.move(c.search(["HEADER", "Message-ID", rescued]), folder)
         wait_for(lambda: db_rows(db, "SELECT 1 FROM learning_events WHERE message_id = ? AND label = 'ham'", (rescued,)),
                  10, "learning the rescued message as ham")
-        assert _row(db, rescued)[1] == "learned-ham"
+        assert last_row(db, rescued)[1] == "learned-ham"
         time.sleep(1.5)
         with dovecot.client() as c:
             assert rescued in folder_message_ids(c, folder) and rescued not in folder_message_ids(c, junk)
     finally:
-        _stop(proc, log)
+        stop_listener(proc, log)
     assert proc.returncode == 0, log.read_text()[-2000:]

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import random
 import re
+import signal
 import sqlite3
+import subprocess
 import time
 import uuid
 from pathlib import Path
 from typing import Callable
+
+import pytest
+
+from atlas_milter.classifier import load_model
+from atlas_milter.message import parse_message
 
 _MSGID_RE = re.compile(rb"(?im)^message-id:.*(?:\r?\n[ \t].*)*\r?\n")
 
@@ -106,3 +113,37 @@ def test_with_message_id_replaces_header_and_from_line():
     assert out.startswith(b"Message-ID: <new@y>\r\n")
     assert b"old@x" not in out and b"folded" not in out and b"From a@b" not in out
     assert b"Subject: hi" in out
+
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "atlas_milter" / "data" / "sample"
+
+
+def stop_listener(proc: subprocess.Popen, log: Path) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("listener did not stop on SIGTERM\n" + log.read_text()[-2000:])
+
+
+def last_row(db: Path, mid: str):
+    rows = db_rows(db, "SELECT verdict, action, score, uid FROM processed_emails WHERE message_id = ? ORDER BY id", (mid,))
+    return rows[-1] if rows else None
+
+
+def sample_message(name: str, mid: str) -> bytes:
+    return with_message_id((SAMPLE_DIR / name).read_bytes(), mid)
+
+
+def hammy_spam(corpus_dir: Path, corpus_index: list[dict]) -> bytes:
+    """A corpus spam the shipped model scores between 0.2 and 0.95 (not already certain)."""
+    model = load_model(None)
+    for row in corpus_index:
+        if row["label"] == "spam":
+            raw = (corpus_dir / row["path"]).read_bytes()
+            if 0.2 < model.score(parse_message(raw)).score < 0.95:
+                return raw
+    pytest.skip("no moderately scored spam in the corpus")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from servers import make_test_certificates
-from test_imap_idle import _row, _sample, _stop
+from test_imap_support import last_row, sample_message, stop_listener
 from test_imap_support import db_rows, folder_message_ids, unique_names, wait_for
 
 SAMPLE = Path(__file__).resolve().parents[1] / "atlas_milter" / "data" / "sample"
@@ -63,7 +63,7 @@ def _fill(server, folder: str, tag: str) -> list[str]:
     mids = [f"<{tag}-{i}@tls.test>" for i in range(len(SAMPLES))]
     with server.client() as c:
         c.create_folder(folder)
-        c.multiappend(folder, [_sample(name, mid) for name, mid in zip(SAMPLES, mids)])
+        c.multiappend(folder, [sample_message(name, mid) for name, mid in zip(SAMPLES, mids)])
     return mids
 
 
@@ -131,11 +131,11 @@ def test_idle_over_tls_handles_a_new_message(dovecot_tls, tmp_path):
         assert proc.poll() is None, log.read_text()
         spam = f"<spam-{tag}@tls.test>"
         with dovecot_tls.client() as c:
-            c.append(folder, _sample("07-crypto-scam.eml", spam))
-        wait_for(lambda: _row(db, spam), 10, "the verdict", interval=0.05)
-        assert _row(db, spam)[:2] == ("spam", "move")
+            c.append(folder, sample_message("07-crypto-scam.eml", spam))
+        wait_for(lambda: last_row(db, spam), 10, "the verdict", interval=0.05)
+        assert last_row(db, spam)[:2] == ("spam", "move")
     finally:
-        _stop(proc, log)
+        stop_listener(proc, log)
 
 
 @pytest.mark.parametrize("content", [None, "not a certificate\n"])
