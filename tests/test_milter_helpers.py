@@ -261,8 +261,21 @@ def header(data: bytes, name: str) -> list[str]:
     return [m.decode().strip() for m in re.findall(rb"^" + name.encode() + rb": (.*)$", head, re.M | re.I)]
 
 
+def accepted_and_refused(replies: dict[str, tuple[int, str]]) -> tuple[set[str], set[str]]:
+    """Tokens answered 250 and tokens refused with 550 + a reference id; any other answer
+    (a tempfail, a surprise) fails the test."""
+    codes: dict[int, int] = {}
+    for code, _ in replies.values():
+        codes[code] = codes.get(code, 0) + 1
+    assert set(codes) <= {250, 550}, codes  # nothing tempfailed, nothing odd
+    accepted = {tok for tok, (code, _) in replies.items() if code == 250}
+    refused = {tok for tok, (code, _) in replies.items() if code == 550}
+    assert all(re.search(r"ref [0-9A-F]{10}", replies[t][1]) for t in refused)
+    return accepted, refused
+
+
 __all__ = [
     "MilterProcess", "free_port", "inet_spec", "unix_spec", "load_corpus", "pick", "with_token", "new_token",
     "send_one", "wait_queue_empty", "wait_milter_active", "TOKEN_HEADER",
-    "delivered_by_token", "db_rows", "header",
+    "delivered_by_token", "db_rows", "header", "accepted_and_refused",
 ]
