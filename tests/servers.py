@@ -260,6 +260,26 @@ class _Server:
             )
         _live.add(self)
 
+    def _launch(self, argv: list[str], log: Path, ready: Callable[[], bool], *, what: str,
+                logs: tuple[Path | None, ...], timeout: float, cwd: Path | None = None,
+                interval: float = 0.05, started: float | None = None) -> None:
+        """Spawn the server and wait until ``ready()``; if it never is, stop it and raise
+        ServerError with the log tails (and ``_diagnose()``). Sets ``start_seconds``, counted
+        from ``started`` (default: now)."""
+        t0 = time.monotonic() if started is None else started
+        self._spawn(argv, log, cwd)
+        try:
+            wait_until(ready, timeout=timeout, what=what, proc=self.proc, logs=logs, interval=interval)
+        except ServerError as exc:
+            diag = self._diagnose()
+            self.stop()
+            raise ServerError(f"{exc}\n{diag}" if diag else str(exc)) from None
+        self.start_seconds = time.monotonic() - t0
+
+    def _diagnose(self) -> str:
+        """More to say when the server did not come up, besides its log tails."""
+        return ""
+
     def _reap(self, timeout: float, groups: list[int] | None = None) -> None:
         """Wait for our process to exit and for its ports to close (worker processes may outlive
         the master for a moment); SIGKILL the process groups if that takes longer than ``timeout``."""
@@ -421,20 +441,10 @@ class PostfixInstance(_Server):
         if self.running:
             return self
         self.configure()
-        t0 = time.monotonic()
         # start-fg keeps `postfix-script` (and under it master -s) as our child: no daemon to chase.
-        self._spawn([_binary("postfix"), "-c", str(self.conf_dir), "start-fg"], self.stdout_path)
-        try:
-            wait_until(
-                self._greets,
-                timeout=timeout, what=f"postfix on {LOCALHOST}:{self.smtp_port}", proc=self.proc,
-                logs=(self.maillog_path, self.stdout_path),
-            )
-        except ServerError as exc:
-            diag = self._diagnose()
-            self.stop()
-            raise ServerError(f"{exc}\n{diag}") from None
-        self.start_seconds = time.monotonic() - t0
+        self._launch([_binary("postfix"), "-c", str(self.conf_dir), "start-fg"], self.stdout_path, self._greets,
+                     what=f"postfix on {LOCALHOST}:{self.smtp_port}", logs=(self.maillog_path, self.stdout_path),
+                     timeout=timeout)
         return self
 
     def _ports(self) -> list[tuple[str, int]]:
@@ -679,18 +689,9 @@ protocol imap {{
         if self.running:
             return self
         self.configure()
-        t0 = time.monotonic()
-        self._spawn([_binary("dovecot"), "-F", "-c", str(self.conf_path)], self.stdout_path)
-        try:
-            wait_until(
-                self._login_works,
-                timeout=timeout, what=f"dovecot on {LOCALHOST}:{self.port}", proc=self.proc,
-                logs=(self.log_path, self.stdout_path), interval=0.1,
-            )
-        except ServerError:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - t0
+        self._launch([_binary("dovecot"), "-F", "-c", str(self.conf_path)], self.stdout_path, self._login_works,
+                     what=f"dovecot on {LOCALHOST}:{self.port}", logs=(self.log_path, self.stdout_path),
+                     timeout=timeout, interval=0.1)
         return self
 
     def _ports(self) -> list[tuple[str, int]]:
@@ -826,20 +827,11 @@ class StatsdInstance(_Server):
             f"  flushInterval: {self.flush_interval_ms}, dumpMessages: true, deleteIdleStats: false\n"
             "}\n"
         )
-        t0 = time.monotonic()
         # cwd = the statsd package, so "./backends/console" resolves.
-        self._spawn([_binary("node"), str(self.stats_js), str(self.config_path)], self.log_path,
-                    cwd=self.stats_js.parent)
-        try:
-            wait_until(
-                lambda: tcp_port_open(self.mgmt_port) and udp_port_bound(self.udp_port),
-                timeout=timeout, what=f"statsd on {LOCALHOST}:{self.udp_port}/udp+{self.mgmt_port}/tcp",
-                proc=self.proc, logs=(self.log_path,),
-            )
-        except ServerError:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - t0
+        self._launch([_binary("node"), str(self.stats_js), str(self.config_path)], self.log_path,
+                     lambda: tcp_port_open(self.mgmt_port) and udp_port_bound(self.udp_port),
+                     what=f"statsd on {LOCALHOST}:{self.udp_port}/udp+{self.mgmt_port}/tcp", logs=(self.log_path,),
+                     timeout=timeout, cwd=self.stats_js.parent)
         return self
 
     def _ports(self) -> list[tuple[str, int]]:
@@ -1073,14 +1065,9 @@ MAILER(`smtp')dnl
                   "-D", str(self.debug_log), "-d64.5"]
         # exec: the Popen'd pid is sendmail itself, in its own UTS namespace and our new session.
         script = f"hostname {self.HOSTNAME} && exec " + " ".join(shlex.quote(a) for a in daemon)
-        self._spawn([_binary("unshare"), "--uts", "sh", "-c", script], self.stdout_path)
-        try:
-            wait_until(self._greets, timeout=timeout, what=f"sendmail on {LOCALHOST}:{self.smtp_port}",
-                       proc=self.proc, logs=self._logs())
-        except ServerError:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - t0
+        self._launch([_binary("unshare"), "--uts", "sh", "-c", script], self.stdout_path, self._greets,
+                     what=f"sendmail on {LOCALHOST}:{self.smtp_port}", logs=self._logs(), timeout=timeout,
+                     started=t0)
         return self
 
     def _start_sink(self, timeout: float) -> None:
