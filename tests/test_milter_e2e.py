@@ -58,6 +58,15 @@ def postfix_spec(proc: MilterProcess) -> str:
     return proc.socket_spec  # unix:/path is the same in both syntaxes
 
 
+def tokened(messages) -> list[tuple[str, bytes]]:
+    """(token, message carrying that token) for each (path, raw) of `messages`."""
+    out = []
+    for _, raw in messages:
+        tok = new_token()
+        out.append((tok, with_token(raw, tok)))
+    return out
+
+
 def send_all(postfix, items, clients=8):
     """Send (token, raw) pairs concurrently, one SMTP session each: {token: (code, text)}."""
     def one(item):
@@ -70,10 +79,7 @@ def send_all(postfix, items, clients=8):
 
 def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages):
     proc = start_milter(workdir, "tag")
-    items = []
-    for _, raw in messages:
-        tok = new_token()
-        items.append((tok, with_token(raw, tok)))
+    items = tokened(messages)
     try:
         with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
             wait_milter_active(postfix, messages[0][1])
@@ -106,10 +112,7 @@ def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages):
 
 def test_corpus_spam_rejected_with_550_when_configured(postfix, workdir, messages):
     proc = start_milter(workdir, "reject", '\nspam_action = "reject"\n')
-    items = []
-    for _, raw in messages:
-        tok = new_token()
-        items.append((tok, with_token(raw, tok)))
+    items = tokened(messages)
     try:
         with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
             wait_milter_active(postfix, messages[0][1])
@@ -158,11 +161,11 @@ def test_statsd_unresolvable_or_unreachable_mail_still_flows(postfix, workdir, m
     config += "[statsd]\nenabled = true\n" + statsd.replace("PORT", str(free_port("udp"))) + "\n"
     proc = MilterProcess(workdir, unix_spec(workdir / "statsd-fault.sock")[0], config_text=config,
                          name=f"statsd-fault-{'dns' if complaint else 'port'}").start()
-    items = [(new_token(), raw) for _, raw in messages[:10]]
+    items = tokened(messages[:10])
     try:
         with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
             wait_milter_active(postfix, messages[10][1])
-            replies = send_all(postfix, [(tok, with_token(raw, tok)) for tok, raw in items])
+            replies = send_all(postfix, items)
         assert {code for code, _ in replies.values()} == {250}, replies
         delivered = delivered_by_token(postfix, {tok for tok, _ in items})
         assert all(len(header(data, "X-Atlas-Verdict")) == 1 for data in delivered.values()) and len(delivered) == 10
@@ -182,12 +185,12 @@ def test_kill_9_mid_message_gives_postfix_default_action_and_loses_nothing(postf
     killed with SIGKILL: every client gets Postfix's milter_default_action for its message
     (451: it will retry; or 250: delivered once, untagged). A new milter then tags the retries."""
     proc = start_milter(workdir, f"kill9-{default_action}", prelude=SLOW_PRELUDE)
-    items = [(new_token(), raw) for _, raw in messages[:8]]
+    items = tokened(messages[:8])
     with postfix.milter_set(postfix_spec(proc), default_action=default_action):
         wait_milter_active(postfix, messages[8][1])
         with ThreadPoolExecutor(len(items)) as pool:
-            futures = {tok: pool.submit(send_one, postfix.host, postfix.smtp_port, with_token(raw, tok),
-                                        [postfix.user]) for tok, raw in items}
+            futures = {tok: pool.submit(send_one, postfix.host, postfix.smtp_port, raw, [postfix.user])
+                       for tok, raw in items}
             time.sleep(1.0)  # every message is now inside the milter's eom, in the sleeping classifier
             assert proc.alive()
             proc.kill()
@@ -205,7 +208,7 @@ def test_kill_9_mid_message_gives_postfix_default_action_and_loses_nothing(postf
     try:
         with postfix.milter_set(postfix_spec(again), default_action=default_action):
             wait_milter_active(postfix, messages[8][1])
-            codes = send_all(postfix, [(tok, with_token(raw, tok)) for tok, raw in items])
+            codes = send_all(postfix, items)
         assert {code for code, _ in codes.values()} == {250}, codes
         delivered = delivered_by_token(postfix, tokens)
         assert set(delivered) == tokens
