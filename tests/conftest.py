@@ -121,7 +121,8 @@ def servers_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _start(server, what: str):
+def start_or_fail(server, what: str):
+    """``server.start()``, or a test failure (not an error with a traceback) naming `what`."""
     try:
         server.start()
     except ServerError as exc:
@@ -137,7 +138,7 @@ def postfix(servers_dir: Path):
     for name in ("postfix", "postconf"):
         require_binary(name)
     require_root("postfix")
-    server = _start(PostfixInstance(servers_dir / "postfix"), "postfix")
+    server = start_or_fail(PostfixInstance(servers_dir / "postfix"), "postfix")
     yield server
     server.stop()
 
@@ -149,7 +150,7 @@ def dovecot(servers_dir: Path):
     for name in ("dovecot", "doveadm"):
         require_binary(name)
     require_root("dovecot")
-    server = _start(DovecotInstance(servers_dir / "dovecot"), "dovecot")
+    server = start_or_fail(DovecotInstance(servers_dir / "dovecot"), "dovecot")
     yield server
     server.stop()
 
@@ -162,7 +163,7 @@ def dovecot_tls(servers_dir: Path):
     for name in ("dovecot", "doveadm", "openssl"):
         require_binary(name)
     require_root("dovecot")
-    server = _start(DovecotInstance(servers_dir / "dovecot-tls", tls=True, tls_names=("localhost",)), "dovecot (TLS)")
+    server = start_or_fail(DovecotInstance(servers_dir / "dovecot-tls", tls=True, tls_names=("localhost",)), "dovecot (TLS)")
     yield server
     server.stop()
 
@@ -175,7 +176,7 @@ def statsd_daemon(servers_dir: Path):
     js = statsd_js_path()
     if not js.is_file():
         _unavailable(f"npm statsd is not installed at {js} (run: bash scripts/bootstrap.sh --system)")
-    server = _start(StatsdInstance(servers_dir / "statsd"), "statsd")
+    server = start_or_fail(StatsdInstance(servers_dir / "statsd"), "statsd")
     yield server
     server.stop()
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_binary, require_root
-from servers import DovecotInstance, ServerError
+from conftest import require_binary, require_root, start_or_fail
+from servers import DovecotInstance
 from test_imap_support import (
     with_message_id,
     append_all,
@@ -46,11 +46,8 @@ def dovecot_no_move(servers_dir: Path):
     for name in ("dovecot", "doveadm"):
         require_binary(name)
     require_root("dovecot")
-    server = DovecotInstance(servers_dir / "dovecot-no-move", extra_conf=NO_MOVE_CONF)
-    try:
-        server.start()
-    except ServerError as exc:
-        pytest.fail(f"dovecot without MOVE failed to start: {exc}", pytrace=False)
+    server = start_or_fail(DovecotInstance(servers_dir / "dovecot-no-move", extra_conf=NO_MOVE_CONF),
+                           "dovecot without MOVE")
     yield server
     server.stop()
 
@@ -295,11 +292,8 @@ def dovecot_private(servers_dir: Path, tmp_path: Path):
     for name in ("dovecot", "doveadm"):
         require_binary(name)
     require_root("dovecot")
-    server = DovecotInstance(servers_dir / f"dovecot-{tmp_path.name}", extra_conf=AUTH_TEST_CONF)
-    try:
-        server.start()
-    except ServerError as exc:
-        pytest.fail(f"private dovecot failed to start: {exc}", pytrace=False)
+    server = start_or_fail(DovecotInstance(servers_dir / f"dovecot-{tmp_path.name}", extra_conf=AUTH_TEST_CONF),
+                           "private dovecot")
     yield server
     server.stop()
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from servers import REPO_ROOT, SendmailInstance, ServerError, private_tmpdir, wait_until
+from conftest import start_or_fail
+from servers import REPO_ROOT, SendmailInstance, private_tmpdir, wait_until
 from test_milter_helpers import (
     TOKEN_HEADER, MilterProcess, db_rows, header, load_corpus, new_token, pick, send_one, with_token,
 )
@@ -49,11 +50,8 @@ def workdir(sendmail_root):
 
 @pytest.fixture(scope="module")
 def mta(workdir):
-    server = SendmailInstance(workdir / "sendmail", milter_mc=snippet_mc(workdir / "milter.sock"))
-    try:
-        server.start()
-    except ServerError as exc:
-        pytest.fail(f"sendmail failed to start: {exc}", pytrace=False)
+    server = start_or_fail(SendmailInstance(workdir / "sendmail", milter_mc=snippet_mc(workdir / "milter.sock")),
+                           "sendmail")
     yield server
     server.stop()
 
