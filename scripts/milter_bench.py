@@ -32,7 +32,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from servers import PostfixInstance, free_port, find_binary, wait_until  # noqa: E402
-from test_milter_helpers import MilterProcess, inet_spec, load_corpus, send_one, unix_spec, wait_queue_empty  # noqa: E402
+from test_milter_helpers import (  # noqa: E402
+    MilterProcess, inet_spec, load_corpus, milter_workdir, send_one, unix_spec, wait_queue_empty,
+)
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
 RCPT = "someone@remote.test"  # relayed to smtp-sink
@@ -101,8 +102,7 @@ def main() -> int:
         chosen = (test * (args.messages // max(1, len(test)) + 1))[: args.messages]
     messages = [raw for _, raw in load_corpus(corpus, chosen)]
 
-    work = Path(tempfile.mkdtemp(prefix="atlas-bench-"))
-    os.chmod(work, 0o755)
+    work = milter_workdir("atlas-bench-")
     sink_port = free_port()
     sink = subprocess.Popen([find_binary("smtp-sink") or "smtp-sink", "-u", "postfix", f"127.0.0.1:{sink_port}", "1000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

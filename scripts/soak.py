@@ -53,7 +53,6 @@ import shutil
 import smtplib
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -67,7 +66,7 @@ if str(REPO / "tests") not in sys.path:
 
 from servers import PostfixInstance, free_port  # noqa: E402
 from test_milter_helpers import (  # noqa: E402
-    TOKEN_HEADER, MilterProcess, load_corpus, new_token, unix_spec, wait_milter_active, with_token,
+    TOKEN_HEADER, MilterProcess, load_corpus, milter_workdir, new_token, unix_spec, wait_milter_active, with_token,
 )
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
@@ -555,8 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_memory_growth=args.max_memory_growth, timeout=args.timeout,
                        unique_bodies=not args.repeat_bodies, cache_size=args.cache_size)
     corpus, ham = load_test_split(Path(args.corpus))
-    work = Path(tempfile.mkdtemp(prefix="atlas-soak-"))
-    os.chmod(work, 0o755)
+    work = milter_workdir("atlas-soak-")
     http_port = free_port()
     lib_spec, pf_spec = unix_spec(work / "milter.sock")
     milter = MilterProcess(work, lib_spec, config_text=milter_config(opts, http_port), name="soak", prelude=args.prelude)

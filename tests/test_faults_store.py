@@ -30,8 +30,10 @@ from pathlib import Path
 import pytest
 
 from conftest import _unavailable, require_binary
-from test_milter_helpers import delivered_by_token
-from test_milter_helpers import MilterProcess, load_corpus, new_token, pick, send_one, unix_spec, wait_milter_active, with_token
+from test_milter_helpers import (
+    MilterProcess, delivered_by_token, load_corpus, milter_workdir, new_token, pick, send_one, unix_spec,
+    wait_milter_active, with_token,
+)
 from servers import free_port, wait_until
 
 from atlas_milter.migrate import DEFAULT_BUSY_TIMEOUT, available_migrations
@@ -49,12 +51,9 @@ _SUFFIXES = ("", "-wal", "-shm")
 
 @pytest.fixture(scope="module")
 def workdir():
-    # Postfix's smtpd (user postfix) must reach the unix socket: a 0755 dir under /tmp.
     import shutil
-    import tempfile
 
-    path = Path(tempfile.mkdtemp(prefix="atlas-faults-store-"))
-    os.chmod(path, 0o755)
+    path = milter_workdir("atlas-faults-store-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -13,10 +13,8 @@ the milter process is still alive; its peak resident memory (VmHWM) stays within
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +23,9 @@ import pytest
 
 from servers import free_port
 from test_hostile_input import CRAFTED
-from test_milter_helpers import MilterProcess, new_token, send_one, unix_spec, wait_milter_active, with_token
+from test_milter_helpers import (
+    MilterProcess, milter_workdir, new_token, send_one, unix_spec, wait_milter_active, with_token,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +54,7 @@ def eom_max_ms(http_port: int) -> float:
 def hostile_milter(postfix):
     """A milter process (spam rejected, /performance.json on loopback) behind the session
     Postfix, whose size limit is raised for the module and put back afterwards."""
-    work = Path(tempfile.mkdtemp(prefix="atlas-hostile-pf-"))
-    os.chmod(work, 0o755)
+    work = milter_workdir("atlas-hostile-pf-")
     http_port = free_port()
     milter = MilterProcess(work, unix_spec(work / "m.sock")[0], name="hostile", config_text=(
         f'[milter]\nsocket_mode = 0o666\nspam_action = "reject"\ntimeout = {DEADLINE_S}\n'

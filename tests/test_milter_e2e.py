@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from test_milter_helpers import (
-    MilterProcess, db_rows, delivered_by_token, header, load_corpus, new_token, pick, send_one, unix_spec,
-    wait_milter_active, with_token,
+    MilterProcess, db_rows, delivered_by_token, header, load_corpus, milter_workdir, new_token, pick, send_one,
+    unix_spec, wait_milter_active, with_token,
 )
 
 pytestmark = pytest.mark.integration
@@ -34,9 +33,7 @@ SLOW_PRELUDE = (
 
 @pytest.fixture(scope="module")
 def workdir():
-    # Postfix's smtpd (user postfix) must reach the unix socket: a 0755 dir under /tmp.
-    path = Path(tempfile.mkdtemp(prefix="atlas-milter-e2e-"))
-    os.chmod(path, 0o755)
+    path = milter_workdir("atlas-milter-e2e-")
     yield path
     import shutil
 

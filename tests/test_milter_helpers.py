@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -274,8 +275,16 @@ def accepted_and_refused(replies: dict[str, tuple[int, str]]) -> tuple[set[str],
     return accepted, refused
 
 
+def milter_workdir(prefix: str) -> Path:
+    """A fresh 0755 directory under /tmp for a milter's socket, config, log and database:
+    Postfix's smtpd and cleanup (user postfix) must be able to reach the socket in it."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, 0o755)
+    return path
+
+
 __all__ = [
     "MilterProcess", "free_port", "inet_spec", "unix_spec", "load_corpus", "pick", "with_token", "new_token",
     "send_one", "wait_queue_empty", "wait_milter_active", "TOKEN_HEADER",
-    "delivered_by_token", "db_rows", "header", "accepted_and_refused",
+    "delivered_by_token", "db_rows", "header", "accepted_and_refused", "milter_workdir",
 ]

@@ -5,20 +5,17 @@ the client saw), none lost, none duplicated, and the milter's memory stays flat.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sqlite3
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from test_milter_helpers import (
-    TOKEN_HEADER, MilterProcess, accepted_and_refused, load_corpus, new_token, send_one, unix_spec, wait_milter_active,
-    with_token,
+    TOKEN_HEADER, MilterProcess, accepted_and_refused, load_corpus, milter_workdir, new_token, send_one, unix_spec,
+    wait_milter_active, with_token,
 )
 
 pytestmark = pytest.mark.integration
@@ -31,8 +28,7 @@ WARMUP = 300
 def test_two_thousand_messages_none_lost_none_duplicated(postfix, corpus_dir, corpus_index):
     test_rows = [r for r in corpus_index if r["split"] == "test"]
     corpus = [raw for _, raw in load_corpus(corpus_dir, test_rows)]
-    work = Path(tempfile.mkdtemp(prefix="atlas-milter-load-"))
-    os.chmod(work, 0o755)
+    work = milter_workdir("atlas-milter-load-")
     proc = MilterProcess(work, unix_spec(work / "m.sock")[0], name="load",
                          config_text='[statsd]\nenabled = false\n[milter]\nsocket_mode = 0o666\nspam_action = "reject"\n')
     proc.start()

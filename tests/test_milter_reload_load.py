@@ -20,7 +20,6 @@ import shutil
 import signal
 import sqlite3
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +31,8 @@ import pytest
 from atlas_milter.classifier import load_model, save_model
 from servers import wait_until
 from test_milter_helpers import (
-    TOKEN_HEADER, MilterProcess, accepted_and_refused, load_corpus, new_token, pick, send_one, unix_spec,
-    wait_milter_active, with_token,
+    TOKEN_HEADER, MilterProcess, accepted_and_refused, load_corpus, milter_workdir, new_token, pick, send_one,
+    unix_spec, wait_milter_active, with_token,
 )
 
 CLIENTS = 8
@@ -64,8 +63,7 @@ def write_atomically(path: Path, text: str) -> None:
 @pytest.mark.integration
 def test_reload_under_load_loses_and_duplicates_nothing(postfix, corpus_dir, corpus_index):
     corpus = [raw for _, raw in load_corpus(corpus_dir, pick(corpus_index, "test", N_HAM, N_SPAM))]
-    work = Path(tempfile.mkdtemp(prefix="atlas-milter-reload-"))
-    os.chmod(work, 0o755)
+    work = milter_workdir("atlas-milter-reload-")
     with resources.as_file(resources.files("atlas_milter").joinpath("data", "default-model.json.gz")) as shipped:
         shutil.copyfile(shipped, work / "model-a.json.gz")
     model_a_version = load_model(work / "model-a.json.gz").version

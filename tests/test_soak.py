@@ -13,16 +13,14 @@ run the 3-minute warm-up fills the default one), and samples are 2 s apart inste
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from servers import free_port
-from test_milter_helpers import MilterProcess, unix_spec, wait_milter_active
+from test_milter_helpers import MilterProcess, milter_workdir, unix_spec, wait_milter_active
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import soak  # noqa: E402
@@ -34,8 +32,7 @@ CI_OPTIONS = soak.SoakOptions(duration=60, probe_seconds=10, sample_interval=2, 
 
 def test_soak_short(postfix, corpus_dir):
     corpus, ham = soak.load_test_split(corpus_dir)
-    work = Path(tempfile.mkdtemp(prefix="atlas-soak-test-"))
-    os.chmod(work, 0o755)
+    work = milter_workdir("atlas-soak-test-")
     http_port = free_port()
     milter = MilterProcess(work, unix_spec(work / "m.sock")[0], name="soak",
                            config_text=soak.milter_config(CI_OPTIONS, http_port))
