@@ -145,11 +145,11 @@ def features(msg: ParsedMessage) -> FeatureSets:
     if subject.lower().startswith("re:") and not (msg.header("in-reply-to") or msg.header("references")):
         add("sig:reply-without-thread")
 
-    hosts = set()
+    hosts: dict[str, None] = {}  # distinct, in order of appearance: the same features in every process
     for url in msg.urls[:200]:
         host = _url_host(url)
         if host:
-            hosts.add(host)
+            hosts[host] = None
         if _IP_URL_RE.match(url.lower().removeprefix("http://").removeprefix("https://")):
             add("sig:url-numeric-host")
     for host in list(hosts)[:50]:

@@ -46,6 +46,27 @@ def test_features_cover_body_subject_sender_urls_and_structure():
     assert "sig:html-only" in meta and "sig:url-numeric-host" in meta and "sig:subject-exclaims" in meta
 
 
+def test_features_do_not_depend_on_the_process_hash_seed():
+    """More URL hosts than are used: the ones kept must not depend on set order, which
+    changes with PYTHONHASHSEED (a message scored differently after a restart)."""
+    import subprocess
+    import sys
+
+    links = " ".join(f"http://www.site{i}.example/p" for i in range(80))
+    raw = f"Subject: links\n\n{links}\n"
+    code = (
+        "import sys; from atlas_milter.message import parse_message; from atlas_milter.classifier import features; "
+        "print(sorted(features(parse_message(sys.stdin.buffer.read()))[1]))"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], input=raw.encode(), capture_output=True, check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outs) == 1
+    assert outs.pop().count(b"url:") == 50
+
+
 def test_list_and_relay_headers_are_not_features():
     raw = b"Received: from relay.lists.example\nList-Id: <dev.lists.example>\nIn-Reply-To: <a@b>\nX-Spam-Status: Yes\nSubject: hi\n\nhello\n"
     body, meta = features(parse_message(raw))
