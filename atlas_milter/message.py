@@ -26,10 +26,11 @@ MAX_PARTS = 200  # MIME parts walked per message; the rest are counted, not read
 MAX_TEXT_CHARS = 200_000  # decoded text kept per message
 MAX_PART_BYTES = 256 * 1024  # bytes of one text part decoded
 MAX_HEADERS = 500  # headers kept per message
+MAX_HEADER_CHARS = 2000  # of one decoded header value
 MAX_NESTING_MARKERS = 200  # multipart/ and message/rfc822 mentions beyond which MIME is not parsed
 
 _PARSER = BytesParser(policy=compat32)
-_NESTING_RE = re.compile(rb"(?i)multipart/|message/rfc822")
+_NESTING_MARKERS = (b"multipart/", b"message/rfc822")  # counted in the ASCII-lowercased message
 _HEADER_LINE_RE = re.compile(r"([\041-\071\073-\176]+):")
 _ADDR_RE = re.compile(r"[\w.+'=~!#$%&*/?^`{|}-]+@([\w-]+(?:\.[\w-]+)+)", re.UNICODE)
 _ANGLE_ADDR_RE = re.compile(r"<\s*([^<>\s]*@[^<>\s]*)\s*>")
@@ -52,7 +53,7 @@ class ParsedMessage:
     reply_to_domain: str = ""
     return_path_domain: str = ""
     message_id: str = ""
-    headers: list[tuple[str, str]] = field(default_factory=list)  # (lowercased name, decoded value)
+    headers: list[tuple[str, str]] = field(default_factory=list)  # (lowercased name, value as received)
     text: str = ""  # plain text of the body (HTML converted), capped
     html_parts: int = 0
     text_parts: int = 0
@@ -66,12 +67,12 @@ class ParsedMessage:
     size: int = 0  # bytes of the raw message
     truncated: bool = False  # only the first max_bytes were analysed
 
+    _first: dict[str, str] = field(default_factory=dict, repr=False, compare=False)  # name -> first value
+
     def header(self, name: str, default: str = "") -> str:
-        low = name.lower()
-        for key, value in self.headers:
-            if key == low:
-                return value
-        return default
+        """The first `name:` header, RFC 2047 decoded (only the headers asked for are decoded)."""
+        value = self._first.get(name.lower())
+        return default if value is None else decode_header_value(value)[:MAX_HEADER_CHARS]
 
 
 def _to_text(data: bytes, charset: str | None) -> str:
@@ -157,6 +158,13 @@ def _strip_mbox_from(raw: bytes) -> bytes:
     return raw
 
 
+def _may_have_param(part: Message, header: str, param: str) -> bool:
+    """False when `header` cannot carry `param` (nor filename=, filename*0*= and the like):
+    the email package's parameter parsing is then skipped, its answer being None anyway."""
+    value = part.get(header)
+    return value is not None and param in str(value).lower()
+
+
 def _read_part_text(part: Message, parsed: ParsedMessage) -> str:
     try:
         payload = part.get_payload(decode=True)
@@ -170,7 +178,7 @@ def _read_part_text(part: Message, parsed: ParsedMessage) -> str:
         payload = payload[:MAX_PART_BYTES]
         parsed.truncated = True
     try:
-        charset = part.get_content_charset()
+        charset = part.get_content_charset() if _may_have_param(part, "content-type", "charset") else None
     except Exception:
         charset = None
     if charset:
@@ -200,7 +208,8 @@ def _walk(msg: Message, parsed: ParsedMessage) -> list[str]:
             continue
         filename = None
         try:
-            filename = part.get_filename()
+            if _may_have_param(part, "content-disposition", "name") or _may_have_param(part, "content-type", "name"):
+                filename = part.get_filename()
         except Exception:
             parsed.defects.append("bad filename")
         disposition = (part.get("Content-Disposition") or "")
@@ -237,7 +246,8 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessa
         raw = raw.replace(b"\x00", b" ")
         parsed.defects.append("NUL bytes")
     try:
-        if len(_NESTING_RE.findall(raw)) > MAX_NESTING_MARKERS:
+        lowered = raw.lower()
+        if sum(map(lowered.count, _NESTING_MARKERS)) > MAX_NESTING_MARKERS:
             # The email package recurses (Python and C frames) per nesting level: bounded
             # by RecursionError on big stacks, a segfault on small thread stacks. Refuse.
             raise RecursionError("MIME nested too deep")
@@ -291,10 +301,9 @@ def _quick_headers(head: str) -> Message | None:
 
 
 def _fill_from_mime(msg: Message, parsed: ParsedMessage) -> list[str]:
-    headers = []
-    for name, value in msg._headers[:MAX_HEADERS]:  # raw (name, value) pairs, in order
-        headers.append((str(name).lower(), decode_header_value(value)[:2000]))
-    parsed.headers = headers
+    # raw (name, value) pairs, in order; decoded when asked for (most never are)
+    headers = parsed.headers = [(str(name).lower(), value) for name, value in msg._headers[:MAX_HEADERS]]
+    parsed._first = dict(reversed(headers))
     if len(msg._headers) > MAX_HEADERS:
         parsed.defects.append("too many headers")
     parsed.subject = parsed.header("subject")[:500]
