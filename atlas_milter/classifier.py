@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from atlas_milter.errors import ModelError
-from atlas_milter.message import ParsedMessage
+from atlas_milter.message import MAX_HEADER_CHARS, ParsedMessage, decode_header_value
 from atlas_milter.verdict import Score
 
 MODEL_FORMAT = "atlas-milter-model"
@@ -40,7 +40,14 @@ MAX_WORDS = 1500  # body words used per message
 MAX_PAIRS = 600  # word pairs used per message
 TOP_REASONS = 6
 
+# A word: a letter or digit, then up to 24 more letters, digits or marks ('.$€£-) that sit
+# between two of them. _words() finds exactly these, faster.
 _WORD_RE = re.compile(r"[^\W_](?:[^\W_]|['.$€£-](?=[^\W_])){1,24}")
+# Runs of letters and digits joined by single marks: each run of 2 to 25 characters is one
+# word; a longer one is cut by _WORD_RE. The ASCII form is for lowercased ASCII text.
+_RUN_RE = re.compile(r"[^\W_]+(?:['.$€£-][^\W_]+)*")
+_RUN_RE_ASCII = re.compile(r"[a-z0-9]+(?:['.$-][a-z0-9]+)*")
+WORD_SCAN_CHARS = 60_000  # of the body text
 _SUBJ_WORD_RE = re.compile(r"[^\W_]{2,24}")
 _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _DIGITS_RE = re.compile(r"\d")
@@ -70,6 +77,21 @@ def _url_host(url: str) -> str:
     return match.group(2).lower() if match else ""
 
 
+def _words(lowered: str) -> list[str]:
+    """_WORD_RE.findall(lowered, 0, WORD_SCAN_CHARS), in about two thirds of the time: the
+    character-by-character pattern is applied only to runs longer than a word can be."""
+    runs = (_RUN_RE_ASCII if lowered.isascii() else _RUN_RE).findall(lowered, 0, WORD_SCAN_CHARS)
+    if max(map(len, runs), default=0) <= 25:
+        return [run for run in runs if len(run) > 1]
+    words: list[str] = []
+    for run in runs:
+        if len(run) > 25:
+            words.extend(_WORD_RE.findall(run))
+        elif len(run) > 1:
+            words.append(run)
+    return words
+
+
 def _word_token(word: str) -> str:
     # Numbers say little by their value and much by their shape (prices, phone numbers).
     if _DIGITS_RE.search(word):
@@ -93,7 +115,7 @@ def features(msg: ParsedMessage) -> FeatureSets:
     add = feats.add
 
     text = msg.text.lower()
-    words = _WORD_RE.findall(text, 0, 60_000)
+    words = _words(text)
     if len(words) > MAX_WORDS:
         words = words[:MAX_WORDS]
     tokens = [w if w.isalpha() else _word_token(w) for w in words]
@@ -137,7 +159,7 @@ def features(msg: ParsedMessage) -> FeatureSets:
         if name in _TELLING_HEADERS:
             add("hdr:" + name)
             if name in ("x-mailer", "user-agent"):
-                product = _SUBJ_WORD_RE.findall(value.lower())[:2]
+                product = _SUBJ_WORD_RE.findall(decode_header_value(value)[:MAX_HEADER_CHARS].lower())[:2]
                 if product:
                     add("mailer:" + " ".join(product))
     if not msg.header("date"):

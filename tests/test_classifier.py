@@ -4,6 +4,8 @@ import gzip
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from atlas_milter.classifier import (
     Model,
@@ -135,3 +137,23 @@ def test_shipped_model_loads_and_scores():
     model = load_model()
     assert model.version.startswith("default-")
     assert model.score(parse_message(SPAM[0])).score > model.score(parse_message(HAM[0])).score
+
+
+# Letters and digits (ASCII and not), the marks words may contain, separators, long runs.
+_WORDISH = st.sampled_from(list("ab9Z_ -.'$€£\n\tüß١Жé") + ["x" * 24, "y" * 30])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_WORDISH, max_size=300).map("".join))
+def test_words_finds_exactly_what_the_word_pattern_finds(text):
+    from atlas_milter.classifier import WORD_SCAN_CHARS, _WORD_RE, _words
+
+    lowered = text.lower()
+    assert _words(lowered) == _WORD_RE.findall(lowered, 0, WORD_SCAN_CHARS)
+
+
+def test_words_scan_stops_where_the_word_pattern_does():
+    from atlas_milter.classifier import WORD_SCAN_CHARS, _WORD_RE, _words
+
+    for text in ("word " * 20_000, "x" * 59_990 + " abc-def ghi", "ab" * 40_000):
+        assert _words(text) == _WORD_RE.findall(text, 0, WORD_SCAN_CHARS)
