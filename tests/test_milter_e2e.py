@@ -105,6 +105,8 @@ def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages):
     assert seen["spam"] >= 30 and seen["ham"] >= 30, seen  # the model works on this mix
     assert "Traceback" not in proc.log()
     assert "sent no {client_addr}" not in proc.log()  # Postfix sends our end-of-message macros
+    # The headers above went through libmilter with the GIL held (header_writer), not the fallback.
+    assert "verdict headers are added through libmilter with the GIL held" in proc.log()
 
 
 def test_corpus_spam_rejected_with_550_when_configured(postfix, workdir, messages):

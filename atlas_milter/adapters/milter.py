@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable
 import Milter
 import milter as _libmilter
 
+from atlas_milter.adapters.header_writer import add_header
 from atlas_milter.classifier import load_model
 from atlas_milter.config import Config, MilterConfig
 from atlas_milter.errors import AtlasError, ModelError
@@ -753,12 +754,12 @@ class AtlasMilter(Milter.Base):
         cutoffs = self._state.scorer.cutoffs
         is_spam = verdict.verdict == SPAM
         reasons = ", ".join(f"{name} {weight:+.2f}" for name, weight in verdict.reasons[:REASONS_SHOWN])
-        self.addheader(HDR_VERDICT, clean_header_value(verdict.verdict))
-        self.addheader(HDR_SCORE, f"{verdict.score:.3f}")
+        add_header(self, HDR_VERDICT, clean_header_value(verdict.verdict))
+        add_header(self, HDR_SCORE, f"{verdict.score:.3f}")
         if reasons:
-            self.addheader(HDR_REASONS, clean_header_value(reasons))
-        self.addheader(HDR_SPAM_FLAG, "YES" if is_spam else "NO")
-        self.addheader(HDR_SPAM_STATUS, f"{'Yes' if is_spam else 'No'}, score={verdict.score:.3f} required={cutoffs.spam:.3f}")
+            add_header(self, HDR_REASONS, clean_header_value(reasons))
+        add_header(self, HDR_SPAM_FLAG, "YES" if is_spam else "NO")
+        add_header(self, HDR_SPAM_STATUS, f"{'Yes' if is_spam else 'No'}, score={verdict.score:.3f} required={cutoffs.spam:.3f}")
 
     def _remove_forged(self) -> None:
         if not self.forged or not self._actions & Milter.CHGHDRS:
@@ -793,8 +794,8 @@ class AtlasMilter(Milter.Base):
             return Milter.TEMPFAIL
         if self._actions & Milter.CHGHDRS:
             self._remove_forged()
-        self.addheader(HDR_VERDICT, VERDICT_UNCHECKED)
-        self.addheader(HDR_REASONS, clean_header_value(f"not checked: {kind}"))
+        add_header(self, HDR_VERDICT, VERDICT_UNCHECKED)
+        add_header(self, HDR_REASONS, clean_header_value(f"not checked: {kind}"))
         if result is not None:
             self._record(result, ACTION_ACCEPT, f"{kind}; delivered unchecked")
         return Milter.ACCEPT
