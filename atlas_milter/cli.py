@@ -318,13 +318,14 @@ def _performance_page(config: Any, model_path: Any = None) -> Iterator[Any]:
 
 
 def cmd_milter(args: argparse.Namespace) -> int:
-    from atlas_milter.adapters.milter import serve
+    from atlas_milter.adapters.milter import block_signals, serve
 
     def read_config():  # at start and on every reload (SIGUSR1): same file, same flags on top
         return _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout, "http.listen": args.http})
 
     config = read_config()
     _front_door_logging(args, config)
+    block_signals()  # before the /performance page's thread: a stop signal must never land there
     with _performance_page(config):
         return serve(config, read_config)
 

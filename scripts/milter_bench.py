@@ -29,6 +29,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,8 @@ RCPT = "someone@remote.test"  # relayed to smtp-sink
 
 class ReferenceMilter(MilterProcess):
     """scripts/reference_milter.py in place of atlas-milter (same start/stop/CPU accounting)."""
+
+    stop_signal = signal.SIGTERM  # a plain pymilter milter: SIGUSR2 would kill it
 
     def __init__(self, workdir: Path, socket_spec: str, kind: str, name: str) -> None:
         super().__init__(workdir, socket_spec, name=name)

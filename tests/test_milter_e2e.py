@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -145,6 +146,26 @@ def test_killed_milter_gives_postfix_default_action(postfix, workdir, messages):
         proc.kill()
         code, text = send_one(postfix.host, postfix.smtp_port, with_token(raw, new_token()), [postfix.user])
     assert code == 451 and "4.7.1" in text, (code, text)
+
+
+@pytest.mark.parametrize("sig,within", [(signal.SIGUSR2, 1.5), (signal.SIGTERM, 7.0)])
+def test_stop_signals_flush_the_records_and_sigusr2_is_at_once(postfix, workdir, messages, sig, within):
+    """systemd's KillSignal: SIGUSR2 stops as SIGTERM does, without libmilter's wait of up to
+    5 s for its listener (the milter wakes it). Either way the verdict rows are flushed."""
+    proc = start_milter(workdir, f"stop-{sig.name}")
+    _, raw = messages[0]
+    with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
+        wait_milter_active(postfix, raw)
+        code, _ = send_one(postfix.host, postfix.smtp_port, with_token(raw, new_token()), [postfix.user])
+        assert code == 250
+        started = time.monotonic()
+        proc.proc.send_signal(sig)
+        rc = proc.proc.wait(10)
+        took = time.monotonic() - started
+    assert rc == 0 and took < within, (rc, took)
+    assert ("stop requested (SIGUSR2)" in proc.log()) == (sig == signal.SIGUSR2)
+    assert "Traceback" not in proc.log()
+    assert len(db_rows(proc)) >= 2  # the probe and the message: flushed before exit
 
 
 @pytest.mark.parametrize("statsd,complaint", [

@@ -98,12 +98,14 @@ class MilterProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    stop_signal = signal.SIGUSR2  # as systemd stops it; SIGTERM waits up to 5 s for libmilter's listener
+
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """Send stop_signal and wait; returns the exit code."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
