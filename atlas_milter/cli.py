@@ -325,9 +325,12 @@ def cmd_milter(args: argparse.Namespace) -> int:
 
     config = read_config()
     _front_door_logging(args, config)
-    block_signals()  # before the /performance page's thread: a stop signal must never land there
-    with _performance_page(config):
-        return serve(config, read_config)
+    old_mask = block_signals()  # before the /performance page's thread: no stop signal may land there
+    try:
+        with _performance_page(config):
+            return serve(config, read_config)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _imap_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Owns turning raw message bytes into a `ParsedMessage`: headers decoded, body text
+"""Owns turning raw message bytes into a `ParsedMessage`: headers (decoded when asked for), body text
 extracted (plain and HTML), URLs, attachments, sender domains, and the body digest that
 keys the verdict cache.
 

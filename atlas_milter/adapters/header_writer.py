@@ -12,8 +12,8 @@ libmilter's `SMFICTX *` is read from pymilter's context object, whose C layout (
 1.0.x) is `{PyObject_HEAD; SMFICTX *ctx; PyObject *priv; PyThreadState *t}`. Before the
 first use that layout is checked against the live object: its size, the `priv` slot
 holding the very object `getpriv()` returns, and libmilter's `smfi_getpriv(ctx)` pointing
-back at the context. If any check fails, or libmilter cannot be loaded, pymilter's own
-`addheader` is used, as it is for every milter without this module.
+back at the context. If any check fails, or libmilter cannot be loaded, `add()` says so and
+the caller uses pymilter's own `addheader`, as every milter without this module does.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import ctypes.util
 import logging
 import struct
 import threading
-
-import Milter
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +88,15 @@ def _fast_path(context: object) -> _Libmilter | None:
     return _lib
 
 
-def add_header(milter: Milter.Base, name: str, value: str) -> None:
-    """Append header `name: value` to the message (end of message only), as
-    `milter.addheader(name, value)` does, but without releasing the GIL."""
-    context = milter._ctx
+def add(context: object, name: str, value: str) -> bool:
+    """Append header `name: value` to the message of pymilter context `context` (end of
+    message only) without releasing the GIL. False when that cannot be done for this
+    context (not libmilter's, e.g. Milter.testctx, or an unknown layout): the caller then
+    uses pymilter's `addheader`. Raises RuntimeError when libmilter refuses the header."""
     lib = _fast_path(context) if _is_libmilter_context(context) else None
-    if lib is None:  # libmilter not usable this way, or a test context (Milter.testctx)
-        milter.addheader(name, value)
-        return
-    if not milter._actions & Milter.ADDHDRS:
-        raise Milter.DisabledAction("ADDHDRS")
+    if lib is None:
+        return False
     ctx = ctypes.c_void_p.from_address(id(context) + _CTX_OFFSET).value
     if lib.addheader(ctx, name.encode(), value.encode()) != 0:
-        raise Milter.milter.error("cannot add header")
-
-
-def fast_path_active() -> bool:
-    """True once a message has been tagged through the ctypes call (for tests and logs)."""
-    return _lib is not None
+        raise RuntimeError("cannot add header")
+    return True

@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterable
 import Milter
 import milter as _libmilter
 
-from atlas_milter.adapters.header_writer import add_header
+from atlas_milter.adapters import header_writer
 from atlas_milter.classifier import load_model
 from atlas_milter.config import Config, MilterConfig
 from atlas_milter.errors import AtlasError, ModelError
@@ -754,12 +754,17 @@ class AtlasMilter(Milter.Base):
         cutoffs = self._state.scorer.cutoffs
         is_spam = verdict.verdict == SPAM
         reasons = ", ".join(f"{name} {weight:+.2f}" for name, weight in verdict.reasons[:REASONS_SHOWN])
-        add_header(self, HDR_VERDICT, clean_header_value(verdict.verdict))
-        add_header(self, HDR_SCORE, f"{verdict.score:.3f}")
+        self._add_header(HDR_VERDICT, clean_header_value(verdict.verdict))
+        self._add_header(HDR_SCORE, f"{verdict.score:.3f}")
         if reasons:
-            add_header(self, HDR_REASONS, clean_header_value(reasons))
-        add_header(self, HDR_SPAM_FLAG, "YES" if is_spam else "NO")
-        add_header(self, HDR_SPAM_STATUS, f"{'Yes' if is_spam else 'No'}, score={verdict.score:.3f} required={cutoffs.spam:.3f}")
+            self._add_header(HDR_REASONS, clean_header_value(reasons))
+        self._add_header(HDR_SPAM_FLAG, "YES" if is_spam else "NO")
+        self._add_header(HDR_SPAM_STATUS, f"{'Yes' if is_spam else 'No'}, score={verdict.score:.3f} required={cutoffs.spam:.3f}")
+
+    def _add_header(self, name: str, value: str) -> None:
+        """addheader, through libmilter with the GIL held where possible (header_writer)."""
+        if not (self._actions & Milter.ADDHDRS and header_writer.add(self._ctx, name, value)):
+            self.addheader(name, value)
 
     def _remove_forged(self) -> None:
         if not self.forged or not self._actions & Milter.CHGHDRS:
@@ -794,8 +799,8 @@ class AtlasMilter(Milter.Base):
             return Milter.TEMPFAIL
         if self._actions & Milter.CHGHDRS:
             self._remove_forged()
-        add_header(self, HDR_VERDICT, VERDICT_UNCHECKED)
-        add_header(self, HDR_REASONS, clean_header_value(f"not checked: {kind}"))
+        self._add_header(HDR_VERDICT, VERDICT_UNCHECKED)
+        self._add_header(HDR_REASONS, clean_header_value(f"not checked: {kind}"))
         if result is not None:
             self._record(result, ACTION_ACCEPT, f"{kind}; delivered unchecked")
         return Milter.ACCEPT
