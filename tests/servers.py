@@ -700,6 +700,7 @@ protocol imap {{
     def stop(self) -> None:
         if self.proc is None:
             return
+        group = self.proc.pid  # dovecot -F runs in the session _spawn gave it, with its imap workers
         if self.proc.poll() is None:
             # doveadm stop signals master.pid and then polls kill(pid, 0) until it fails.  The master
             # is our child, so it stays a zombie (still "alive" to kill(0)) until we reap it: run
@@ -715,6 +716,10 @@ protocol imap {{
                 doveadm.kill()
                 doveadm.wait()
         self._reap(timeout=15)
+        # Stopped means no client connection lives on either: once (under load in CI) an imap
+        # worker outlived its master and kept serving an IDLE session for 15 s and more.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
 
     def _login_works(self) -> bool:
         """Ready = a full IMAP LOGIN succeeds (the port opens before auth and imap workers are up)."""
