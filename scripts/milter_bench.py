@@ -201,6 +201,10 @@ def main() -> int:
         print("\nthroughput msg/s (best / median of rounds):", {m: (round(best[m], 1), round(med[m], 1)) for m in best})
         if "none" in best and "unix" in best:
             print(f"unix/none  = {med['unix'] / med['none']:.3f} (median)  {best['unix'] / best['none']:.3f} (best)   bar >= 0.60")
+        if "none" in results:
+            # Each round's own ratio: the host's speed drifts between rounds, within one much less.
+            paired = {m: statistics.median(r / n for r, n in zip(v, results["none"])) for m, v in results.items() if m != "none"}
+            print("per-round ratio to none, median of rounds:", {m: round(v, 3) for m, v in paired.items()})
         for ref, what in (("ref-noop", "a pymilter milter that only answers"),
                           ("ref-parse", "a pymilter milter that parses and adds a header")):
             if "none" in best and ref in best:
