@@ -660,12 +660,25 @@ def open_session(config: Config, account: str | None = None, force_plain: bool =
     session = ImapSession(imap, password, force_plain)
     try:
         return session.connect()
-    except LoginError as exc:
-        raise AtlasError(f"IMAP login as {imap.user} on {imap.host} refused: {_one_line(exc)}") from None
-    except ssl.SSLError as exc:
-        raise AtlasError(tls_failure(imap, exc)) from None
-    except (OSError, IMAPClientError) as exc:
-        raise AtlasError(f"cannot reach IMAP server {imap.host}:{resolve_port(imap)}: {_one_line(exc)}") from None
+    except Exception as exc:
+        error = connect_failure(imap, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def connect_failure(imap: ImapConfig, exc: BaseException) -> AtlasError | None:
+    """The one-line error for a failed connect and login to `imap`, or None when `exc` is
+    not such a failure (a bug: let it propagate)."""
+    if isinstance(exc, AtlasError):
+        return exc
+    if isinstance(exc, LoginError):
+        return AtlasError(f"IMAP login as {imap.user} on {imap.host} refused: {_one_line(exc)}")
+    if isinstance(exc, ssl.SSLError):
+        return AtlasError(tls_failure(imap, exc))
+    if isinstance(exc, (OSError, IMAPClientError)):
+        return AtlasError(f"cannot reach IMAP server {imap.host}:{resolve_port(imap)}: {_one_line(exc)}")
+    return None
 
 
 def resolve_account(config: Config, account: str | None) -> ImapConfig:
@@ -876,7 +889,7 @@ class FolderWatcher(threading.Thread):
                 self.watch(session)
             except LoginError as exc:
                 if not lst.logged_in_once.is_set():
-                    lst.fatal = f"IMAP login as {lst.imap.user} on {lst.imap.host} refused: {_one_line(exc)}"
+                    lst.fatal = str(connect_failure(lst.imap, exc))
                     lst.stop.set()
                     return
                 # Logged, and the next try delayed, by new_session for all watchers at once.
@@ -1031,18 +1044,12 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
     # Fail fast on a wrong password or an unreachable server at start; later losses are retried.
     try:
         probe = listener.new_session()
-    except AtlasError:
+    except Exception as exc:
         listener.pipeline.close()
-        raise
-    except LoginError as exc:
-        listener.pipeline.close()
-        raise AtlasError(f"IMAP login as {imap.user} on {imap.host} refused: {_one_line(exc)}") from None
-    except ssl.SSLError as exc:
-        listener.pipeline.close()
-        raise AtlasError(tls_failure(imap, exc)) from None
-    except (OSError, IMAPClientError) as exc:
-        listener.pipeline.close()
-        raise AtlasError(f"cannot reach IMAP server {imap.host}:{resolve_port(imap)}: {_one_line(exc)}") from None
+        error = connect_failure(imap, exc)
+        if error is None:
+            raise
+        raise error from None
     try:
         if not probe.has("IDLE"):
             raise AtlasError(f"IMAP server {imap.host} does not support IDLE")
