@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from test_milter_helpers import load_corpus  # noqa: E402
 
 from atlas_milter.classifier import features, load_model  # noqa: E402
-from atlas_milter.message import parse_message  # noqa: E402
+from atlas_milter.message import DEFAULT_MAX_BYTES, parse_message  # noqa: E402
 from atlas_milter.pipeline import analyse  # noqa: E402
 
 RECEIVED = b"Received: from client.test (client.test [127.0.0.1]) by mx.atlas.test (Postfix) with ESMTP id 4AbC; Sat, 28 Nov 2026 17:00:00 +0000\r\n"
@@ -57,7 +57,7 @@ def main() -> int:
         "parse": fastest(parse_message, raws, args.passes),
         "features": fastest(features, parsed, args.passes),
         "score (features, weights, reasons)": fastest(model.score, parsed, args.passes),
-        "parse + score": fastest(lambda raw: analyse(raw, model, 512 * 1024), raws, args.passes),
+        "parse + score": fastest(lambda raw: analyse(raw, model, DEFAULT_MAX_BYTES), raws, args.passes),
     }
     print(f"{len(raws)} test-split messages, fastest of {args.passes} passes, thread CPU ms per message:")
     for step, ms in costs.items():

@@ -158,9 +158,9 @@ def test_stop_signals_flush_the_records_and_sigusr2_is_at_once(postfix, workdir,
         wait_milter_active(postfix, raw)
         code, _ = send_one(postfix.host, postfix.smtp_port, with_token(raw, new_token()), [postfix.user])
         assert code == 250
+        proc.stop_signal = sig
         started = time.monotonic()
-        proc.proc.send_signal(sig)
-        rc = proc.proc.wait(10)
+        rc = proc.stop(timeout=10)
         took = time.monotonic() - started
     assert rc == 0 and took < within, (rc, took)
     assert ("stop requested (SIGUSR2)" in proc.log()) == (sig == signal.SIGUSR2)
