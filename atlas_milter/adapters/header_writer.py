@@ -8,21 +8,25 @@ percentile (24 -> 11 ms per message at 16 sessions, `scripts/milter_bench.py`). 
 `smfi_addheader` is called through `ctypes.PyDLL`, which keeps the GIL for the few
 microseconds of the call.
 
-libmilter's `SMFICTX *` is read from pymilter's context object, whose C layout (pymilter
-1.0.x) is `{PyObject_HEAD; SMFICTX *ctx; PyObject *priv; PyThreadState *t}`. Before the
-first use that layout is checked against the live object: its size, the `priv` slot
-holding the very object `getpriv()` returns, and libmilter's `smfi_getpriv(ctx)` pointing
-back at the context. If any check fails, or libmilter cannot be loaded, `add()` says so and
-the caller uses pymilter's own `addheader`, as every milter without this module does.
+libmilter's functions are looked up through pymilter's own extension module, so they are
+those of the libmilter pymilter runs on (Debian's shared library, or one linked in
+statically). libmilter's `SMFICTX *` is read from pymilter's context object, whose C
+layout (pymilter 1.0.x) is `{PyObject_HEAD; SMFICTX *ctx; PyObject *priv; PyThreadState
+*t}`. Before the first use that layout is checked against the live object: its size, the
+`priv` slot holding the very object `getpriv()` returns, and libmilter's
+`smfi_getpriv(ctx)` pointing back at the context. If any check fails, or the functions
+cannot be found, `add()` says so and the caller uses pymilter's own `addheader`, as every
+milter without this module does.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import struct
 import threading
+
+import milter
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,9 @@ class _Libmilter:
     """`smfi_addheader` and `smfi_getpriv`, called with the GIL held."""
 
     def __init__(self) -> None:
-        name = ctypes.util.find_library("milter") or "libmilter.so.1.0.1"
-        lib = ctypes.PyDLL(name)
+        # The libmilter pymilter runs on: its extension module's own symbol scope (the
+        # shared library it links, or libmilter linked into it statically).
+        lib = ctypes.PyDLL(milter.__file__)
         self.addheader = lib.smfi_addheader
         self.addheader.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p)
         self.addheader.restype = ctypes.c_int
