@@ -220,7 +220,7 @@ def wait_milter_active(postfix, raw: bytes, timeout: float = 20.0) -> None:
     raise AssertionError("milter never became active in Postfix")
 
 
-def wait_queue_empty(queue_dir: Path, timeout: float = 120.0) -> None:
+def wait_queue_empty(queue_dir: Path, timeout: float = 120.0, interval: float = 0.1) -> None:
     """Wait until Postfix has no message left in incoming/active/deferred/maildrop/hold."""
     def empty() -> bool:
         for sub in ("incoming", "active", "deferred", "maildrop"):
@@ -229,7 +229,7 @@ def wait_queue_empty(queue_dir: Path, timeout: float = 120.0) -> None:
                 return False
         return True
 
-    wait_until(empty, timeout=timeout, what="postfix queue to drain", interval=0.1)
+    wait_until(empty, timeout=timeout, what="postfix queue to drain", interval=interval)
 
 
 def delivered_by_token(postfix, tokens: set[str], timeout=60.0) -> dict[str, bytes]:
