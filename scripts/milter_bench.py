@@ -19,6 +19,11 @@ reference_milter.py): ref-noop (pymilter doing nothing but answer end-of-message
 ref-parse (buffer, compat32 parse, add one header). They show what any pymilter milter
 costs inside Postfix on the machine of the run.
 
+Two rates per round: accepted (the clients' time to get their replies) and relayed (from
+the first message sent until the queue is empty, delivery included). Postfix alone accepts
+faster than it delivers and leaves part of its delivery after the clients are done; with a
+milter, delivery keeps up inside the window.
+
 Bars (issue 4): unix/none >= 0.60, inet/unix >= 0.90, milter p50 <= 5 ms, p99 <= 25 ms.
 """
 
