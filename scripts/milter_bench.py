@@ -82,6 +82,13 @@ def own_cpu_seconds() -> float:
     return t.user + t.system
 
 
+def paired_ratios(rates: dict[str, list[float]]) -> dict[str, float]:
+    """Per mode, the median over rounds of that round's rate divided by the same round's
+    rate without a milter: the host's speed drifts between rounds, within one much less."""
+    return {m: round(statistics.median(r / n for r, n in zip(v, rates["none"])), 3)
+            for m, v in rates.items() if m != "none"}
+
+
 def run_load(host: str, port: int, messages: list[bytes], clients: int) -> tuple[float, dict[int, int]]:
     codes: dict[int, int] = {}
     lock = threading.Lock()
@@ -213,13 +220,10 @@ def main() -> int:
         if "none" in best and "unix" in best:
             print(f"unix/none  = {med['unix'] / med['none']:.3f} (median)  {best['unix'] / best['none']:.3f} (best)   bar >= 0.60")
         if "none" in results:
-            # Each round's own ratio: the host's speed drifts between rounds, within one much less.
-            paired = {m: statistics.median(r / n for r, n in zip(v, results["none"])) for m, v in results.items() if m != "none"}
-            print("per-round ratio to none, median of rounds:", {m: round(v, 3) for m, v in paired.items()})
+            print("per-round ratio to none, median of rounds:", paired_ratios(results))
         if "none" in relayed:
-            paired = {m: statistics.median(r / n for r, n in zip(v, relayed["none"])) for m, v in relayed.items() if m != "none"}
             print("relayed (until the queue is empty) msg/s, median:", {m: round(statistics.median(v), 1) for m, v in relayed.items()},
-                  " per-round ratio to none:", {m: round(v, 3) for m, v in paired.items()})
+                  " per-round ratio to none:", paired_ratios(relayed))
         for ref, what in (("ref-noop", "a pymilter milter that only answers"),
                           ("ref-parse", "a pymilter milter that parses and adds a header")):
             if "none" in best and ref in best:
