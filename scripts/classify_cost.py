@@ -13,7 +13,6 @@ the caches are cold after Postfix ran (see scripts/milter_bench.py).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_milter_helpers import load_corpus  # noqa: E402
+from test_milter_helpers import load_corpus, read_index  # noqa: E402
 
 from atlas_milter.classifier import features, load_model  # noqa: E402
 from atlas_milter.message import DEFAULT_MAX_BYTES, parse_message  # noqa: E402
@@ -48,8 +47,7 @@ def main() -> int:
     ap.add_argument("--corpus", default=os.environ.get("ATLAS_CORPUS", str(REPO.parent / "shared" / "corpus" / "spamassassin")))
     args = ap.parse_args()
     corpus = Path(args.corpus)
-    with open(corpus / "index.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    rows = read_index(corpus, "test")
     raws = [RECEIVED + raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for _, raw in load_corpus(corpus, rows)]
     model = load_model()
     parsed = [parse_message(raw) for raw in raws]

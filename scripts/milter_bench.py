@@ -30,7 +30,6 @@ Bars (issue 4): unix/none >= 0.60, inet/unix >= 0.90, milter p50 <= 5 ms, p99 <=
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from servers import PostfixInstance, free_port, find_binary, wait_until  # noqa: E402
 from test_milter_helpers import (  # noqa: E402
-    MilterProcess, inet_spec, load_corpus, milter_workdir, send_one, unix_spec, wait_queue_empty,
+    MilterProcess, inet_spec, load_corpus, milter_workdir, read_index, send_one, unix_spec, wait_queue_empty,
 )
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
@@ -121,13 +120,10 @@ def main() -> int:
     args = ap.parse_args()
 
     corpus = Path(args.corpus)
-    with open(corpus / "index.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
     if args.corpus_check:
-        chosen = rows
+        chosen = read_index(corpus)
     else:
-        test = [r for r in rows if r["split"] == "test"]
-        test.sort(key=lambda r: r["path"].rsplit("/", 1)[-1].split(".")[-1])  # by content hash: ham and spam mixed
+        test = read_index(corpus, "test")
         chosen = (test * (args.messages // max(1, len(test)) + 1))[: args.messages]
     messages = [raw for _, raw in load_corpus(corpus, chosen)]
 

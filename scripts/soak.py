@@ -44,7 +44,6 @@ about a minute in CI.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -66,7 +65,8 @@ if str(REPO / "tests") not in sys.path:
 
 from servers import PostfixInstance, free_port  # noqa: E402
 from test_milter_helpers import (  # noqa: E402
-    TOKEN_HEADER, MilterProcess, load_corpus, milter_workdir, new_token, unix_spec, wait_milter_active, with_token,
+    TOKEN_HEADER, MilterProcess, load_corpus, milter_workdir, new_token, read_index, unix_spec, wait_milter_active,
+    with_token,
 )
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
@@ -516,10 +516,7 @@ def milter_config(opts: SoakOptions, http_port: int) -> str:
 
 def load_test_split(corpus_dir: Path) -> tuple[list[bytes], bytes]:
     """The test split's messages, ham and spam mixed, and one ham (to probe the milter with)."""
-    with open(Path(corpus_dir) / "index.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    rows.sort(key=lambda r: r["path"].rsplit("/", 1)[-1].split(".")[-1])  # by content hash: ham and spam mixed
-    loaded = load_corpus(corpus_dir, rows)
+    loaded = load_corpus(corpus_dir, read_index(corpus_dir, "test"))
     return [raw for _, raw in loaded], next(raw for row, raw in loaded if row["label"] == "ham")
 
 

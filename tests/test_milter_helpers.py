@@ -4,6 +4,7 @@ log and its RSS; load shared-corpus messages; send mail over SMTP with a unique 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -151,6 +152,15 @@ class MilterProcess:
 # --------------------------------------------------------------------- corpus and SMTP
 
 
+def read_index(corpus_dir: Path, split: str | None = None) -> list[dict]:
+    """The rows of the corpus's index.csv (of `split` when given), ordered by content hash:
+    ham and spam mixed, in the same order on every run."""
+    with open(Path(corpus_dir) / "index.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
+    rows.sort(key=lambda r: r["path"].rsplit("/", 1)[-1].split(".")[-1])
+    return rows
+
+
 def load_corpus(corpus_dir: Path, rows: Iterable[dict]) -> list[tuple[dict, bytes]]:
     """(row, raw bytes) with any mbox "From " line removed (it is not a header)."""
     out = []
@@ -288,5 +298,5 @@ def milter_workdir(prefix: str) -> Path:
 __all__ = [
     "MilterProcess", "free_port", "inet_spec", "unix_spec", "load_corpus", "pick", "with_token", "new_token",
     "send_one", "wait_queue_empty", "wait_milter_active", "TOKEN_HEADER",
-    "delivered_by_token", "db_rows", "header", "accepted_and_refused", "milter_workdir",
+    "delivered_by_token", "db_rows", "header", "accepted_and_refused", "milter_workdir", "read_index",
 ]
