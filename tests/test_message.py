@@ -5,7 +5,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atlas_milter.message import _head_end, fingerprint, parse_message, summarise
+from atlas_milter.message import _HREF_RE, _URL_RE, _head_end, fingerprint, parse_message, summarise
 
 
 def test_plain_message_headers_and_text():
@@ -114,6 +114,20 @@ def test_fingerprint_ignores_envelope_and_recipient_but_not_the_body():
 def test_head_end_is_the_first_blank_line(raw):
     match = re.search(rb"\r?\n\r?\n", raw)
     assert _head_end(raw) == ((match.start(), match.end()) if match else (len(raw), len(raw)))
+
+
+# The link patterns as first written; message.py spells them so that the regex engine can skip ahead.
+PLAIN_URL_RE = re.compile(r"""(?i)\b(?:https?://|www\.)[^\s"'<>()\[\]{}\\^`|]{2,300}""")
+PLAIN_HREF_RE = re.compile(r"""(?i)\b(?:href|src)\s*=\s*["']?\s*([^"'\s>]{1,300})""")
+LINK_PIECES = ["h", "H", "w", "W", "s", "S", "\u017f", "ttp", "TTPS", "://", "ww.", "WW.", "ref", "REF", "rc", "Rc",
+               "=", " ", "'", '"', ".", "_", "x", "\u00e9", "\u0301", "1", "<", ">", "\n", "http://a.b", "www.x.y"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(LINK_PIECES), max_size=30).map("".join))
+def test_link_patterns_find_what_the_plain_ones_find(text):
+    assert _URL_RE.findall(text) == PLAIN_URL_RE.findall(text)
+    assert _HREF_RE.findall(text) == PLAIN_HREF_RE.findall(text)
 
 
 def test_body_digest_folds_ascii_case_and_white_space_only():
