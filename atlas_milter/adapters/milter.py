@@ -1042,7 +1042,7 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
     mc = config.milter
     sock = parse_socket(mc.socket)
     old_mask = block_signals()
-    limit_malloc_arenas()  # before any thread starts
+    limit_malloc_arenas()  # before the store writer and libmilter's threads (cmd_milter may have started /performance)
     pipeline, model_error = make_pipeline(config)
     # Again: starting a worker pool starts multiprocessing's resource tracker, which unblocks
     # SIGINT and SIGTERM in this thread when done; the reload thread must not inherit that.
