@@ -17,7 +17,9 @@ Modes: none (Postfix alone), unix and inet (atlas-milter on either socket), and 
 reference milters of shared/docs/performance-notes.md on a unix socket (scripts/
 reference_milter.py): ref-noop (pymilter doing nothing but answer end-of-message) and
 ref-parse (buffer, compat32 parse, add one header). They show what any pymilter milter
-costs inside Postfix on the machine of the run.
+costs inside Postfix on the machine of the run. And an experiment, loop (scripts/
+loop_milter.py): atlas-milter's own message handling driven by the milter protocol on one
+thread instead of libmilter's threads, to see what the transport costs.
 
 Two rates per round: accepted (the clients' time to get their replies) and relayed (from
 the first message sent until the queue is empty, delivery included). Postfix alone accepts
@@ -64,6 +66,8 @@ class ReferenceMilter(MilterProcess):
         self.kind = kind
 
     def argv(self) -> list[str]:
+        if self.kind == "loop":
+            return [sys.executable, str(REPO / "scripts" / "loop_milter.py"), self.socket_spec]
         return [sys.executable, str(REPO / "scripts" / "reference_milter.py"), self.kind, self.socket_spec]
 
 
@@ -166,8 +170,8 @@ def main() -> int:
                         lib, post = inet_spec(free_port())
                     else:
                         lib, post = unix_spec(work / f"milter-{mode}-{rnd}.sock")
-                    if mode.startswith("ref-"):
-                        milter = ReferenceMilter(work, lib, mode[4:], name=f"milter-{mode}-{rnd}").start()
+                    if mode.startswith("ref-") or mode == "loop":
+                        milter = ReferenceMilter(work, lib, mode.removeprefix("ref-"), name=f"milter-{mode}-{rnd}").start()
                     else:
                         milter = MilterProcess(work, lib, config_text=cfg, name=f"milter-{mode}-{rnd}",
                                                prelude=args.prelude).start()
