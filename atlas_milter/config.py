@@ -150,6 +150,7 @@ class HttpConfig:
 MILTER_ACTIONS = ("tag", "reject", "quarantine", "discard", "tempfail", "accept")
 ERROR_ACTIONS = ("accept", "tempfail")
 MILTER_CLASSIFY_MODES = ("inline", "thread", "pool")
+MILTER_TRANSPORTS = ("loop", "libmilter")
 # Keys of a [milter.recipients."user@example.org"] or [milter.domains."example.org"] table.
 MILTER_RULE_KEYS = ("opt_out", "spam_action", "unsure_action", "spam_cutoff", "ham_cutoff")
 
@@ -159,6 +160,7 @@ class MilterConfig:
     """[milter]: owned by the milter adapter (atlas_milter/adapters/milter.py)."""
 
     socket: str = "unix:/run/atlas-milter/milter.sock"  # libmilter syntax: unix:PATH or inet:PORT@HOST
+    transport: str = "loop"  # loop (the protocol on one thread: adapters/milter_loop.py) | libmilter (pymilter's)
     socket_mode: int = 0o660  # permissions of a unix socket (the MTA's user must be able to write it)
     socket_group: str = ""  # group of a unix socket, e.g. "postfix" (empty: the milter's own group)
     timeout: float = 5.0  # seconds from end of message to a reply, whatever happens
@@ -168,7 +170,7 @@ class MilterConfig:
     on_busy: str = "tempfail"  # too much work in flight: tempfail (back-pressure) | accept (unchecked)
     reject_text: str = "Message rejected as spam (ref {ref})"
     tempfail_text: str = "Message deferred, try again later (ref {ref})"
-    classify: str = "inline"  # inline (on libmilter's thread) | thread (deadline enforced) | pool (processes)
+    classify: str = "inline"  # inline (on the end-of-message thread) | thread (deadline enforced) | pool (processes)
     max_in_flight: int = 32  # messages classified at once; beyond this: on_busy
     max_buffered_mb: int = 256  # message bytes held across all connections; beyond this: on_busy
     skip_authenticated: bool = True  # {auth_authen} set: a submission from our own user, not scored
@@ -187,6 +189,8 @@ class MilterConfig:
         for key in ("on_error", "on_busy"):
             if getattr(self, key) not in ERROR_ACTIONS:
                 raise ConfigError(f"config: [milter] {key}: {getattr(self, key)!r} is not one of accept, tempfail")
+        if self.transport not in MILTER_TRANSPORTS:
+            raise ConfigError(f"config: [milter] transport: {self.transport!r} is not one of {', '.join(MILTER_TRANSPORTS)}")
         if self.classify not in MILTER_CLASSIFY_MODES:
             raise ConfigError(f"config: [milter] classify: {self.classify!r} is not one of {', '.join(MILTER_CLASSIFY_MODES)}")
         if self.timeout <= 0:

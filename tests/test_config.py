@@ -40,6 +40,8 @@ def test_bad_value_names_the_key(tmp_path):
         load_config(write(tmp_path, '[performance]\nworkers = "four"\n'), env={})
     with pytest.raises(ConfigError, match="profile"):
         load_config(write(tmp_path, '[performance]\nprofile = "huge"\n'), env={})
+    with pytest.raises(ConfigError, match=r"\[milter\] transport: 'milter' is not one of loop, libmilter"):
+        load_config(write(tmp_path, '[milter]\ntransport = "milter"\n'), env={})
 
 
 def test_not_toml_is_one_line(tmp_path):

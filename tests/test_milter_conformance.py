@@ -34,10 +34,12 @@ spam_action = "tag"
 """
 
 
-@pytest.fixture(scope="module")
-def milter_proc(tmp_path_factory):
+@pytest.fixture(scope="module", params=["loop", "libmilter"])
+def milter_proc(tmp_path_factory, request):
+    """The milter on either transport: our protocol loop or libmilter."""
     port = free_port()
-    proc = MilterProcess(tmp_path_factory.mktemp("conformance"), inet_spec(port)[0], config_text=CONFIG)
+    proc = MilterProcess(tmp_path_factory.mktemp("conformance"), inet_spec(port)[0],
+                         config_text=CONFIG.replace("[milter]\n", f'[milter]\ntransport = "{request.param}"\n', 1))
     proc.start()
     proc.port = port
     yield proc

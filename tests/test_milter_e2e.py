@@ -75,8 +75,9 @@ def send_all(postfix, items, clients=8):
         return dict(pool.map(one, items))
 
 
-def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages):
-    proc = start_milter(workdir, "tag")
+@pytest.mark.parametrize("transport", ["loop", "libmilter"])
+def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages, transport):
+    proc = start_milter(workdir, f"tag-{transport}", f'transport = "{transport}"\n')
     items = tokened(messages)
     try:
         with postfix.milter_set(postfix_spec(proc), default_action="tempfail"):
@@ -106,8 +107,10 @@ def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages):
     assert seen["spam"] >= 30 and seen["ham"] >= 30, seen  # the model works on this mix
     assert "Traceback" not in proc.log()
     assert "sent no {client_addr}" not in proc.log()  # Postfix sends our end-of-message macros
-    # The headers above went through libmilter with the GIL held (header_writer), not the fallback.
-    assert "verdict headers are added through libmilter with the GIL held" in proc.log()
+    # On libmilter the headers above went through it with the GIL held (header_writer), not the fallback.
+    gil_held = "verdict headers are added through libmilter with the GIL held" in proc.log()
+    assert gil_held == (transport == "libmilter")
+    assert f"(transport={transport}," in proc.log()
 
 
 def test_corpus_spam_rejected_with_550_when_configured(postfix, workdir, messages):

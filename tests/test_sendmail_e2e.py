@@ -109,8 +109,9 @@ def sunk_tokens(mta: SendmailInstance) -> set[str]:
     return {m.group(1).decode() for p in mta.sink_messages() if (m := TOKEN.search(p.read_bytes()))}
 
 
-def test_corpus_tagged_by_default_and_rows_match(mta, workdir, messages):
-    proc = start_milter(workdir, "tag")
+@pytest.mark.parametrize("transport", ["loop", "libmilter"])
+def test_corpus_tagged_by_default_and_rows_match(mta, workdir, messages, transport):
+    proc = start_milter(workdir, f"tag-{transport}", f'transport = "{transport}"\n')
     try:
         replies = send_all(mta, [raw for _, raw in messages])
         assert {code for code, _ in replies.values()} == {250}, replies

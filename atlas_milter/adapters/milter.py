@@ -131,7 +131,8 @@ WANTED_ACTIONS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE | Milter.SE
 BUSY_WAIT = 0.05  # seconds eom waits for a free classification slot before on_busy
 MAX_RECIPIENTS = 1000  # recipients remembered per message (Postfix's default limit)
 ERROR_LOG_INTERVAL = 60.0  # seconds between log lines for the same kind of failure
-LIBMILTER_TIMEOUT = 600  # seconds libmilter waits on a silent MTA before dropping it
+LIBMILTER_TIMEOUT = 600  # seconds libmilter (and the loop transport) waits on a silent MTA before dropping it
+LISTEN_BACKLOG = 256  # pending MTA connections (the loop transport's listening socket)
 
 _CTRL = re.compile(r"[\x00-\x1f\x7f]+")
 
@@ -301,7 +302,8 @@ class MilterState:
 
 # Settings read once at start (sockets, threads, pools, files): a reload names them in a
 # warning when they changed, and applies the rest.
-RESTART_ONLY_MILTER = ("socket", "socket_mode", "socket_group", "classify", "max_in_flight", "max_buffered_mb")
+RESTART_ONLY_MILTER = ("socket", "transport", "socket_mode", "socket_group", "classify", "max_in_flight",
+                       "max_buffered_mb")
 RESTART_ONLY_SECTIONS = ("store", "statsd", "performance", "features", "http")
 
 
@@ -1033,6 +1035,81 @@ def _connect_once(sock: SocketSpec) -> None:
         pass  # closed already: the listener has let go
 
 
+def _listening(engine: MilterEngine, sock: SocketSpec) -> None:
+    mc = engine.config.milter
+    log.info("atlas-milter %s listening on %s (transport=%s, classify=%s, timeout %gs, spam_action=%s, on_error=%s)",
+             MILTER_NAME, sock.spec, mc.transport, mc.classify, mc.timeout, mc.spam_action, mc.on_error)
+    sd_notify("READY=1")  # systemd Type=notify: the socket is open
+
+
+def _serve_libmilter(engine: MilterEngine, sock: SocketSpec) -> None:
+    """libmilter (through pymilter) runs the protocol: a thread per connection from its pool."""
+    mc = engine.config.milter
+    _register(engine)
+    _libmilter.setconn(sock.spec)
+    _libmilter.settimeout(LIBMILTER_TIMEOUT)
+    _libmilter.register(MILTER_NAME, data=lambda ctx: ctx.getpriv().data(),
+                        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+                        negotiate=Milter.negotiate_callback)
+    try:
+        _libmilter.opensocket(True)
+    except _libmilter.error as exc:
+        raise AtlasError(f"--socket {mc.socket}: cannot listen ({exc}); is another milter using it?") from None
+    if sock.kind == "unix":
+        if mc.socket_group:
+            os.chown(sock.path, -1, socket_gid(mc.socket_group))
+        os.chmod(sock.path, mc.socket_mode)
+    else:
+        if not set_nodelay_on_listener(sock.port):
+            log.warning("milter: could not set TCP_NODELAY on %s; expect ~40 ms stalls per message", sock.spec)
+    start_reload_thread(lambda: stop_now(sock), signals=(FAST_STOP_SIGNAL,))
+    _listening(engine, sock)
+    try:
+        _libmilter.main()
+    except _libmilter.error as exc:
+        raise AtlasError(f"milter on {mc.socket} failed: {exc}") from None
+
+
+def _serve_loop(engine: MilterEngine, sock: SocketSpec) -> None:
+    """Our own protocol loop (adapters/milter_loop.py) on the same socket spec."""
+    from atlas_milter.adapters.milter_loop import LoopServer  # noqa: PLC0415 - only this transport needs it
+
+    mc = engine.config.milter
+    listener = _listen(sock)
+    if sock.kind == "unix":
+        if mc.socket_group:
+            os.chown(sock.path, -1, socket_gid(mc.socket_group))
+        os.chmod(sock.path, mc.socket_mode)
+    server = LoopServer(listener, functools.partial(AtlasMilter, engine), workers=engine.max_in_flight + 4,
+                        idle_timeout=LIBMILTER_TIMEOUT, nodelay=sock.kind != "unix")
+    def stop(why: str) -> None:
+        log.info("atlas-milter: stop requested (%s)", why)
+        server.stop()
+
+    start_reload_thread(lambda: stop("SIGTERM, SIGINT or SIGHUP"), signals=STOP_SIGNALS)
+    start_reload_thread(lambda: stop("SIGUSR2"), signals=(FAST_STOP_SIGNAL,))
+    _listening(engine, sock)
+    server.serve()
+
+
+def _listen(sock: SocketSpec) -> socket.socket:
+    """The listening socket for `sock` (a stale unix socket file is replaced, as libmilter does)."""
+    try:
+        if sock.kind == "unix":
+            if os.path.lexists(sock.path):
+                os.unlink(sock.path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(sock.path)
+        else:
+            listener = socket.socket(socket.AF_INET6 if sock.kind == "inet6" else socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((sock.host, sock.port))
+        listener.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        raise AtlasError(f"--socket {sock.spec}: cannot listen ({exc.strerror or exc}); is another milter using it?") from None
+    return listener
+
+
 def serve(config: Config, read_config: Callable[[], Config] | None = None) -> int:
     """Run the milter on config.milter.socket until SIGTERM/SIGINT/SIGHUP (libmilter's own
     signal thread catches them and stops accepting; connections in progress finish).
@@ -1053,31 +1130,10 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
     engine.metrics.set_gauge(GAUGE_RELOAD_FAILING, 0)
     start_reload_thread(lambda: engine.reload(read_config or (lambda: config)))
     try:
-        _register(engine)
-        _libmilter.setconn(sock.spec)
-        _libmilter.settimeout(LIBMILTER_TIMEOUT)
-        _libmilter.register(MILTER_NAME, data=lambda ctx: ctx.getpriv().data(),
-                            unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
-                            negotiate=Milter.negotiate_callback)
-        try:
-            _libmilter.opensocket(True)
-        except _libmilter.error as exc:
-            raise AtlasError(f"--socket {mc.socket}: cannot listen ({exc}); is another milter using it?") from None
-        if sock.kind == "unix":
-            if mc.socket_group:
-                os.chown(sock.path, -1, socket_gid(mc.socket_group))
-            os.chmod(sock.path, mc.socket_mode)
+        if mc.transport == "loop":
+            _serve_loop(engine, sock)
         else:
-            if not set_nodelay_on_listener(sock.port):
-                log.warning("milter: could not set TCP_NODELAY on %s; expect ~40 ms stalls per message", sock.spec)
-        start_reload_thread(lambda: stop_now(sock), signals=(FAST_STOP_SIGNAL,))
-        log.info("atlas-milter %s listening on %s (classify=%s, timeout %gs, spam_action=%s, on_error=%s)",
-                 MILTER_NAME, sock.spec, mc.classify, mc.timeout, mc.spam_action, mc.on_error)
-        sd_notify("READY=1")  # systemd Type=notify: the socket is open
-        try:
-            _libmilter.main()
-        except _libmilter.error as exc:
-            raise AtlasError(f"milter on {mc.socket} failed: {exc}") from None
+            _serve_libmilter(engine, sock)
         log.info("atlas-milter stopping: finishing records")
         sd_notify("STOPPING=1")
     finally:
