@@ -17,9 +17,9 @@ Modes: none (Postfix alone), unix and inet (atlas-milter on either socket), and 
 reference milters of shared/docs/performance-notes.md on a unix socket (scripts/
 reference_milter.py): ref-noop (pymilter doing nothing but answer end-of-message) and
 ref-parse (buffer, compat32 parse, add one header). They show what any pymilter milter
-costs inside Postfix on the machine of the run. And an experiment, loop (scripts/
-loop_milter.py): atlas-milter's own message handling driven by the milter protocol on one
-thread instead of libmilter's threads, to see what the transport costs.
+costs inside Postfix on the machine of the run. unix and inet run atlas-milter on its default
+transport (the protocol loop); unix-libmilter and inet-libmilter on libmilter's threads
+([milter] transport = "libmilter"), to compare the two in one run.
 
 Two rates per round: accepted (the clients' time to get their replies) and relayed (from
 the first message sent until the queue is empty, delivery included). Postfix alone accepts
@@ -66,8 +66,6 @@ class ReferenceMilter(MilterProcess):
         self.kind = kind
 
     def argv(self) -> list[str]:
-        if self.kind == "loop":
-            return [sys.executable, str(REPO / "scripts" / "loop_milter.py"), self.socket_spec]
         return [sys.executable, str(REPO / "scripts" / "reference_milter.py"), self.kind, self.socket_spec]
 
 
@@ -166,14 +164,16 @@ def main() -> int:
                     pf.set_milter(None)
                     time.sleep(0.5)
                 else:
-                    if mode == "inet":
+                    if mode.startswith("inet"):
                         lib, post = inet_spec(free_port())
                     else:
                         lib, post = unix_spec(work / f"milter-{mode}-{rnd}.sock")
-                    if mode.startswith("ref-") or mode == "loop":
-                        milter = ReferenceMilter(work, lib, mode.removeprefix("ref-"), name=f"milter-{mode}-{rnd}").start()
+                    if mode.startswith("ref-"):
+                        milter = ReferenceMilter(work, lib, mode[4:], name=f"milter-{mode}-{rnd}").start()
                     else:
-                        milter = MilterProcess(work, lib, config_text=cfg, name=f"milter-{mode}-{rnd}",
+                        transport = 'transport = "libmilter"\n' if mode.endswith("-libmilter") else ""
+                        milter = MilterProcess(work, lib, config_text=cfg.replace("[milter]\n", "[milter]\n" + transport, 1),
+                                               name=f"milter-{mode}-{rnd}",
                                                prelude=args.prelude).start()
                     pf.set_milter(post)
                     run_load(pf.host, pf.smtp_port, messages[:50], args.clients)  # warm the milter
