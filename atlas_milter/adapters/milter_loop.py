@@ -30,13 +30,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import selectors
 import socket
 import struct
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import Milter
@@ -278,7 +278,12 @@ class LoopServer:
         self.idle_timeout = idle_timeout
         self.nodelay = nodelay
         self.selector = selectors.DefaultSelector()
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="atlas-milter-eom")
+        # A fixed set of end-of-message threads, all started now: the thread count stays the same.
+        self.jobs: queue.SimpleQueue[tuple[Session, bytes] | None] = queue.SimpleQueue()
+        self.workers = [threading.Thread(target=self._work, name=f"atlas-milter-eom-{n}", daemon=True)
+                        for n in range(workers)]
+        for thread in self.workers:
+            thread.start()
         self.finished: deque[tuple[Session, bytes | None]] = deque()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -322,7 +327,8 @@ class LoopServer:
         finally:
             for session in list(self.sessions):
                 self._drop(session)
-            self.pool.shutdown(wait=False, cancel_futures=True)  # a hung classification must not hold the exit
+            for _ in self.workers:  # not joined: a hung classification must not hold the exit
+                self.jobs.put(None)
             self.selector.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
@@ -396,7 +402,7 @@ class LoopServer:
                         session.closing = True
                     elif cmd == b"E":
                         session.busy = True
-                        self.pool.submit(self._end_of_message, session, data)
+                        self.jobs.put((session, data))
                     else:
                         out.append(session.command(cmd, data))
             except ProtocolError as exc:
@@ -412,6 +418,10 @@ class LoopServer:
             if session.closing and not session.outbuf:
                 self._drop(session)
                 return
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            self._end_of_message(*job)
 
     def _end_of_message(self, session: Session, data: bytes) -> None:
         try:
