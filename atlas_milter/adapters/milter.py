@@ -3,12 +3,15 @@ per MAIL FROM (envelope, headers, body up to the analysis cap), classifies it at
 message through the pipeline with a deadline, and turns the verdict into a milter reply
 by policy: tag (headers), reject (550 5.7.1 + reference id), tempfail (451 4.7.1),
 quarantine (Postfix hold / Sendmail quarantine) or discard. Also `serve()`, which runs
-libmilter on a unix or inet socket until SIGTERM/SIGINT (or SIGHUP: libmilter's signal
-thread takes it as stop), and `MilterEngine.reload()`, run on SIGUSR1: the config file and the model
-are read again and swapped in for the next messages.
+the milter on a unix or inet socket with one of two transports ([milter] transport: our
+protocol loop, adapters/milter_loop.py, or libmilter through pymilter) until
+SIGTERM/SIGINT/SIGHUP (SIGHUP stops, as libmilter's signal thread has it), and
+`MilterEngine.reload()`, run on SIGUSR1: the config file and the model are read again and
+swapped in for the next messages.
 
-Threads: libmilter calls each SMTP connection on its own thread; one `AtlasMilter`
-instance per connection holds that connection's message state and nothing else. Shared
+Threads: the loop reads every connection on one thread and runs end of message on a fixed
+set of worker threads; libmilter calls each SMTP connection on a thread of its pool. One
+`AtlasMilter` instance per connection holds that connection's message state and nothing else. Shared
 state lives in `MilterEngine` (the start config, a semaphore bounding work in flight, a
 locked byte budget for buffered messages, and the reloadable `MilterState`: policy and
 scorer in one immutable object that a message reads once at end of message, so it is
@@ -1111,8 +1114,8 @@ def _listen(sock: SocketSpec) -> socket.socket:
 
 
 def serve(config: Config, read_config: Callable[[], Config] | None = None) -> int:
-    """Run the milter on config.milter.socket until SIGTERM/SIGINT/SIGHUP (libmilter's own
-    signal thread catches them and stops accepting; connections in progress finish).
+    """Run the milter on config.milter.socket until SIGTERM/SIGINT/SIGHUP or SIGUSR2 (a
+    signal thread catches them and stops accepting; messages in progress are answered).
     SIGUSR1 reloads: `read_config()` (default: `config` again) and the model it names are
     read and swapped in (MilterEngine.reload). Exit code 0 on a clean stop. Bad socket
     spec or unusable path: AtlasError."""
