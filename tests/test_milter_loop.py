@@ -196,6 +196,7 @@ def test_connections_are_served_side_by_side(loop):
     struct.pack(">I", 0),  # a packet without a command
     packet(b"L", b"no terminator"),  # a header that is not two strings
     packet(b"Z"),  # no such command
+    packet(b"M"),  # MAIL without an address
 ])
 def test_malformed_packets_end_the_connection_and_nothing_else(loop, bad):
     path, _, _ = loop()

@@ -144,7 +144,7 @@ class Session:
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.busy = False  # end of message is on a worker: nothing more is read until it answers
-        self.closing = False  # QUIT seen, or the connection failed
+        self.closing = False  # QUIT seen: the connection closes once the output is sent
         self.last_active = time.monotonic()
         self.sent_protocol = 0  # the protocol flags the MTA agreed to (offered and asked for)
         self.negotiated: tuple[int, int] | None = None
@@ -207,12 +207,15 @@ class Session:
             if data:
                 self.ctx.set_macros(data[:1], _strings(data[1:]))
             return b""
-        if cmd == b"M":
+        if cmd in (b"M", b"R"):
+            args = _strings(data)
+            if not args:
+                raise ProtocolError("MAIL or RCPT without an address")
+            if cmd == b"R":
+                return self.answer(cmd, m.envrcpt_bytes(*args))
             self.ctx.new_message()
             self.ctx.reply = ""
-            return self.answer(cmd, m.envfrom_bytes(*_strings(data)))
-        if cmd == b"R":
-            return self.answer(cmd, m.envrcpt_bytes(*_strings(data)))
+            return self.answer(cmd, m.envfrom_bytes(*args))
         if cmd == b"T":
             return self.answer(cmd, m.data())
         if cmd == b"N":
@@ -244,7 +247,8 @@ class Session:
         # As libmilter: the milter is offered every no-reply step, whatever the MTA supports,
         # and the steps the MTA cannot skip an answer are answered here (answer()).
         opts = [actions, protocol | _ALL_NR, 0, 0]
-        self.milter.negotiate(opts)
+        if self.milter.negotiate(opts) == Milter.ALL_OPTS:  # the milter could not decide: everything offered
+            opts = [actions, protocol, 0, 0]
         wanted_actions, wanted_protocol = opts[0] & actions, opts[1]
         self.sent_protocol = wanted_protocol & protocol
         self.negotiated = (wanted_actions, wanted_protocol)
