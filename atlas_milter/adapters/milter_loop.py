@@ -294,6 +294,7 @@ class LoopServer:
         os.set_blocking(self.wake_w, False)
         self.sessions: set[Session] = set()
         self._stop = threading.Event()
+        self._closed = False
 
     def stop(self) -> None:
         """From any thread: accept no more connections, answer the messages in progress, return."""
@@ -301,6 +302,8 @@ class LoopServer:
         self._wake()
 
     def _wake(self) -> None:
+        if self._closed:  # serve() has returned and closed the pipe (a late second stop signal)
+            return
         try:
             os.write(self.wake_w, b"x")
         except BlockingIOError:
@@ -334,6 +337,7 @@ class LoopServer:
             for _ in self.workers:  # not joined: a hung classification must not hold the exit
                 self.jobs.put(None)
             self.selector.close()
+            self._closed = True
             os.close(self.wake_r)
             os.close(self.wake_w)
 
