@@ -62,6 +62,7 @@ import Milter
 import milter as _libmilter
 
 from atlas_milter.adapters import header_writer
+from atlas_milter.adapters.milter_loop import LoopServer
 from atlas_milter.classifier import load_model
 from atlas_milter.config import Config, MilterConfig
 from atlas_milter.errors import AtlasError, ModelError
@@ -1059,9 +1060,7 @@ def _serve_libmilter(engine: MilterEngine, sock: SocketSpec) -> None:
     except _libmilter.error as exc:
         raise AtlasError(f"--socket {mc.socket}: cannot listen ({exc}); is another milter using it?") from None
     if sock.kind == "unix":
-        if mc.socket_group:
-            os.chown(sock.path, -1, socket_gid(mc.socket_group))
-        os.chmod(sock.path, mc.socket_mode)
+        _own_socket(sock, mc)
     else:
         if not set_nodelay_on_listener(sock.port):
             log.warning("milter: could not set TCP_NODELAY on %s; expect ~40 ms stalls per message", sock.spec)
@@ -1075,16 +1074,12 @@ def _serve_libmilter(engine: MilterEngine, sock: SocketSpec) -> None:
 
 def _serve_loop(engine: MilterEngine, sock: SocketSpec) -> None:
     """Our own protocol loop (adapters/milter_loop.py) on the same socket spec."""
-    from atlas_milter.adapters.milter_loop import LoopServer  # noqa: PLC0415 - only this transport needs it
-
-    mc = engine.config.milter
     listener = _listen(sock)
     if sock.kind == "unix":
-        if mc.socket_group:
-            os.chown(sock.path, -1, socket_gid(mc.socket_group))
-        os.chmod(sock.path, mc.socket_mode)
+        _own_socket(sock, engine.config.milter)
     server = LoopServer(listener, functools.partial(AtlasMilter, engine), workers=engine.max_in_flight + 4,
                         idle_timeout=LIBMILTER_TIMEOUT, nodelay=sock.kind != "unix")
+
     def stop(why: str) -> None:
         log.info("atlas-milter: stop requested (%s)", why)
         server.stop()
@@ -1093,6 +1088,13 @@ def _serve_loop(engine: MilterEngine, sock: SocketSpec) -> None:
     start_reload_thread(lambda: stop("SIGUSR2"), signals=(FAST_STOP_SIGNAL,))
     _listening(engine, sock)
     server.serve()
+
+
+def _own_socket(sock: SocketSpec, mc: MilterConfig) -> None:
+    """Give a unix socket the configured group and mode (the MTA's user must be able to write it)."""
+    if mc.socket_group:
+        os.chown(sock.path, -1, socket_gid(mc.socket_group))
+    os.chmod(sock.path, mc.socket_mode)
 
 
 def _listen(sock: SocketSpec) -> socket.socket:
