@@ -232,3 +232,40 @@ def test_stop_answers_the_message_in_progress_then_returns(tmp_path):
     thread.join(10)
     assert done == [b"a"] and not thread.is_alive()
     engine.close()
+
+
+def test_a_message_that_waits_for_a_thread_gets_the_busy_action(tmp_path):
+    """With every end-of-message thread taken, a message does not queue past the milter's
+    busy wait: it gets on_busy (tempfail by default) at once, as on libmilter."""
+    engine = make_engine(tmp_path)
+    original = engine.pipeline.classify
+    engine.pipeline.classify = lambda *a, **k: (time.sleep(0.4), original(*a, **k))[1]
+    path = str(tmp_path / "m.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(4)
+    server = LoopServer(listener, functools.partial(am.AtlasMilter, engine), workers=1, idle_timeout=600,
+                        busy_wait=am.BUSY_WAIT)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        mtas = [MTA(path) for _ in range(3)]
+        for mta in mtas:
+            mta.negotiate()
+        results: dict[int, bytes] = {}
+        senders = [threading.Thread(target=lambda i=i: results.__setitem__(i, mtas[i].message(HAM)[-1]))
+                   for i in range(3)]
+        started = time.monotonic()
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(10)
+        took = time.monotonic() - started
+        answers = sorted(cmd + b" " + data[:9] for cmd, data in results.values())
+        assert answers == [b"a ", b"y 451 4.7.1", b"y 451 4.7.1"], answers
+        assert took < 1.5, took  # the two busy answers did not wait for the slow one
+        assert engine.metrics.get_counters()["milter.error.busy"] == 2
+    finally:
+        server.stop()
+        thread.join(10)
+        engine.close()

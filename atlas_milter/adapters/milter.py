@@ -634,11 +634,13 @@ class AtlasMilter(Milter.Base):
         return Milter.CONTINUE
 
     # -- end of message --------------------------------------------------------------------
-    def eom(self) -> int:
+    def eom(self, busy: str = "") -> int:
+        """End of message: classify, decide, reply. `busy` (from the loop transport: no
+        end-of-message thread was free in time) says why on_busy applies without classifying."""
         t0 = time.perf_counter()
         engine = self.engine
         try:
-            rc = self._eom(t0)
+            rc = self._eom_busy(busy, t0) if busy else self._eom(t0)
         except Exception as exc:  # a bug here must still give the MTA an answer
             self._fail("eom", exc)
             try:
@@ -711,6 +713,13 @@ class AtlasMilter(Milter.Base):
         else:
             note = note or decision.note
         return self._act(decision.action, result, queue_id, note)
+
+    def _eom_busy(self, detail: str, t0: float) -> int:
+        self._state = self.engine.state
+        self.engine.incr(COUNTER_MESSAGES)
+        self._raw()
+        self.engine.log_failure(ERR_BUSY, detail)
+        return self._apply_error(ERR_BUSY, detail, t0)
 
     def _client_trusted(self, state: MilterState) -> bool:
         addr = (self.getsymval("{client_addr}") or "").strip("[]")
@@ -1078,7 +1087,7 @@ def _serve_loop(engine: MilterEngine, sock: SocketSpec) -> None:
     if sock.kind == "unix":
         _own_socket(sock, engine.config.milter)
     server = LoopServer(listener, functools.partial(AtlasMilter, engine), workers=engine.max_in_flight + 4,
-                        idle_timeout=LIBMILTER_TIMEOUT, nodelay=sock.kind != "unix")
+                        idle_timeout=LIBMILTER_TIMEOUT, nodelay=sock.kind != "unix", busy_wait=BUSY_WAIT)
 
     def stop(why: str) -> None:
         log.info("atlas-milter: stop requested (%s)", why)

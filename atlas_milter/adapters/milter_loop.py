@@ -260,13 +260,14 @@ class Session:
         self.ctx.symlists = []
         return packet(b"O", reply)
 
-    def end_of_message(self, data: bytes) -> bytes:
+    def end_of_message(self, data: bytes, busy: str = "") -> bytes:
         """On a worker: end of message (a last body chunk first, if the MTA sent one with
-        it), then the header changes and the reply."""
+        it), then the header changes and the reply. `busy`: why the milter's busy action
+        applies instead (the message waited too long for a thread)."""
         m = self.milter
         if data:
             m.body(data)
-        rc = m.eom()
+        rc = m.eom(busy) if busy else m.eom()
         changes = self.ctx.changes
         self.ctx.changes = []
         return b"".join(changes) + self.answer(b"E", rc)
@@ -276,14 +277,15 @@ class LoopServer:
     """The accept/read/write loop over all connections, and the worker pool for end of message."""
 
     def __init__(self, listener: socket.socket, factory: Callable[[], Milter.Base], workers: int,
-                 idle_timeout: float, nodelay: bool = False) -> None:
+                 idle_timeout: float, nodelay: bool = False, busy_wait: float = 0.05) -> None:
         self.listener = listener
+        self.busy_wait = busy_wait  # an end of message waiting longer for a thread gets the busy action
         self.factory = factory
         self.idle_timeout = idle_timeout
         self.nodelay = nodelay
         self.selector = selectors.DefaultSelector()
         # A fixed set of end-of-message threads, all started now: the thread count stays the same.
-        self.jobs: queue.SimpleQueue[tuple[Session, bytes] | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[Session, bytes, float] | None] = queue.SimpleQueue()
         self.workers = [threading.Thread(target=self._work, name=f"atlas-milter-eom-{n}", daemon=True)
                         for n in range(workers)]
         for thread in self.workers:
@@ -410,7 +412,7 @@ class LoopServer:
                         session.closing = True
                     elif cmd == b"E":
                         session.busy = True
-                        self.jobs.put((session, data))
+                        self.jobs.put((session, data, time.monotonic()))
                     else:
                         out.append(session.command(cmd, data))
             except ProtocolError as exc:
@@ -429,11 +431,14 @@ class LoopServer:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
-            self._end_of_message(*job)
+            session, data, queued_at = job
+            waited = time.monotonic() - queued_at
+            busy = f"no end-of-message thread free for {waited * 1000:.0f} ms" if waited > self.busy_wait else ""
+            self._end_of_message(session, data, busy)
 
-    def _end_of_message(self, session: Session, data: bytes) -> None:
+    def _end_of_message(self, session: Session, data: bytes, busy: str) -> None:
         try:
-            out: bytes | None = session.end_of_message(data)
+            out: bytes | None = session.end_of_message(data, busy)
         except Exception as exc:  # noqa: BLE001 - AtlasMilter.eom catches its own; this is the packet layer
             log.error("milter: end of message failed: %s: %s", type(exc).__name__, exc, exc_info=True)
             out = None
