@@ -269,3 +269,36 @@ def test_a_message_that_waits_for_a_thread_gets_the_busy_action(tmp_path):
         server.stop()
         thread.join(10)
         engine.close()
+
+
+class FlakyListener(socket.socket):
+    """A listening socket whose first accepts fail as when the process is out of file descriptors."""
+
+    failures = 3
+
+    def accept(self):
+        if FlakyListener.failures:
+            FlakyListener.failures -= 1
+            raise OSError(24, "Too many open files")
+        return super().accept()
+
+
+def test_accept_failures_are_logged_once_and_serving_goes_on(tmp_path, caplog):
+    engine = make_engine(tmp_path)
+    path = str(tmp_path / "m.sock")
+    listener = FlakyListener(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(4)
+    server = LoopServer(listener, functools.partial(am.AtlasMilter, engine), workers=1, idle_timeout=600)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        mta = MTA(path)
+        mta.negotiate()
+        assert mta.message(HAM)[-1][0] == b"a"
+        failures = [r for r in caplog.records if "cannot accept MTA connections" in r.getMessage()]
+        assert len(failures) == 1 and "Too many open files" in failures[0].getMessage()
+    finally:
+        server.stop()
+        thread.join(10)
+        engine.close()

@@ -47,6 +47,8 @@ MAX_PACKET = 2 * 2**20  # bytes: Postfix and Sendmail send body chunks of at mos
 RECV_BYTES = 256 * 1024
 PROTOCOL_VERSION = 6
 STOP_GRACE = 10.0  # seconds a stop waits for messages in progress to be answered
+ACCEPT_ERROR_PAUSE = 0.05  # seconds the loop pauses after a failed accept (e.g. out of file descriptors)
+ACCEPT_ERROR_LOG_INTERVAL = 10.0
 
 # MTA commands whose step can be negotiated as "no reply", and the bit that says so.
 _NR_BIT = {
@@ -297,6 +299,7 @@ class LoopServer:
         self.sessions: set[Session] = set()
         self._stop = threading.Event()
         self._closed = False
+        self._accept_failed_logged = -ACCEPT_ERROR_LOG_INTERVAL
 
     def stop(self) -> None:
         """From any thread: accept no more connections, answer the messages in progress, return."""
@@ -373,8 +376,12 @@ class LoopServer:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and the like: keep serving the others
-                log.error("milter: accept failed: %s", exc)
+            except OSError as exc:  # EMFILE and the like: keep serving the others, without spinning
+                now = time.monotonic()
+                if now - self._accept_failed_logged >= ACCEPT_ERROR_LOG_INTERVAL:
+                    self._accept_failed_logged = now
+                    log.error("milter: cannot accept MTA connections: %s (raise LimitNOFILE?)", exc)
+                time.sleep(ACCEPT_ERROR_PAUSE)
                 return
             conn.setblocking(False)
             if self.nodelay:
