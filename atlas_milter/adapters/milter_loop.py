@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import queue
 import selectors
@@ -288,6 +289,8 @@ class LoopServer:
         self.selector = selectors.DefaultSelector()
         # A fixed set of end-of-message threads, all started now: the thread count stays the same.
         self.jobs: queue.SimpleQueue[tuple[Session, bytes, float] | None] = queue.SimpleQueue()
+        self._idle = 0  # end-of-message threads waiting for a job
+        self._idle_lock = threading.Lock()
         self.workers = [threading.Thread(target=self._work, name=f"atlas-milter-eom-{n}", daemon=True)
                         for n in range(workers)]
         for thread in self.workers:
@@ -419,7 +422,11 @@ class LoopServer:
                         session.closing = True
                     elif cmd == b"E":
                         session.busy = True
-                        self.jobs.put((session, data, time.monotonic()))
+                        # Timed only when every thread was taken: a free one may still need a moment
+                        # to get the GIL (a reload parsing a model holds it), which is not "busy".
+                        with self._idle_lock:
+                            queued_at = time.monotonic() if self._idle == 0 else math.inf
+                        self.jobs.put((session, data, queued_at))
                     else:
                         out.append(session.command(cmd, data))
             except ProtocolError as exc:
@@ -437,9 +444,16 @@ class LoopServer:
                 return
 
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while True:
+            with self._idle_lock:
+                self._idle += 1
+            job = self.jobs.get()
+            with self._idle_lock:
+                self._idle -= 1
+            if job is None:
+                return
             session, data, queued_at = job
-            waited = time.monotonic() - queued_at
+            waited = max(0.0, time.monotonic() - queued_at)
             busy = f"no end-of-message thread free for {waited * 1000:.0f} ms" if waited > self.busy_wait else ""
             self._end_of_message(session, data, busy)
 
