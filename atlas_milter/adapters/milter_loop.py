@@ -289,8 +289,8 @@ class LoopServer:
         self.selector = selectors.DefaultSelector()
         # A fixed set of end-of-message threads, all started now: the thread count stays the same.
         self.jobs: queue.SimpleQueue[tuple[Session, bytes, float] | None] = queue.SimpleQueue()
-        self._idle = 0  # end-of-message threads waiting for a job
-        self._idle_lock = threading.Lock()
+        self._in_flight = 0  # ends of message queued or running, not yet answered
+        self._in_flight_lock = threading.Lock()
         self.workers = [threading.Thread(target=self._work, name=f"atlas-milter-eom-{n}", daemon=True)
                         for n in range(workers)]
         for thread in self.workers:
@@ -422,10 +422,12 @@ class LoopServer:
                         session.closing = True
                     elif cmd == b"E":
                         session.busy = True
-                        # Timed only when every thread was taken: a free one may still need a moment
-                        # to get the GIL (a reload parsing a model holds it), which is not "busy".
-                        with self._idle_lock:
-                            queued_at = time.monotonic() if self._idle == 0 else math.inf
+                        # Timed only when every thread is taken by an earlier one: a free thread may
+                        # still need a moment to get the GIL (a reload parsing a model holds it),
+                        # which is not "busy".
+                        with self._in_flight_lock:
+                            queued_at = time.monotonic() if self._in_flight >= len(self.workers) else math.inf
+                            self._in_flight += 1
                         self.jobs.put((session, data, queued_at))
                     else:
                         out.append(session.command(cmd, data))
@@ -444,18 +446,15 @@ class LoopServer:
                 return
 
     def _work(self) -> None:
-        while True:
-            with self._idle_lock:
-                self._idle += 1
-            job = self.jobs.get()
-            with self._idle_lock:
-                self._idle -= 1
-            if job is None:
-                return
+        while (job := self.jobs.get()) is not None:
             session, data, queued_at = job
             waited = max(0.0, time.monotonic() - queued_at)
             busy = f"no end-of-message thread free for {waited * 1000:.0f} ms" if waited > self.busy_wait else ""
-            self._end_of_message(session, data, busy)
+            try:
+                self._end_of_message(session, data, busy)
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
 
     def _end_of_message(self, session: Session, data: bytes, busy: str) -> None:
         try:
