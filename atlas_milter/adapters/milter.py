@@ -375,10 +375,14 @@ class MilterEngine:
         return self._buffered
 
     # -- classification with a deadline and bounded concurrency ---------------------------
-    def classify(self, raw: bytes, key: str, state: MilterState | None = None) -> Result:
+    def classify(self, raw: bytes, key: str, state: MilterState | None = None, busy: str = "") -> Result:
+        """The verdict for `raw`, or ClassifyFailed. `busy`: the transport already found no
+        room for this message (why), so it fails as busy without waiting for a slot."""
         state = state or self.state
         if state.model_error:
             raise ClassifyFailed(ERR_MODEL, state.model_error)
+        if busy:
+            raise ClassifyFailed(ERR_BUSY, busy)
         timeout = state.mc.timeout
         if not self._slots.acquire(timeout=min(BUSY_WAIT, timeout / 2)):
             raise ClassifyFailed(ERR_BUSY, f"{self.max_in_flight} messages already in classification")
@@ -636,11 +640,12 @@ class AtlasMilter(Milter.Base):
     # -- end of message --------------------------------------------------------------------
     def eom(self, busy: str = "") -> int:
         """End of message: classify, decide, reply. `busy` (from the loop transport: no
-        end-of-message thread was free in time) says why on_busy applies without classifying."""
+        end-of-message thread was free in time) says why classification fails as busy, as when
+        no classification slot is free: skips and the deny list still apply, then on_busy."""
         t0 = time.perf_counter()
         engine = self.engine
         try:
-            rc = self._eom_busy(busy, t0) if busy else self._eom(t0)
+            rc = self._eom(t0, busy)
         except Exception as exc:  # a bug here must still give the MTA an answer
             self._fail("eom", exc)
             try:
@@ -663,7 +668,7 @@ class AtlasMilter(Milter.Base):
             self._add(b"\r\n")  # header-only message: still a valid RFC 5322 shape
         return b"".join(self.parts)
 
-    def _eom(self, t0: float) -> int:
+    def _eom(self, t0: float, busy: str = "") -> int:
         engine = self.engine
         state = self._state = engine.state  # this message's policy and model, whatever reloads meanwhile
         mc = state.mc
@@ -698,7 +703,7 @@ class AtlasMilter(Milter.Base):
             note = "deny-listed sender"
         else:
             try:
-                result = engine.classify(raw, queue_id, state)
+                result = engine.classify(raw, queue_id, state, busy)
             except ClassifyFailed as exc:
                 if exc.kind != ERR_CLASSIFY:  # classify failures were logged with their traceback
                     engine.log_failure(exc.kind, exc.detail)
@@ -713,13 +718,6 @@ class AtlasMilter(Milter.Base):
         else:
             note = note or decision.note
         return self._act(decision.action, result, queue_id, note)
-
-    def _eom_busy(self, detail: str, t0: float) -> int:
-        self._state = self.engine.state
-        self.engine.incr(COUNTER_MESSAGES)
-        self._raw()
-        self.engine.log_failure(ERR_BUSY, detail)
-        return self._apply_error(ERR_BUSY, detail, t0)
 
     def _client_trusted(self, state: MilterState) -> bool:
         addr = (self.getsymval("{client_addr}") or "").strip("[]")
