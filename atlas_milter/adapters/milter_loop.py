@@ -112,9 +112,10 @@ class LoopContext:
         self.macros[stage] = macros
 
     def new_message(self) -> None:
-        """MAIL FROM: the macros of the previous message's stages are gone."""
+        """MAIL FROM: the macros of the previous message's stages and any reply it set are gone."""
         for stage in _MESSAGE_STAGES:
             self.macros.pop(stage, None)
+        self.reply = ""
 
     def setsymlist(self, stage: int, macros: str) -> None:
         self.symlists.append((stage, macros))
@@ -216,7 +217,6 @@ class Session:
             if cmd == b"R":
                 return self.answer(cmd, m.envrcpt_bytes(*args))
             self.ctx.new_message()
-            self.ctx.reply = ""
             return self.answer(cmd, m.envfrom_bytes(*args))
         if cmd == b"T":
             return self.answer(cmd, m.data())
@@ -224,11 +224,7 @@ class Session:
             return self.answer(cmd, m.eoh())
         if cmd == b"O":
             return self.negotiate(data)
-        if cmd == b"C":
-            return self.answer(cmd, Milter.CONTINUE)  # connect: AtlasMilter does not use it
-        if cmd == b"H":
-            return self.answer(cmd, Milter.CONTINUE)
-        if cmd == b"U":
+        if cmd in (b"C", b"H", b"U"):  # connect, HELO, unknown command: AtlasMilter does not use them
             return self.answer(cmd, Milter.CONTINUE)
         if cmd == b"A":
             m.abort()
@@ -335,9 +331,8 @@ class LoopServer:
             self.listener.close()
             deadline = time.monotonic() + STOP_GRACE
             while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
-                for key, events in self.selector.select(0.1):
-                    if key.data != "listen":
-                        self._event(key, events)
+                for key, events in self.selector.select(0.1):  # the listener is gone already
+                    self._event(key, events)
         finally:
             for session in list(self.sessions):
                 self._drop(session)
