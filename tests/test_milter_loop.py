@@ -93,20 +93,26 @@ class MTA:
 
 @pytest.fixture
 def loop(tmp_path):
-    """A running LoopServer on tmp_path/m.sock; yields (path, engine, server)."""
+    """start(...) runs a LoopServer on tmp_path/m.sock and returns (path, engine, server,
+    thread); `classify_delay` makes every classification that much slower, `listener_type`
+    replaces the listening socket's class, the rest are [milter] settings."""
     made = []
 
-    def start(**milter):
+    def start(workers=4, classify_delay=0.0, listener_type=socket.socket, **milter):
         engine = make_engine(tmp_path, **milter)
+        if classify_delay:
+            original = engine.pipeline.classify
+            engine.pipeline.classify = lambda *a, **k: (time.sleep(classify_delay), original(*a, **k))[1]
         path = str(tmp_path / "m.sock")
-        listener = socket.socket(socket.AF_UNIX)
+        listener = listener_type(socket.AF_UNIX)
         listener.bind(path)
         listener.listen(16)
-        server = LoopServer(listener, functools.partial(am.AtlasMilter, engine), workers=4, idle_timeout=600)
+        server = LoopServer(listener, functools.partial(am.AtlasMilter, engine), workers=workers, idle_timeout=600,
+                            busy_wait=am.BUSY_WAIT)
         thread = threading.Thread(target=server.serve, daemon=True)
         thread.start()
         made.append((server, thread, engine))
-        return path, engine, server
+        return path, engine, server, thread
 
     yield start
     for server, thread, engine in made:
@@ -117,7 +123,7 @@ def loop(tmp_path):
 
 
 def test_negotiation_asks_for_what_the_milter_uses_and_the_end_of_message_macros(loop):
-    path, _, _ = loop()
+    path, *_ = loop()
     version, actions, protocol, lists = MTA(path).negotiate()
     assert version == 6
     assert actions == Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE | Milter.SETSYMLIST
@@ -131,7 +137,7 @@ def test_negotiation_asks_for_what_the_milter_uses_and_the_end_of_message_macros
 
 
 def test_ham_is_tagged_with_the_verdict_headers_and_accepted(loop):
-    path, engine, _ = loop()
+    path, engine, *_ = loop()
     mta = MTA(path)
     mta.negotiate()
     replies = mta.message(HAM)
@@ -144,7 +150,7 @@ def test_ham_is_tagged_with_the_verdict_headers_and_accepted(loop):
 
 
 def test_spam_is_rejected_with_the_configured_reply_code(loop):
-    path, _, _ = loop(spam_action="reject")
+    path, *_ = loop(spam_action="reject")
     mta = MTA(path)
     mta.negotiate()
     cmd, data = mta.message(SPAM)[-1]
@@ -154,7 +160,7 @@ def test_spam_is_rejected_with_the_configured_reply_code(loop):
 def test_steps_the_mta_cannot_leave_unanswered_are_answered(loop):
     """An MTA without no-reply steps (milter protocol before 6) gets a continue for each
     header, as libmilter gives it."""
-    path, _, _ = loop()
+    path, *_ = loop()
     mta = MTA(path)
     _, _, protocol, _ = mta.negotiate(ALL_PROTOCOL & ~NO_REPLY_BITS)
     assert not protocol & NO_REPLY_BITS
@@ -165,7 +171,7 @@ def test_steps_the_mta_cannot_leave_unanswered_are_answered(loop):
 
 
 def test_several_messages_forged_headers_abort_and_quit_nc_on_one_connection(loop):
-    path, _, _ = loop()
+    path, *_ = loop()
     mta = MTA(path)
     mta.negotiate()
     forged = b"X-Atlas-Verdict: ham\r\nX-Spam-Flag: NO\r\n" + SPAM
@@ -182,7 +188,7 @@ def test_several_messages_forged_headers_abort_and_quit_nc_on_one_connection(loo
 
 
 def test_connections_are_served_side_by_side(loop):
-    path, _, _ = loop()
+    path, *_ = loop()
     first, second = MTA(path), MTA(path)
     first.negotiate()
     second.negotiate()
@@ -199,7 +205,7 @@ def test_connections_are_served_side_by_side(loop):
     packet(b"M"),  # MAIL without an address
 ])
 def test_malformed_packets_end_the_connection_and_nothing_else(loop, bad):
-    path, _, _ = loop()
+    path, *_ = loop()
     mta = MTA(path)
     mta.negotiate()
     mta.sock.sendall(bad)
@@ -209,18 +215,8 @@ def test_malformed_packets_end_the_connection_and_nothing_else(loop, bad):
     assert other.message(HAM)[-1][0] == b"a"
 
 
-def test_stop_answers_the_message_in_progress_then_returns(tmp_path):
-    engine = make_engine(tmp_path)
-    path = str(tmp_path / "m.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen(4)
-    slow = functools.partial(am.AtlasMilter, engine)
-    server = LoopServer(listener, slow, workers=2, idle_timeout=600)
-    original = engine.pipeline.classify
-    engine.pipeline.classify = lambda *a, **k: (time.sleep(0.5), original(*a, **k))[1]
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
+def test_stop_answers_the_message_in_progress_then_returns(loop):
+    path, _, server, thread = loop(workers=2, classify_delay=0.5)
     mta = MTA(path)
     mta.negotiate()
     done = []
@@ -231,44 +227,28 @@ def test_stop_answers_the_message_in_progress_then_returns(tmp_path):
     sender.join(10)
     thread.join(10)
     assert done == [b"a"] and not thread.is_alive()
-    engine.close()
 
 
-def test_a_message_that_waits_for_a_thread_gets_the_busy_action(tmp_path):
+def test_a_message_that_waits_for_a_thread_gets_the_busy_action(loop):
     """With every end-of-message thread taken, a message does not queue past the milter's
     busy wait: it gets on_busy (tempfail by default) at once, as on libmilter."""
-    engine = make_engine(tmp_path)
-    original = engine.pipeline.classify
-    engine.pipeline.classify = lambda *a, **k: (time.sleep(0.4), original(*a, **k))[1]
-    path = str(tmp_path / "m.sock")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen(4)
-    server = LoopServer(listener, functools.partial(am.AtlasMilter, engine), workers=1, idle_timeout=600,
-                        busy_wait=am.BUSY_WAIT)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    try:
-        mtas = [MTA(path) for _ in range(3)]
-        for mta in mtas:
-            mta.negotiate()
-        results: dict[int, bytes] = {}
-        senders = [threading.Thread(target=lambda i=i: results.__setitem__(i, mtas[i].message(HAM)[-1]))
-                   for i in range(3)]
-        started = time.monotonic()
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join(10)
-        took = time.monotonic() - started
-        answers = sorted(cmd + b" " + data[:9] for cmd, data in results.values())
-        assert answers == [b"a ", b"y 451 4.7.1", b"y 451 4.7.1"], answers
-        assert took < 1.5, took  # the two busy answers did not wait for the slow one
-        assert engine.metrics.get_counters()["milter.error.busy"] == 2
-    finally:
-        server.stop()
-        thread.join(10)
-        engine.close()
+    path, engine, *_ = loop(workers=1, classify_delay=0.4)
+    mtas = [MTA(path) for _ in range(3)]
+    for mta in mtas:
+        mta.negotiate()
+    results: dict[int, bytes] = {}
+    senders = [threading.Thread(target=lambda i=i: results.__setitem__(i, mtas[i].message(HAM)[-1]))
+               for i in range(3)]
+    started = time.monotonic()
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(10)
+    took = time.monotonic() - started
+    answers = sorted(cmd + b" " + data[:9] for cmd, data in results.values())
+    assert answers == [b"a ", b"y 451 4.7.1", b"y 451 4.7.1"], answers
+    assert took < 1.5, took  # the two busy answers did not wait for the slow one
+    assert engine.metrics.get_counters()["milter.error.busy"] == 2
 
 
 class FlakyListener(socket.socket):
@@ -283,22 +263,10 @@ class FlakyListener(socket.socket):
         return super().accept()
 
 
-def test_accept_failures_are_logged_once_and_serving_goes_on(tmp_path, caplog):
-    engine = make_engine(tmp_path)
-    path = str(tmp_path / "m.sock")
-    listener = FlakyListener(socket.AF_UNIX)
-    listener.bind(path)
-    listener.listen(4)
-    server = LoopServer(listener, functools.partial(am.AtlasMilter, engine), workers=1, idle_timeout=600)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    try:
-        mta = MTA(path)
-        mta.negotiate()
-        assert mta.message(HAM)[-1][0] == b"a"
-        failures = [r for r in caplog.records if "cannot accept MTA connections" in r.getMessage()]
-        assert len(failures) == 1 and "Too many open files" in failures[0].getMessage()
-    finally:
-        server.stop()
-        thread.join(10)
-        engine.close()
+def test_accept_failures_are_logged_once_and_serving_goes_on(loop, caplog):
+    path, *_ = loop(workers=1, listener_type=FlakyListener)
+    mta = MTA(path)
+    mta.negotiate()
+    assert mta.message(HAM)[-1][0] == b"a"
+    failures = [r for r in caplog.records if "cannot accept MTA connections" in r.getMessage()]
+    assert len(failures) == 1 and "Too many open files" in failures[0].getMessage()
