@@ -297,6 +297,7 @@ class LoopServer:
         self.sessions: set[Session] = set()
         self._stop = threading.Event()
         self._closed = False
+        self._pipe_lock = threading.Lock()  # a wake-up never writes to the pipe while serve() closes it
         self._accept_failed_logged = -ACCEPT_ERROR_LOG_INTERVAL
 
     def stop(self) -> None:
@@ -305,12 +306,13 @@ class LoopServer:
         self._wake()
 
     def _wake(self) -> None:
-        if self._closed:  # serve() has returned and closed the pipe (a late second stop signal)
-            return
-        try:
-            os.write(self.wake_w, b"x")
-        except BlockingIOError:
-            pass  # a wake-up is pending already
+        with self._pipe_lock:
+            if self._closed:  # serve() has returned and closed the pipe (a late second stop signal)
+                return
+            try:
+                os.write(self.wake_w, b"x")
+            except BlockingIOError:
+                pass  # a wake-up is pending already
 
     def serve(self) -> None:
         self.listener.setblocking(False)
@@ -339,9 +341,10 @@ class LoopServer:
             for _ in self.workers:  # not joined: a hung classification must not hold the exit
                 self.jobs.put(None)
             self.selector.close()
-            self._closed = True
-            os.close(self.wake_r)
-            os.close(self.wake_w)
+            with self._pipe_lock:
+                self._closed = True
+                os.close(self.wake_r)
+                os.close(self.wake_w)
 
     def _event(self, key: selectors.SelectorKey, events: int) -> None:
         if key.data == "listen":
