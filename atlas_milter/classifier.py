@@ -53,11 +53,16 @@ _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _DIGITS_RE = re.compile(r"\d")
 _IP_URL_RE = re.compile(r"^(?:https?://)?\d{1,3}(?:\.\d{1,3}){3}")
 _URL_HOST_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//([^/:?#@]*@)?([^/:?#]+)", re.I)
-# Headers whose mere presence says something about the sending software, anywhere.
-_TELLING_HEADERS = frozenset({
-    "x-priority", "x-msmail-priority", "x-mimeole", "organization", "user-agent", "x-mailer",
-    "disposition-notification-to", "x-originating-ip", "importance", "x-accept-language",
+# Link shorteners: a link through one hides where it goes. Generic public services, not senders.
+_SHORTENERS = frozenset({
+    "bit.ly", "tinyurl.com", "t.co", "goo.gl", "ow.ly", "is.gd", "buff.ly", "rebrand.ly", "cutt.ly",
+    "shorturl.at", "tiny.cc", "rb.gy", "t.ly", "s.id", "v.gd",
 })
+_DKIM_DOMAIN_RE = re.compile(r"(?:^|;)\s*d\s*=\s*([A-Za-z0-9.-]+)")
+# Zero-width and soft-hyphen characters: invisible, used to break words up or pad previews.
+_INVISIBLE_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+_LETTER_RUN_RE = re.compile(r"[^\W\d_]{4,}")
+_NAME_DOMAIN_RE = re.compile(r"\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,12}\b")
 _SHORT_TLDS = {"uk", "au", "jp", "br", "nz", "za", "cn", "kr", "tw", "in", "il"}
 
 
@@ -155,13 +160,7 @@ def features(msg: ParsedMessage) -> FeatureSets:
             add("sig:reply-to-elsewhere")
     if not msg.message_id:
         add("sig:no-message-id")
-    for name, value in msg.headers:
-        if name in _TELLING_HEADERS:
-            add("hdr:" + name)
-            if name in ("x-mailer", "user-agent"):
-                product = _SUBJ_WORD_RE.findall(decode_header_value(value)[:MAX_HEADER_CHARS].lower())[:2]
-                if product:
-                    add("mailer:" + " ".join(product))
+    _sender_signals(msg, add)
     if not msg.header("date"):
         add("sig:no-date")
     if subject.lower().startswith("re:") and not (msg.header("in-reply-to") or msg.header("references")):
@@ -174,10 +173,17 @@ def features(msg: ParsedMessage) -> FeatureSets:
             hosts[host] = None
         if _IP_URL_RE.match(url.lower().removeprefix("http://").removeprefix("https://")):
             add("sig:url-numeric-host")
+    sender_tail = _domain_tail(msg.sender_domain) if msg.sender_domain else ""
+    tails = set()
     for host in list(hosts)[:50]:
         tail = _domain_tail(host)
+        tails.add(tail)
         add("url:" + tail)
         add("urltld:" + tail.rsplit(".", 1)[-1])
+        if host in _SHORTENERS or tail in _SHORTENERS:
+            add("sig:url-shortener")
+    if tails and sender_tail:
+        add("sig:links-to-sender" if sender_tail in tails else "sig:links-elsewhere")
     n_urls = len(msg.urls)
     add("sig:urls-" + ("0" if n_urls == 0 else "1-2" if n_urls <= 2 else "3-9" if n_urls < 10 else "10+"))
 
@@ -200,7 +206,62 @@ def features(msg: ParsedMessage) -> FeatureSets:
             add("attext:" + ext[:10])
     if msg.defects:
         add("sig:mime-defects")
+    if "multipart/report" in msg.content_types or "message/delivery-status" in msg.content_types:
+        add("sig:delivery-report")
+    _text_tricks(msg.subject, text, add)
     return body, feats
+
+
+def _sender_signals(msg: ParsedMessage, add) -> None:
+    """What the headers say about who sent the message and how, in ways that hold across
+    years and sources: a bounce's sender, a one-click unsubscribe (RFC 8058, what bulk
+    senders people subscribed to must offer), whether a DKIM signature claims the From
+    domain, and a display name naming another domain. The signature is not verified here
+    (that is the job of an OpenDKIM in front); a claim still separates mail that signs as
+    its sender from mail that signs as someone else. Which software sent the message
+    (X-Mailer, X-MimeOLE, ...) is deliberately not a feature: spam software forges the
+    popular clients' headers, so those say which year a corpus was collected in."""
+    sender_tail = _domain_tail(msg.sender_domain) if msg.sender_domain else ""
+    if msg.sender.split("@", 1)[0] in ("mailer-daemon", "postmaster"):
+        add("sig:from-mailer-daemon")
+    names = set()
+    signers = set()
+    for name, value in msg.headers:
+        names.add(name)
+        if name == "dkim-signature":
+            match = _DKIM_DOMAIN_RE.search(str(value)[:MAX_HEADER_CHARS].replace("\n", " "))
+            if match:
+                signers.add(_domain_tail(match.group(1)))
+    if "list-unsubscribe" in names and "list-unsubscribe-post" in names:
+        add("sig:one-click-unsubscribe")
+    if signers:
+        add("dkim:from-domain" if sender_tail in signers else "dkim:other-domain")
+    if msg.sender_name and sender_tail:
+        for named in _NAME_DOMAIN_RE.findall(msg.sender_name.lower()):
+            if _domain_tail(named) != sender_tail:
+                add("sig:from-name-other-domain")
+                break
+
+
+def _text_tricks(subject: str, text: str, add) -> None:
+    """Characters that hide what the text says: invisible ones, and words that mix Latin
+    letters with look-alikes from Cyrillic or Greek."""
+    if _INVISIBLE_RE.search(subject) or _INVISIBLE_RE.search(text, 0, WORD_SCAN_CHARS):
+        add("sig:invisible-characters")
+    for word in _LETTER_RUN_RE.findall(subject + " " + text[:WORD_SCAN_CHARS // 3]):
+        if not word.isascii() and _mixes_scripts(word):
+            add("sig:mixed-script-word")
+            break
+
+
+def _mixes_scripts(word: str) -> bool:
+    latin = lookalike = False
+    for ch in word:
+        if ch < "\u0250":
+            latin = latin or ch.isalpha()
+        elif "\u0370" <= ch < "\u0530":  # Greek and Cyrillic
+            lookalike = True
+    return latin and lookalike
 
 
 @dataclass
@@ -339,9 +400,10 @@ class TrainingOptions:
     seed: int = 1
     bags: int = 3  # models trained in different orders and averaged (less variance)
     target_ham_fpr: float = 0.003  # the spam cutoff keeps out-of-fold ham false positives at or below this
+    source_weights: dict[str, float] = field(default_factory=dict)  # how much a source's messages count (default 1)
 
 
-Example = tuple[tuple[frozenset[str], frozenset[str]], int]
+Example = tuple[tuple[frozenset[str], frozenset[str]], int, float]  # (features, label, weight)
 
 
 def _bagged_sgd(examples: Sequence[Example], opts: TrainingOptions) -> tuple[dict[str, float], float]:
@@ -372,13 +434,13 @@ def _sgd(examples: Sequence[Example], opts: TrainingOptions, seed: int) -> tuple
     for _ in range(opts.epochs):
         rng.shuffle(order)
         for idx in order:
-            (body, meta), label = examples[idx]
+            (body, meta), label, weight = examples[idx]
             body_scale = 1.0 / math.sqrt(len(body) + 1)
             meta_scale = META_BLOCK_WEIGHT / math.sqrt(len(meta) + 1)
             get = weights.get
             margin = bias + body_scale * sum(get(f, 0.0) for f in body) + meta_scale * sum(get(f, 0.0) for f in meta)
             p = 1.0 / (1.0 + math.exp(-max(min(margin, 35.0), -35.0)))
-            g = p - label
+            g = (p - label) * weight
             for block, scale in ((body, body_scale), (meta, meta_scale)):
                 gx = g * scale
                 gg = gx * gx
@@ -431,27 +493,45 @@ def train_model(
     opts: TrainingOptions | None = None,
     name: str = "model",
     calibration_folds: int = 4,
+    ham_sources: Sequence[str] | None = None,
+    spam_sources: Sequence[str] | None = None,
 ) -> Model:
     """Train a model. Scores are calibrated (temperature fitted on out-of-fold margins) and
-    the cutoffs placed from those out-of-fold scores, so nothing is tuned on test mail."""
+    the cutoffs placed from those out-of-fold scores, so nothing is tuned on test mail.
+    `ham_sources` / `spam_sources` name where each message came from (one name per
+    message; default: one source). A source's messages count `opts.source_weights[name]`
+    times in training (e.g. recent mail beside a large old corpus), and the spam cutoff
+    must keep the ham false-positive rate within the target on every source's ham, not
+    only on all of it together: a cutoff that holds on each kind of mail it has seen is
+    likelier to hold on the next."""
     opts = opts or TrainingOptions()
+    ham, spam = list(ham), list(spam)
+    ham_src = list(ham_sources) if ham_sources is not None else ["train"] * len(ham)
+    spam_src = list(spam_sources) if spam_sources is not None else ["train"] * len(spam)
+    if len(ham_src) != len(ham) or len(spam_src) != len(spam):
+        raise ModelError("one source name per training message is needed")
+    sources = ham_src + spam_src
     raw_examples = [(features(m), 0) for m in ham] + [(features(m), 1) for m in spam]
-    if not any(y for _, y in raw_examples) or all(y for _, y in raw_examples):
+    raw_examples = [
+        (feats, y, float(opts.source_weights.get(src, 1.0))) for (feats, y), src in zip(raw_examples, sources)
+    ]
+    if not any(y for _, y, _ in raw_examples) or all(y for _, y, _ in raw_examples):
         raise ModelError("training needs both ham and spam messages")
     doc_freq: dict[str, int] = {}
-    for (body, meta), _ in raw_examples:
+    for (body, meta), _, _ in raw_examples:
         for f in body | meta:
             doc_freq[f] = doc_freq.get(f, 0) + 1
     keep = {f for f, n in doc_freq.items() if n >= opts.min_count}
     examples: list[Example] = [
-        ((frozenset(body & keep), frozenset(meta & keep)), y) for (body, meta), y in raw_examples
+        ((frozenset(body & keep), frozenset(meta & keep)), y, w) for (body, meta), y, w in raw_examples
     ]
-    n_spam = sum(y for _, y in examples)
+    n_spam = sum(y for _, y, _ in examples)
     n_ham = len(examples) - n_spam
 
     # Out-of-fold margins for calibration and cutoffs.
     oof_margins: list[float] = []
     oof_labels: list[int] = []
+    oof_sources: list[str] = []
     if calibration_folds >= 2:
         rng = random.Random(opts.seed + 7)
         idx = list(range(len(examples)))
@@ -461,16 +541,17 @@ def train_model(
             train_part = [examples[i] for i in idx if i not in held]
             w, b = _bagged_sgd(train_part, opts)
             for i in held:
-                feats, y = examples[i]
+                feats, y, weight = examples[i]
                 oof_margins.append(_margin(w, b, feats))
                 oof_labels.append(y)
+                oof_sources.append(sources[i])
 
     weights, bias = _bagged_sgd(examples, opts)
     model = Model(weights=weights, bias=bias, meta={"name": name, "trained_on": {"ham": n_ham, "spam": n_spam}})
     if oof_margins:
         model.temperature = fit_temperature(oof_margins, oof_labels)
         probs = [model.probability(m) for m in oof_margins]
-        model.spam_cutoff, model.ham_cutoff = choose_cutoffs(probs, oof_labels, opts.target_ham_fpr)
+        model.spam_cutoff, model.ham_cutoff = choose_cutoffs(probs, oof_labels, opts.target_ham_fpr, oof_sources)
         model.meta["calibration"] = {
             "folds": calibration_folds,
             "temperature": model.temperature,
@@ -493,18 +574,30 @@ def cutoff_table(probs: Sequence[float], labels: Sequence[int]) -> list[dict]:
     return table
 
 
-def choose_cutoffs(probs: Sequence[float], labels: Sequence[int], target_ham_fpr: float = 0.003) -> tuple[float, float]:
+def choose_cutoffs(
+    probs: Sequence[float],
+    labels: Sequence[int],
+    target_ham_fpr: float = 0.003,
+    sources: Sequence[str] | None = None,
+) -> tuple[float, float]:
     """Cutoffs from out-of-fold (never-trained-on) scores. Spam: the lowest cutoff, in
     steps of 0.01 between 0.5 and 0.95, whose ham false-positive rate is at most
-    `target_ham_fpr`. Ham: the highest cutoff (0.02..0.4) below which at most 1% of spam
+    `target_ham_fpr` on the ham of every source (`sources`, one name per score; default
+    one source). Ham: the highest cutoff (0.02..0.4) below which at most 1% of spam
     falls. Both stay inside calibrated ranges so that they keep their meaning on mail
     unlike the training mail."""
-    ham_scores = [p for p, y in zip(probs, labels) if not y]
+    sources = sources if sources is not None else [""] * len(probs)
+    ham_by_source: dict[str, list[float]] = {}
+    for p, y, src in zip(probs, labels, sources):
+        if not y:
+            ham_by_source.setdefault(src, []).append(p)
     spam_scores = sorted(p for p, y in zip(probs, labels) if y)
     spam_cut = 0.95
     for step in range(50, 96):
         cut = step / 100
-        if ham_scores and sum(1 for p in ham_scores if p >= cut) <= target_ham_fpr * len(ham_scores):
+        if ham_by_source and all(
+            sum(1 for p in scores if p >= cut) <= target_ham_fpr * len(scores) for scores in ham_by_source.values()
+        ):
             spam_cut = cut
             break
     fn_allowed = int(len(spam_scores) * 0.01)

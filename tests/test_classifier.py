@@ -14,6 +14,7 @@ from atlas_milter.classifier import (
     learn,
     load_model,
     save_model,
+    choose_cutoffs,
     train_model,
 )
 from atlas_milter.errors import ModelError
@@ -74,6 +75,85 @@ def test_list_and_relay_headers_are_not_features():
     body, meta = features(parse_message(raw))
     everything = " ".join(body | meta)
     assert "lists" not in everything and "relay" not in everything and "x-spam" not in everything
+
+
+def meta_of(raw: str) -> set[str]:
+    return features(parse_message(raw.encode()))[1]
+
+
+def test_the_sending_software_is_not_a_feature():
+    """Spam software forges the popular clients' headers: X-Mailer and friends would only
+    say which year a corpus was collected in."""
+    meta = meta_of("X-Mailer: Microsoft Outlook Express 6.00\nX-MimeOLE: Produced By Microsoft\n"
+                   "User-Agent: Mutt/1.4\nX-Priority: 3\nSubject: hi\n\nhello there\n")
+    assert not [f for f in meta if f.startswith(("hdr:", "mailer:"))]
+
+
+def test_a_delivery_report_and_its_sender_are_recognised():
+    report = ("From: Mail Delivery System <MAILER-DAEMON@mx.example.org>\nSubject: Undelivered Mail\n"
+              "Content-Type: multipart/report; report-type=delivery-status; boundary=b\n\n"
+              "--b\nContent-Type: text/plain\n\nThe mail could not be delivered.\n"
+              "--b\nContent-Type: message/delivery-status\n\nStatus: 5.1.1\n--b--\n")
+    meta = meta_of(report)
+    assert {"sig:delivery-report", "sig:from-mailer-daemon"} <= meta
+    assert not {"sig:delivery-report", "sig:from-mailer-daemon"} & meta_of("From: a@mx.example.org\nSubject: x\n\nhi\n")
+
+
+def test_one_click_unsubscribe_needs_both_headers():
+    both = "List-Unsubscribe: <https://news.example.com/u>\nList-Unsubscribe-Post: List-Unsubscribe=One-Click\n"
+    assert "sig:one-click-unsubscribe" in meta_of(both + "Subject: news\n\nhello\n")
+    assert "sig:one-click-unsubscribe" not in meta_of("List-Unsubscribe: <mailto:u@lists.example.com>\nSubject: news\n\nhello\n")
+
+
+@pytest.mark.parametrize("signer, expected", [
+    ("mail.shop.example.com", "dkim:from-domain"),
+    ("bulk-sender.example.net", "dkim:other-domain"),
+])
+def test_a_dkim_signature_is_compared_with_the_from_domain(signer, expected):
+    meta = meta_of(f"From: Shop <orders@shop.example.com>\nDKIM-Signature: v=1; a=rsa-sha256;\n d={signer}; s=s1; b=abc\n"
+                   "Subject: your order\n\nthanks\n")
+    assert expected in meta and not ({"dkim:from-domain", "dkim:other-domain"} - {expected}) & meta
+
+
+def test_hidden_characters_and_look_alike_letters():
+    assert "sig:invisible-characters" in meta_of("Subject: offer\n\nfr\u200bee mon\u200bey\n")
+    assert "sig:mixed-script-word" in meta_of("Subject: P\u0430yPal account\n\nverify now\n")
+    plain = meta_of("Subject: \u041f\u0440\u0438\u0432\u0435\u0442 hello\n\n\u0434\u0440\u0443\u0433 friend caf\u00e9\n")
+    assert not {"sig:invisible-characters", "sig:mixed-script-word"} & plain
+
+
+def test_links_shorteners_and_a_display_name_naming_another_domain():
+    meta = meta_of("From: \"support@bank.example.com\" <x@mailer.example.net>\nSubject: s\n\nsee https://bit.ly/abc\n")
+    assert {"sig:url-shortener", "sig:links-elsewhere", "sig:from-name-other-domain"} <= meta
+    own = meta_of("From: Shop <orders@shop.example.com>\nSubject: s\n\nsee https://www.shop.example.com/o/1\n")
+    assert "sig:links-to-sender" in own and not {"sig:url-shortener", "sig:links-elsewhere", "sig:from-name-other-domain"} & own
+
+
+def test_the_spam_cutoff_holds_on_every_source_of_ham():
+    """Pooled, 1 false positive in 1,000 ham is within 0.3%; but it is 1 in 10 of the small
+    source's ham, so the cutoff must rise above it."""
+    probs = [0.1] * 990 + [0.2] * 9 + [0.8] + [0.99] * 50
+    labels = [0] * 1000 + [1] * 50
+    assert choose_cutoffs(probs, labels, 0.003)[0] == 0.5
+    sources = ["big"] * 990 + ["small"] * 10 + ["big"] * 50
+    assert choose_cutoffs(probs, labels, 0.003, sources)[0] == 0.81
+
+
+def test_a_source_weight_makes_its_messages_count_more():
+    """Two near-identical messages, one ham and one spam: the one whose source is weighted
+    pulls the model to its side."""
+    ham = parsed(HAM * 2 + [b"Subject: note\n\nzanzibar quarterly report attached\n"])
+    spam = parsed(SPAM * 2 + [b"Subject: note\n\nzanzibar quarterly report inside\n"])
+    sources = {"ham_sources": ["old"] * (len(ham) - 1) + ["new"], "spam_sources": ["old"] * (len(spam) - 1) + ["new2"]}
+    probe = parse_message(b"Subject: note\n\nzanzibar quarterly report\n")
+
+    def probe_score(weights):
+        opts = TrainingOptions(epochs=8, min_count=1, bags=1, source_weights=weights)
+        return train_model(ham, spam, opts, calibration_folds=0, **sources).score(probe).score
+
+    assert probe_score({"new": 20}) < probe_score({}) < probe_score({"new2": 20})
+    with pytest.raises(ModelError, match="one source name per training message"):
+        train_model(ham, spam, ham_sources=["x"])
 
 
 def test_scores_separate_and_reasons_point_the_right_way(tiny_model):
