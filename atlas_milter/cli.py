@@ -112,15 +112,25 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from atlas_milter.classifier import save_model
+    from atlas_milter.classifier import TrainingOptions, save_model
     from atlas_milter.evaluate import train_from_sources
 
     if not args.index and not (args.ham and args.spam):
         raise AtlasError("train needs --ham SRC and --spam SRC, or --index CSV --split train")
     config = _load_config(args)
+    weights = {}
+    for spec in args.weight or ():
+        source, _, value = spec.rpartition("=")
+        try:
+            weights[source] = float(value)
+        except ValueError:
+            source = ""
+        if not source or not weights[source] > 0:
+            raise AtlasError(f"--weight {spec}: expected SOURCE=N with N > 0, e.g. --weight modern=5")
     model = train_from_sources(
         args.ham or (), args.spam or (), args.index, args.split,
         name=args.name or Path(args.output).name.split(".")[0], max_bytes=config.classifier.max_bytes,
+        options=TrainingOptions(source_weights=weights),
     )
     save_model(model, args.output)
     print(
@@ -429,8 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train a model from labelled mail")
     p.add_argument("--ham", nargs="+", metavar="SRC")
     p.add_argument("--spam", nargs="+", metavar="SRC")
-    p.add_argument("--index", metavar="CSV", help="an index.csv with path,label,split columns")
+    p.add_argument("--index", metavar="CSV", action="append",
+                   help="an index.csv with path,label,split columns (repeat for several corpora)")
     p.add_argument("--split", metavar="NAME", help="use only this split of --index (e.g. train)")
+    p.add_argument("--weight", metavar="SOURCE=N", action="append",
+                   help="count a source's messages N times (SOURCE: an index's folder name, or a --ham/--spam source)")
     p.add_argument("--name", help="model name recorded in its version")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="model file to write (.json or .json.gz)")
     p.set_defaults(func=cmd_train)

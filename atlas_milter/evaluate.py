@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 from atlas_milter.classifier import Model, TrainingOptions, train_model
 from atlas_milter.errors import SourceError
@@ -23,40 +24,60 @@ from atlas_milter.verdict import HAM, SPAM, UNSURE
 def labelled_items(
     ham: Iterable[str] = (),
     spam: Iterable[str] = (),
-    index: str | None = None,
+    index: str | Sequence[str] | None = None,
     split: str | None = None,
     on_error: Callable[[str], None] | None = None,
 ) -> Iterator[MailItem]:
-    """Messages with their labels, from --ham/--spam sources and/or an index.csv."""
+    """Messages with their labels, from --ham/--spam sources and/or index.csv files."""
+    for _, item in _sourced_items(ham, spam, index, split, on_error):
+        yield item
+
+
+def _sourced_items(ham, spam, index, split, on_error=None) -> Iterator[tuple[str, MailItem]]:
+    """(source name, labelled message): an index's source is its folder's name (the
+    corpus), a --ham/--spam source is named as given."""
     kwargs = {"on_error": on_error} if on_error else {}
-    if index:
-        for item in iter_source(index, split, **kwargs):
-            yield item
-    elif split:
+    indexes = [index] if isinstance(index, str) else list(index or ())
+    if split and not indexes:
         raise SourceError("--split needs --index")
+    for path in indexes:
+        for item in iter_source(path, split, **kwargs):
+            yield Path(path).resolve().parent.name, item
     for label, specs in (("ham", ham), ("spam", spam)):
         for spec in specs:
             for item in iter_source(spec, **kwargs):
-                yield MailItem(item.key, item.raw, label)
+                yield spec, MailItem(item.key, item.raw, label)
 
 
 def train_from_sources(
     ham: Iterable[str] = (),
     spam: Iterable[str] = (),
-    index: str | None = None,
+    index: str | Sequence[str] | None = None,
     split: str | None = None,
     name: str = "model",
     max_bytes: int = DEFAULT_MAX_BYTES,
     options: TrainingOptions | None = None,
 ) -> Model:
+    """Train on labelled sources. `options.source_weights` is keyed by source name: an
+    index's folder name (e.g. "modern" for .../modern/index.csv) or a --ham/--spam spec."""
+    options = options or TrainingOptions()
+    ham, spam = list(ham), list(spam)
     hams: list[ParsedMessage] = []
     spams: list[ParsedMessage] = []
-    for item in labelled_items(ham, spam, index, split):
-        (spams if item.label == "spam" else hams).append(parse_message(item.raw, max_bytes))
+    ham_sources: list[str] = []
+    spam_sources: list[str] = []
+    for source, item in _sourced_items(ham, spam, index, split):
+        is_spam = item.label == "spam"
+        (spams if is_spam else hams).append(parse_message(item.raw, max_bytes))
+        (spam_sources if is_spam else ham_sources).append(source)
     if not hams or not spams:
         raise SourceError(f"training needs ham and spam messages (found {len(hams)} ham, {len(spams)} spam)")
-    model = train_model(hams, spams, options, name=name)
-    model.meta["sources"] = {"index": index, "split": split, "ham": list(ham), "spam": list(spam)}
+    unknown = set(options.source_weights) - set(ham_sources) - set(spam_sources)
+    if unknown:
+        raise SourceError(f"--weight names {', '.join(sorted(unknown))}, which is not a training source "
+                          f"(sources: {', '.join(sorted(set(ham_sources + spam_sources)))})")
+    model = train_model(hams, spams, options, name=name, ham_sources=ham_sources, spam_sources=spam_sources)
+    model.meta["sources"] = {"index": index, "split": split, "ham": ham, "spam": spam}
     return model
 
 

@@ -81,6 +81,30 @@ def test_train_learn_eval_round_trip(tmp_path):
     assert after > before
 
 
+def test_train_on_several_indexes_with_a_source_weight(tmp_path):
+    for corpus, word in (("old", "review"), ("new", "invoice")):
+        folder = tmp_path / corpus
+        folder.mkdir()
+        rows = ["path,label,group,split"]
+        for i in range(8):
+            (folder / f"h{i}.eml").write_bytes(HAM.replace(b"review", b"%s %d" % (word.encode(), i)))
+            (folder / f"s{i}.eml").write_bytes(SPAM.replace(b"prize", b"prize %d" % i))
+            rows += [f"h{i}.eml,ham,g,train", f"s{i}.eml,spam,g,train"]
+        (folder / "index.csv").write_text("\n".join(rows) + "\n")
+    indexes = ["--index", str(tmp_path / "old" / "index.csv"), "--index", str(tmp_path / "new" / "index.csv")]
+    model = tmp_path / "m.json"
+    proc = run("train", *indexes, "--split", "train", "--weight", "new=3", "-o", str(model))
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads(model.read_text())
+    assert saved["meta"]["trained_on"] == {"ham": 16, "spam": 16}
+    assert saved["meta"]["options"]["source_weights"] == {"new": 3.0}
+    for bad, says in ((["--weight", "new"], "expected SOURCE=N"), (["--weight", "new=0"], "expected SOURCE=N"),
+                      (["--weight", "newer=2"], "not a training source")):
+        proc = run("train", *indexes, "--split", "train", *bad, "-o", str(model))
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and err.startswith("Error: ") and says in err and err.count("\n") == 1, err
+
+
 def test_demo_writes_the_database(tmp_path):
     proc = run("demo", "--db", str(tmp_path / "demo.db"))
     assert proc.returncode == 0, proc.stderr
