@@ -530,5 +530,13 @@ def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_rounds: int = 8) 
         for f in body | meta:
             model.weights[f] = model.weights.get(f, 0.0) + step
     model.meta["learned"] = int(model.meta.get("learned", 0)) + 1
-    _stamp_version(model)
+    _stamp_learned(model, body | meta, is_spam)
     return model.probability(model.margin((body, meta)))
+
+
+def _stamp_learned(model: Model, feats: set[str], is_spam: bool) -> None:
+    """A new version after a learn, chained from the old one and what was learnt: the same
+    model taught the same message gets the same version. Re-hashing every weight, as
+    _stamp_version does after training, took ~0.5 s per learn on the shipped model."""
+    seed = f"{model.version}\0{int(is_spam)}\0" + "\0".join(sorted(feats))
+    model.meta["version"] = f"{model.meta.get('name', 'model')}-{hashlib.sha256(seed.encode()).hexdigest()[:10]}"
