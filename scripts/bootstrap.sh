@@ -8,7 +8,7 @@
 #   scripts/bootstrap.sh --lock     regenerate requirements.lock (`make lock`): `pip install -e '.[test]'`
 #                                   in a fresh throw-away venv, then `pip freeze` minus the project
 #   scripts/bootstrap.sh --system   also the real servers the integration tests drive: postfix,
-#                                   dovecot-imapd, miltertest, sqlite3, node/npm, chromium (headless, for
+#                                   dovecot-imapd, miltertest, sqlite3, bogofilter, node/npm, chromium (headless, for
 #                                   the /performance page test), npm `statsd` in
 #                                   .cache/statsd, and Sendmail unpacked (never installed: it
 #                                   conflicts with postfix) in .cache/sendmail (both git-ignored)
@@ -54,6 +54,7 @@ if [ "$system" = 1 ]; then
     { [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/imap ]; } || missing+=(dovecot-imapd)
     command -v miltertest >/dev/null 2>&1 || missing+=(miltertest)
     command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
+    command -v bogofilter >/dev/null 2>&1 || missing+=(bogofilter)  # the online benchmark's yardstick (scripts/online_bench.py)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)     # throw-away CA for the TLS Dovecot (tests/servers.py)
     # node/npm usually come from NodeSource (nodejs bundles npm there): Debian's npm package would
     # conflict with it, so ask apt only for what is really absent.

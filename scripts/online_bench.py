@@ -46,16 +46,15 @@ from atlas_milter.verdict import HAM, SPAM, UNSURE
 
 REPO = Path(__file__).resolve().parents[1]
 LEARNERS = ("atlas-empty", "atlas-shipped", "bogofilter")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _VERDICT_HEADER = re.compile(rb"^x-spam-[^:\n]*:.*\n(?:[ \t].*\n)*", re.I | re.M)
 
 
 def strip_verdict_headers(raw: bytes) -> bytes:
-    """`raw` without its X-Spam-* header fields (other filters' verdicts); the body is untouched."""
-    end = raw.find(b"\n\n")
-    crlf_end = raw.find(b"\r\n\r\n")
-    if crlf_end != -1 and (end == -1 or crlf_end < end):
-        end = crlf_end + 2
-    head, body = (raw, b"") if end == -1 else (raw[: end + 1], raw[end + 1:])
+    """`raw` without its X-Spam-* header fields (other filters' verdicts); the header's line
+    ends become LF, the body is untouched."""
+    blank = _HEADER_END.search(raw)
+    head, body = (raw, b"") if blank is None else (raw[: blank.end()], raw[blank.end():])
     return _VERDICT_HEADER.sub(b"", head.replace(b"\r\n", b"\n")) + body
 
 
@@ -68,7 +67,10 @@ class Bogofilter:
         self.binary = shutil.which("bogofilter")
         if not self.binary:
             raise AtlasError("bogofilter is not installed (apt-get install bogofilter, or scripts/bootstrap.sh --system)")
-        self.dir = tempfile.mkdtemp(prefix="atlas-bogofilter-")
+        # In memory when the machine has /dev/shm: registering syncs the wordlist to disk, which
+        # doubled the cost of each registration on a busy disk.
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        self.dir = tempfile.mkdtemp(prefix="atlas-bogofilter-", dir=shm)
         self.strip = strip
         self.name = name
 
@@ -119,6 +121,10 @@ def read_stream(corpus: Path, limit: int | None) -> list[tuple[str, bytes, Parse
 _STREAM: list = []  # set before the run workers fork: shared copy-on-write
 
 
+def progress(msg: str) -> None:
+    print(f"online_bench: {msg}", file=sys.stderr, flush=True)
+
+
 def make_learner(kind: str, bogofilter_raw: bool):
     if kind == "atlas-empty":
         return AtlasLearner(empty_model(), kind)
@@ -133,7 +139,9 @@ def run_one(job: tuple[str, int | None, bool]) -> dict:
     kind, teach_first, bogofilter_raw = job
     learner = make_learner(kind, bogofilter_raw)
     try:
-        return online_run(learner, _STREAM, teach_first, progress=lambda m: print(f"online_bench: {m}", file=sys.stderr, flush=True))
+        result = online_run(learner, _STREAM, teach_first, progress=progress)
+        progress(f"done: {json.dumps(result)}")  # a run's figures as soon as it ends: the whole benchmark is long
+        return result
     finally:
         if isinstance(learner, Bogofilter):
             learner.close()
@@ -183,13 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         if not feedback or any(f not in modes for f in feedback):
             raise AtlasError(f"--feedback {args.feedback}: use immediate, delayed or immediate,delayed")
         _STREAM[:] = read_stream(Path(args.corpus), args.limit)
-        print(f"online_bench: {len(_STREAM)} messages read and parsed", file=sys.stderr, flush=True)
+        progress(f"{len(_STREAM)} messages read and parsed")
         jobs = [(k, modes[f], args.bogofilter_input == "raw") for k in kinds for f in feedback]
         if args.jobs <= 1 or len(jobs) <= 1:
             results = [run_one(job) for job in jobs]
         else:
             with multiprocessing.get_context("fork").Pool(min(args.jobs, len(jobs))) as pool:
-                results = pool.map(run_one, jobs, chunksize=1)
+                results = list(pool.imap(run_one, jobs, chunksize=1))
     except AtlasError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

@@ -46,7 +46,8 @@ SPAM_B = ["Subject: account suspended {i}\n\nVerify your account {i} now or it w
 
 
 def write_corpus(root: Path, name: str, ham: list[str], spam: list[str], n: int) -> Path:
-    """n messages per template and label; every fourth is test. Groups: one per template."""
+    """n messages per template and label, listed in the order of their number (so both labels
+    come early); every fourth is test. Groups: one per template."""
     folder = root / name
     folder.mkdir(parents=True)
     rows = []
@@ -57,6 +58,7 @@ def write_corpus(root: Path, name: str, ham: list[str], spam: list[str], n: int)
                 (folder / path).write_text(template.format(i=i))
                 rows.append({"path": path, "label": label, "group": f"{name}-{label}{t}",
                              "split": "test" if i % 4 == 0 else "train", "bytes": 0})
+    rows.sort(key=lambda r: (int(r["path"].split("-")[1].split(".")[0]), r["path"]))  # labels interleaved
     with open(folder / "index.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["path", "label", "group", "split", "bytes"])
         writer.writeheader()
@@ -191,3 +193,27 @@ def test_cross_eval_shipped_model_on_the_shared_corpus(corpus_dir):
         assert cells[name]["quality"]["counts"] == report.counts
     assert {"bounces", "foff-ham", "foff-spam"} == set(cells["modern"]["groups"])
     assert cells["all"]["quality"]["n"] == cells["spamassassin"]["quality"]["n"] + cells["modern"]["quality"]["n"]
+
+
+def test_strip_verdict_headers_keeps_everything_else():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from online_bench import strip_verdict_headers
+
+    raw = (b"From: a@b.example\r\nX-Spam-Status: No, score=-2.6\r\n\ttests=BAYES_00\r\nSubject: hi\r\n"
+           b"X-Spam-Level: \r\n\r\nX-Spam-Status: this line is body text\r\n")
+    assert strip_verdict_headers(raw) == (b"From: a@b.example\nSubject: hi\n\n"
+                                          b"X-Spam-Status: this line is body text\r\n")
+    assert strip_verdict_headers(b"Subject: x\n\nbody\n") == b"Subject: x\n\nbody\n"
+
+
+def test_online_bench_runs_bogofilter_as_the_yardstick(tmp_path):
+    from conftest import require_binary
+
+    require_binary("bogofilter")
+    folder = write_corpus(tmp_path, "a", HAM_A, SPAM_A, 10)
+    proc = run_script("scripts/online_bench.py", "--corpus", str(folder), "--learners", "bogofilter",
+                      "--feedback", "immediate", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(proc.stdout)["results"]
+    assert result["learner"] == "bogofilter" and result["taught"] == 40
+    assert result["one_minus_auc_pct_second_half"] < 5  # it learnt the two vocabularies
