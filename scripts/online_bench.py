@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         _STREAM[:] = read_stream(Path(args.corpus), args.limit)
         progress(f"{len(_STREAM)} messages read and parsed")
         jobs = [(k, modes[f], args.bogofilter_input == "raw") for k in kinds for f in feedback]
+        jobs.sort(key=lambda job: job[0] != "bogofilter")  # the slowest runs first; results keep this order
         if args.jobs <= 1 or len(jobs) <= 1:
             results = [run_one(job) for job in jobs]
         else:
