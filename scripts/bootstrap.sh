@@ -8,7 +8,7 @@
 #   scripts/bootstrap.sh --lock     regenerate requirements.lock (`make lock`): `pip install -e '.[test]'`
 #                                   in a fresh throw-away venv, then `pip freeze` minus the project
 #   scripts/bootstrap.sh --system   also the real servers the integration tests drive: postfix,
-#                                   dovecot-imapd, miltertest, sqlite3, bogofilter, node/npm, chromium (headless, for
+#                                   dovecot-imapd, miltertest, sqlite3, node/npm, chromium (headless, for
 #                                   the /performance page test), npm `statsd` in
 #                                   .cache/statsd, and Sendmail unpacked (never installed: it
 #                                   conflicts with postfix) in .cache/sendmail (both git-ignored)
