@@ -54,6 +54,7 @@ if [ "$system" = 1 ]; then
     { [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/imap ]; } || missing+=(dovecot-imapd)
     command -v miltertest >/dev/null 2>&1 || missing+=(miltertest)
     command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
+    command -v bogofilter >/dev/null 2>&1 || missing+=(bogofilter)  # the online benchmark's yardstick (scripts/online_bench.py)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)     # throw-away CA for the TLS Dovecot (tests/servers.py)
     # node/npm usually come from NodeSource (nodejs bundles npm there): Debian's npm package would
     # conflict with it, so ask apt only for what is really absent.

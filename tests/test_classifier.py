@@ -211,6 +211,9 @@ def test_learning_moves_the_score_toward_the_label(tiny_model):
     assert model.version != tiny_model.version
     after_ham = learn(model, sneaky, is_spam=False)
     assert after_ham < after
+    learnt = model.version
+    assert learn(model, sneaky, is_spam=False) == after_ham  # already past the ham cutoff: nothing to change
+    assert model.version == learnt and model.meta["learned"] == 3
 
 
 def test_shipped_model_loads_and_scores():
