@@ -95,6 +95,10 @@ def test_parse_rows():
     assert [r.name for r in parse_rows(["all"], ["a", "b"])] == ["a", "b", "a+b", "shipped"]
     with pytest.raises(SourceError, match="unknown corpus 'c'"):
         parse_rows(["a:c"], ["a", "b"])
+    weighted = parse_rows(["a+b*5:a"], ["a", "b"])
+    assert weighted == [MatrixRow(("a", "b"), ("a",), weights=(("b", 5.0),))] and weighted[0].name == "a+b*5"
+    with pytest.raises(SourceError, match="is not CORPUS"):
+        parse_rows(["a+b*x"], ["a", "b"])
 
 
 def test_summarise_counts_at_the_cutoffs():
