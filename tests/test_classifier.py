@@ -129,14 +129,19 @@ def test_links_shorteners_and_a_display_name_naming_another_domain():
     assert "sig:links-to-sender" in own and not {"sig:url-shortener", "sig:links-elsewhere", "sig:from-name-other-domain"} & own
 
 
-def test_the_spam_cutoff_holds_on_every_source_of_ham():
+def test_the_spam_cutoff_holds_on_all_ham_and_on_every_source_of_ham():
     """Pooled, 1 false positive in 1,000 ham is within 0.3%; but it is 1 in 10 of the small
-    source's ham, so the cutoff must rise above it."""
+    source's ham, over the 1% a source may have, so the cutoff must rise above it."""
     probs = [0.1] * 990 + [0.2] * 9 + [0.8] + [0.99] * 50
     labels = [0] * 1000 + [1] * 50
     assert choose_cutoffs(probs, labels, 0.003)[0] == 0.5
     sources = ["big"] * 990 + ["small"] * 10 + ["big"] * 50
     assert choose_cutoffs(probs, labels, 0.003, sources)[0] == 0.81
+    assert choose_cutoffs(probs, labels, 0.003, sources, source_ham_fpr=0.1)[0] == 0.5
+    # and the pooled target still holds: 4 false positives in 1,000 ham are over 0.3%
+    probs[:4] = [0.7] * 4
+    assert choose_cutoffs(probs, labels, 0.003, sources)[0] == 0.81
+    assert choose_cutoffs(probs[:990] + [0.2] * 10 + probs[1000:], labels, 0.003)[0] == 0.71
 
 
 def test_a_source_weight_makes_its_messages_count_more():
