@@ -177,4 +177,6 @@ if systemd_running; then
     systemctl try-restart atlas-milter.service 'atlas-milter-idle@*.service'
 fi
 say "installed $("$root$LINK" --version)"
+getent group postfix >/dev/null \
+    || say "note: there is no group postfix: atlas-milter.service's ExecStartPre needs Postfix (for Sendmail see the unit's header)"
 say "next: edit $CONFIG, add the settings in $SRC/conf/postfix-main.cf to /etc/postfix/main.cf, then: systemctl enable --now atlas-milter"
