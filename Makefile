@@ -9,12 +9,19 @@
 #   make lock                 regenerate requirements.lock after changing dependencies in pyproject.toml
 #   make soak                 30 minutes of load through Postfix + milter (scripts/soak.py; root, corpus)
 #   make clean                remove .venv, .cache and build/test leftovers
+#   make install              install the service on Debian/Ubuntu as root (scripts/install.sh: venv in
+#                             /opt/atlas-milter, /usr/local/bin/atlas-milter, units, /etc/atlas-milter);
+#                             again to upgrade. INSTALL_ARGS="--root DIR" installs below DIR
+#   make uninstall            remove it; keeps /etc/atlas-milter and /var/lib/atlas-milter
+#                             (INSTALL_ARGS=--purge removes them too)
 
 SHELL := /bin/bash
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: all bootstrap bootstrap-system demo test bench audit lock soak clean
+INSTALL_ARGS ?=
+
+.PHONY: all bootstrap bootstrap-system demo test bench audit lock soak clean install uninstall
 
 all: test
 
@@ -50,3 +57,10 @@ soak: bootstrap-system
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis build dist *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# No bootstrap: these run from a checkout or an unpacked sdist with Debian's own python3.
+install:
+	bash scripts/install.sh $(INSTALL_ARGS)
+
+uninstall:
+	bash scripts/install.sh --uninstall $(INSTALL_ARGS)

@@ -421,9 +421,32 @@ def _add_daemon_flags(p: argparse.ArgumentParser, http: bool = False) -> None:
 
 # --- parser ---------------------------------------------------------------------------
 
+def version_line() -> str:
+    """`atlas-milter 0.1.0, shipped model default-…`: the package and the model inside it (an
+    unreadable model is named in the line, not raised: --version must always answer)."""
+    from atlas_milter.classifier import load_model
+
+    try:
+        model = f"shipped model {load_model().version}"
+    except AtlasError as exc:
+        model = f"no usable shipped model ({exc})"
+    return f"atlas-milter {__version__}, {model}"
+
+
+class _VersionAction(argparse.Action):
+    """--version: like argparse's own, but the model is read only when the flag is given."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlas-milter", description="Mail classification: milter, IMAP IDLE, backfill.")
-    parser.add_argument("--version", action="version", version=f"atlas-milter {__version__}")
+    parser.add_argument("--version", action=_VersionAction, help="print the package and shipped model versions and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", help="TOML configuration (default /etc/atlas-milter/atlas-milter.toml when present)")
     common.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="override log_level")

@@ -17,12 +17,16 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Iterator
 
 from atlas_milter.errors import StoreError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Found through importlib.resources, never relative to a checkout: in an installed wheel the
+# files are wherever the package is (package-data in pyproject.toml).
+MIGRATIONS_DIR: Traversable = resources.files("atlas_milter").joinpath("migrations")
 DEFAULT_BUSY_TIMEOUT = 5.0  # seconds a statement waits for another process's lock
 _MIGRATION_FILE = re.compile(r"^(\d{4})_\w+\.sql$")
 _ROLLBACK_MARKER = "-- rollback:"
@@ -32,7 +36,7 @@ _ROLLBACK_MARKER = "-- rollback:"
 class Migration:
     version: int
     name: str  # the file name without .sql, e.g. "0002_add_performance_indexes"
-    path: Path
+    path: Traversable  # importlib.resources' view of the file (a Path when the package is on disk)
 
     def sql(self) -> str:
         return self.path.read_text(encoding="utf-8")
@@ -109,17 +113,17 @@ def connect_readonly(db_path: str | Path, busy_timeout: float = DEFAULT_BUSY_TIM
     return conn
 
 
-def available_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def available_migrations(directory: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     """The NNNN_*.sql files in `directory`, in version order (other names are ignored)."""
     found: dict[int, Migration] = {}
-    for path in sorted(directory.iterdir()):
+    for path in sorted(directory.iterdir(), key=lambda p: p.name):
         match = _MIGRATION_FILE.match(path.name)
         if not match:
             continue
         version = int(match.group(1))
         if version in found:
             raise StoreError(f"migrations: {path.name} and {found[version].path.name} share version {version}")
-        found[version] = Migration(version, path.stem, path)
+        found[version] = Migration(version, path.name.removesuffix(".sql"), path)
     return [found[v] for v in sorted(found)]
 
 
@@ -169,7 +173,7 @@ def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def apply_migrations(
-    db_path: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, directory: Path = MIGRATIONS_DIR
+    db_path: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, directory: Traversable = MIGRATIONS_DIR
 ) -> list[str]:
     """Apply the pending migrations in order, one transaction each; return their names.
 
@@ -204,7 +208,7 @@ def apply_migrations(
 
 
 def rollback_last(
-    db_path: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, directory: Path = MIGRATIONS_DIR
+    db_path: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, directory: Traversable = MIGRATIONS_DIR
 ) -> str | None:
     """Undo the most recently applied migration (its rollback block and its record) in one
     transaction; return its name, or None when nothing is applied."""
@@ -232,7 +236,7 @@ def rollback_last(
         conn.close()
 
 
-def migration_status(db_path: str | Path, directory: Path = MIGRATIONS_DIR) -> list[dict]:
+def migration_status(db_path: str | Path, directory: Traversable = MIGRATIONS_DIR) -> list[dict]:
     """Every known migration with its state: {"version", "name", "status": "applied" |
     "pending", "applied_at"}. Read-only; a database that does not exist yet has all pending."""
     applied: dict[int, tuple[str, str]] = {}

@@ -133,6 +133,23 @@ def test_stats_without_database_is_one_line_error(tmp_path):
     assert proc.returncode == 1 and proc.stderr.decode().startswith("Error: ")
 
 
+def test_version_names_the_package_and_the_shipped_model():
+    from atlas_milter import __version__
+    from atlas_milter.classifier import load_model
+
+    proc = run("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode() == f"atlas-milter {__version__}, shipped model {load_model().version}\n"
+
+
+def test_version_without_a_readable_model_says_so(tmp_path):
+    code = ("import sys, atlas_milter.classifier as c; from atlas_milter.cli import main\n"
+            "c.SHIPPED_MODEL = 'missing.json.gz'\nsys.exit(main(['--version']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    assert proc.stdout.startswith("atlas-milter ") and "no usable shipped model (model shipped model missing.json.gz: no such file" in proc.stdout
+
+
 def test_unknown_flag_exits_non_zero():
     proc = run("classify", "--bogus", "x")
     assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr.decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,10 @@ def test_package_finds_the_numbered_files_only():
     found = migrate.available_migrations()
     assert [m.name for m in found] == ALL_NAMES
     assert [m.version for m in found] == [1, 2, 3]
-    # The package directory is the top-level folder, through the symlink.
-    assert migrate.MIGRATIONS_DIR.resolve() == REPO_MIGRATIONS.resolve()
+    # In the checkout the package's directory is the top-level folder, through the symlink
+    # (an installed wheel carries copies: tests/test_install.py).
+    with resources.as_file(migrate.MIGRATIONS_DIR) as directory:
+        assert directory.resolve() == REPO_MIGRATIONS.resolve()
     assert (REPO_MIGRATIONS / "add_performance_indexes.sql").read_text() == found[1].sql()
 
 

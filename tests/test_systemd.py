@@ -61,7 +61,8 @@ def test_security_exposure(unit, tmp_path, capsys):
     assert float(m.group(1)) <= MAX_EXPOSURE, proc.stdout
 
 
-def _settings(unit: Path) -> dict[str, list[str]]:
+def unit_settings(unit: Path) -> dict[str, list[str]]:
+    """Every `Key=value` line of a unit file: {key: [values, in order]} (sections ignored)."""
     found: dict[str, list[str]] = {}
     for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith(("#", ";", "[")):
@@ -72,7 +73,7 @@ def _settings(unit: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
 def test_hardening_present(unit):
-    s = _settings(unit)
+    s = unit_settings(unit)
     expected = {
         "Type": "notify", "User": "atlas-milter", "Group": "atlas-milter", "NoNewPrivileges": "yes",
         "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "Restart": "on-failure",
