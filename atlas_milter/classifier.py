@@ -248,7 +248,10 @@ def _text_tricks(subject: str, text: str, add) -> None:
     letters with look-alikes from Cyrillic or Greek."""
     if _INVISIBLE_RE.search(subject) or _INVISIBLE_RE.search(text, 0, WORD_SCAN_CHARS):
         add("sig:invisible-characters")
-    for word in _LETTER_RUN_RE.findall(subject + " " + text[:WORD_SCAN_CHARS // 3]):
+    head = subject + " " + text[: WORD_SCAN_CHARS // 3]
+    if head.isascii():  # most mail: nothing to look for
+        return
+    for word in _LETTER_RUN_RE.findall(head):
         if not word.isascii() and _mixes_scripts(word):
             add("sig:mixed-script-word")
             break
