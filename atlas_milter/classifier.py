@@ -195,6 +195,7 @@ def features(msg: ParsedMessage) -> FeatureSets:
         add("sig:images-" + ("1" if msg.image_tags == 1 else "2+"))
         if len(words) < 40:
             add("sig:images-little-text")
+    _body_style(msg.text, words, add)
     if not words:
         add("sig:no-body-words")
     elif len(words) < 20:
@@ -210,6 +211,27 @@ def features(msg: ParsedMessage) -> FeatureSets:
         add("sig:delivery-report")
     _text_tricks(msg.subject, text, add)
     return body, feats
+
+
+def _body_style(text: str, words: list[str], add) -> None:
+    """How the body is written, whatever its words: shouting, exclamation marks, money
+    amounts and percentages, each counted against the length of the text."""
+    if len(words) < 20:
+        return
+    head = text[:WORD_SCAN_CHARS]
+    letters = sum(1 for c in head[:5000] if c.isalpha())
+    if letters >= 100:
+        upper = sum(1 for c in head[:5000] if c.isupper())
+        if upper > 0.3 * letters:
+            add("sig:body-shouts")
+    per_100_words = 100 / len(words)
+    exclaims = head.count("!") * per_100_words
+    if exclaims >= 2:
+        add("sig:body-exclaims")
+    if len(_MONEY_RE.findall(head)) * per_100_words >= 1:
+        add("sig:body-money")
+    if head.count("%") * per_100_words >= 1:
+        add("sig:body-percentages")
 
 
 def _sender_signals(msg: ParsedMessage, add) -> None:
@@ -496,7 +518,7 @@ def train_model(
     spam: Iterable[ParsedMessage],
     opts: TrainingOptions | None = None,
     name: str = "model",
-    calibration_folds: int = 4,
+    calibration_folds: int = 8,
     ham_sources: Sequence[str] | None = None,
     spam_sources: Sequence[str] | None = None,
 ) -> Model:
