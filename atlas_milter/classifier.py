@@ -518,7 +518,7 @@ def train_model(
     spam: Iterable[ParsedMessage],
     opts: TrainingOptions | None = None,
     name: str = "model",
-    calibration_folds: int = 8,
+    calibration_folds: int = 4,
     ham_sources: Sequence[str] | None = None,
     spam_sources: Sequence[str] | None = None,
 ) -> Model:
