@@ -245,3 +245,21 @@ def test_words_scan_stops_where_the_word_pattern_does():
 
     for text in ("word " * 20_000, "x" * 59_990 + " abc-def ghi", "ab" * 40_000):
         assert _words(text) == _WORD_RE.findall(text, 0, WORD_SCAN_CHARS)
+
+
+@given(st.text(alphabet="ABZab1_. \u00e9\u0410!", max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_shouted_words_are_what_the_plain_pattern_finds(text):
+    import re
+
+    from atlas_milter.classifier import _CAPS_WORD_RE
+
+    assert _CAPS_WORD_RE.findall(text) == re.findall(r"\b[A-Z]{2,}\b", text)
+
+
+def test_body_style_signals():
+    words = " ".join(["word"] * 30)
+    assert {"sig:body-shouts", "sig:body-exclaims", "sig:body-money", "sig:body-percentages"} <= meta_of(
+        f"Subject: s\n\nBUY NOW CHEAP PILLS {words} BEST DEAL EVER FREE SHIPPING TODAY ONLY HURRY LIMITED "
+        "STOCK NEW PRICE SALE WOW!!! only $9 or $19, 50% off, 70% less, 90% more\n")
+    assert not [f for f in meta_of(f"Subject: s\n\nA calm note. {words}. Thanks!\n") if f.startswith("sig:body-")]
