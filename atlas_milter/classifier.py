@@ -39,6 +39,7 @@ SHIPPED_MODEL = "default-model.json.gz"
 MAX_WORDS = 1500  # body words used per message
 MAX_PAIRS = 600  # word pairs used per message
 TOP_REASONS = 6
+WEIGHT_DECIMALS = 4  # weights are saved with this many decimals
 
 # A word: a letter or digit, then up to 24 more letters, digits or marks ('.$€£-) that sit
 # between two of them. _words() finds exactly these, faster.
@@ -332,7 +333,7 @@ class Model:
             "temperature": self.temperature,
             "spam_cutoff": self.spam_cutoff,
             "ham_cutoff": self.ham_cutoff,
-            "weights": {f: round(w, 4) for f, w in sorted(self.weights.items())},
+            "weights": {f: round(w, WEIGHT_DECIMALS) for f, w in sorted(self.weights.items())},
         }
 
 
@@ -659,7 +660,8 @@ def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_rounds: int = 8) 
         sensitivity = len(body) / math.sqrt(len(body) + 1) + META_BLOCK_WEIGHT * len(meta) / math.sqrt(len(meta) + 1)
         step = 1.1 * (goal_margin - margin) / max(sensitivity, 1e-9)
         for f in body | meta:
-            model.weights[f] = model.weights.get(f, 0.0) + step
+            # rounded as the file keeps them, so a learned model scores the same before and after a save
+            model.weights[f] = round(model.weights.get(f, 0.0) + step, WEIGHT_DECIMALS)
     model.meta["learned"] = int(model.meta.get("learned", 0)) + 1
     if changed:  # unchanged weights keep their version (and the verdicts cached under it)
         _stamp_learned(model, body | meta, is_spam)

@@ -263,3 +263,16 @@ def test_body_style_signals():
         f"Subject: s\n\nBUY NOW CHEAP PILLS {words} BEST DEAL EVER FREE SHIPPING TODAY ONLY HURRY LIMITED "
         "STOCK NEW PRICE SALE WOW!!! only $9 or $19, 50% off, 70% less, 90% more\n")
     assert not [f for f in meta_of(f"Subject: s\n\nA calm note. {words}. Thanks!\n") if f.startswith("sig:body-")]
+
+
+def test_a_learned_model_scores_the_same_after_a_save(tmp_path, tiny_model):
+    """The IMAP listener keeps using the model it learned in memory; a restart loads the file."""
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    save_model(model, tmp_path / "m.json")
+    model = load_model(tmp_path / "m.json")
+    msg = parse_message(b"Subject: quarterly partner update\n\nPlease see the quarterly update from our partners.\n")
+    learn(model, msg, True)
+    save_model(model, tmp_path / "m.json")
+    assert load_model(tmp_path / "m.json").score(msg).score == model.score(msg).score

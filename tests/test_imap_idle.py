@@ -114,7 +114,7 @@ def test_learning_from_the_users_moves(dovecot, tmp_path, corpus_dir, corpus_ind
         wait_for(lambda: last_row(db, second), 10, "the second verdict")
         score_after = last_row(db, second)[2]
         assert score_after > score_before + 0.1, (score_before, score_after)
-        assert load_model(model_file).score(parse_message(raw)).score == pytest.approx(score_after, abs=1e-6)
+        assert load_model(model_file).score(parse_message(with_message_id(raw, second))).score == pytest.approx(score_after, abs=1e-6)
 
         # Our spam, rescued by the user from Junk: learned as ham, and left where the user put it.
         rescued = f"<rescued-{tag}@idle.test>"
