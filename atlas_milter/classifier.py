@@ -1,13 +1,16 @@
 """Owns the spam model: features of a `ParsedMessage`, the model file (JSON, data only),
 scoring with reasons, training, and incremental learning.
 
-The model is L2-regularised logistic regression over sparse binary features: body words
-and word pairs, subject words, sender / reply-to / URL domains, and structural signals
-(HTML-only, hidden-text tricks, attachment types, shouting subjects). Headers that only say
-which mailing list or relay a message came through (Received, List-*, In-Reply-To, To,
-Delivered-To, any X-Spam-* verdict of another filter) are deliberately not features: they
-describe where the training mail happened to come from, not whether it is spam, and a
-model that leans on them loses its recall on mail from anywhere else.
+The model is logistic regression over sparse binary features: body words and word pairs,
+subject words, sender / reply-to / URL domains, and structural signals (HTML-only, links
+to the sender or elsewhere, delivery reports, one-click unsubscribe, DKIM signer vs From,
+invisible and look-alike characters, how the body is written, attachment types, shouting
+subjects). Headers that only say which mailing list or relay a message came through
+(Received, List-Id, In-Reply-To, To, Delivered-To, any X-Spam-* verdict of another filter)
+and which software sent it (X-Mailer, X-MimeOLE, ...: forged by spam software) are
+deliberately not features: they describe where and when the training mail happened to be
+collected, not whether it is spam, and a model that leans on them loses its recall on
+mail from anywhere else.
 
 It knows nothing about caches, threads, databases or protocols.
 """
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from atlas_milter.errors import ModelError
-from atlas_milter.message import MAX_HEADER_CHARS, ParsedMessage, decode_header_value
+from atlas_milter.message import MAX_HEADER_CHARS, ParsedMessage
 from atlas_milter.verdict import Score
 
 MODEL_FORMAT = "atlas-milter-model"
