@@ -56,7 +56,7 @@ _SUBJ_WORD_RE = re.compile(r"[^\W_]{2,24}")
 _MONEY_RE = re.compile(r"[$€£]\s?\d")
 _DIGITS_RE = re.compile(r"\d")
 _IP_URL_RE = re.compile(r"^(?:https?://)?\d{1,3}(?:\.\d{1,3}){3}")
-_URL_HOST_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//([^/:?#@]*@)?([^/:?#]+)", re.I)
+_URL_HOST_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//([^/:?#@]*@)?([\w.-]+)", re.I)  # host: up to the first character no host name has (",", ")", ...)
 # Link shorteners: a link through one hides where it goes. Generic public services, not senders.
 _SHORTENERS = frozenset({
     "bit.ly", "tinyurl.com", "t.co", "goo.gl", "ow.ly", "is.gd", "buff.ly", "rebrand.ly", "cutt.ly",
@@ -112,6 +112,24 @@ def _word_token(word: str) -> str:
     return word
 
 
+# English function words are left out of the word features, and word pairs are formed
+# across them ("click the link" gives "click link"). They say how a text is written, not what
+# it is about: the 2002 training ham is conversation on mailing lists, its spam is sales
+# pitch, so "the", "of", "was" learnt strong ham weights, and spam padded with news prose
+# (common since) scored as ham. Measured training on spamassassin + modern (3 bags), with
+# the learning rate at 0.2: ROC AUC on all of trec07p 0.9700 -> 0.9721, on the spamassassin
+# test split unchanged (0.9995); 16% fewer features, and feature extraction 10% faster.
+FUNCTION_WORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before
+being below between both but by can could did do does doing down during each few for from
+further had has have having he her here hers herself him himself his how i if in into is it
+its itself just may me might more most must my myself no nor not now of off on once one only
+or other our ours ourselves out over own said same shall she should so some still such than
+that the their theirs them themselves then there these they this those through to too two
+under until up upon very was we were what when where which while who whom why will with would
+yet you your yours yourself yourselves
+""".split())
+
 # Structural and header features are few beside hundreds of body words; each block is
 # normalised on its own and the header block weighted by this factor, so signals that
 # mean spam anywhere (HTML-only, reply-to elsewhere, numeric URLs) keep their say. Cross-
@@ -131,7 +149,7 @@ def features(msg: ParsedMessage) -> FeatureSets:
     words = _words(text)
     if len(words) > MAX_WORDS:
         words = words[:MAX_WORDS]
-    tokens = [w if w.isalpha() else _word_token(w) for w in words]
+    tokens = [w if w.isalpha() else _word_token(w) for w in words if w not in FUNCTION_WORDS]
     body.update(tokens)
     pairs = tokens[: MAX_PAIRS + 1]
     body.update(map(" ".join, zip(pairs, pairs[1:])))
@@ -204,9 +222,10 @@ def features(msg: ParsedMessage) -> FeatureSets:
         if len(words) < 40:
             add("sig:images-little-text")
     _body_style(msg.text, words, add)
-    if not words:
-        add("sig:no-body-words")
-    elif len(words) < 20:
+    # A body without words is not a feature: in 2002 that was image spam, today it is as
+    # often a notification or an invoice sent as an attachment (trec07p ROC AUC 0.9721 ->
+    # 0.9797 without it; the spamassassin and modern test splits within 0.0001).
+    if 0 < len(words) < 20:
         add("sig:short-body")
     for name, ctype in msg.attachments[:20]:
         add("att:" + ctype)
@@ -427,7 +446,7 @@ def load_model(path: str | os.PathLike | None = None) -> Model:
 @dataclass
 class TrainingOptions:
     epochs: int = 6
-    learning_rate: float = 0.5
+    learning_rate: float = 0.2  # 0.5 fits the training corpora closer and transfers worse (trec07p ROC AUC 0.9731 at 0.5, 0.9784 at 0.3, 0.9799 at 0.2)
     min_count: int = 2  # a feature seen in fewer training messages is left out of the model
     seed: int = 1
     bags: int = 3  # models trained in different orders and averaged (less variance)

@@ -21,11 +21,13 @@ def test_shipped_model_meets_the_bars_on_the_test_split(corpus_dir):
     assert report.n == 1549
     assert report.auc >= 0.999
     assert report.ham_fpr <= 0.003
-    # Issue 15's bar for this split is recall >= 97%. The model trained for today's mail
-    # (spamassassin + modern, no sending-software features) is at 96.7% at a stricter ham
-    # FPR (0.09%) than the 2002-only model (98.5% at 0.19%): that bar is not met, and says so
-    # here rather than in a passing test. This guards against regressing below today's figure.
-    assert report.spam_recall >= 0.965
+    # Issue 15's bar for this split is recall >= 97%: not met, and said so here rather than
+    # in a passing test. The model trained for today's mail ranks this split as well as the
+    # 2002-only one (ROC AUC 0.9995), but its cutoff is placed to keep ham out of Junk on
+    # mail it never saw: 0.91, where this split's recall is 94.4% at 0.09% ham FPR (the
+    # 2002-only model: 98.5% at 0.19%), and trec07p's ham FPR 0.65% (the previous release's
+    # model: 3.3%). This guards against regressing below today's figure.
+    assert report.spam_recall >= 0.94
     assert report.unsure_rate <= 0.03
 
 
