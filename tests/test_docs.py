@@ -1,6 +1,7 @@
 """The shipped documentation stays true: conf/atlas-milter.toml names every configuration
 key with its default and is itself a valid configuration; the README's Install section shows
-the commands tests/test_install.py runs, and the current --version line."""
+the commands tests/test_install.py runs, and the current --version line; the pages in docs/ are
+linked from the README, their links resolve, and every command, script and flag they show exists."""
 
 import dataclasses
 import re
@@ -57,3 +58,91 @@ def test_readme_version_line_is_the_current_one():
     [example] = [c for c in install_commands() if c.startswith("atlas-milter --version")]
     shown = README.read_text().split(example, 1)[1].split("\n", 1)[0].strip().lstrip("#").strip()
     assert shown == version_line()
+
+
+DOCS = README.parent / "docs"
+PAGES = [README, *sorted(DOCS.glob("*.md"))]
+
+
+def sh_lines(page: Path) -> list[str]:
+    """The command lines of a page's sh blocks: continuation lines joined, comments and
+    option brackets (`[--json]`) stripped."""
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", page.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line.replace("[", " ").replace("]", " "))
+    return lines
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = README.read_text()
+    assert len(PAGES) > 1, "docs/ has no pages"
+    for page in PAGES[1:]:
+        assert f"](docs/{page.name})" in readme, f"README does not link docs/{page.name}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_relative_links_resolve():
+    for page in PAGES:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: link to {target}: no such file"
+            if anchor:
+                headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+                assert anchor in {_slug(h) for h in headings}, f"{page.name}: link to {target}: no such heading"
+
+
+def test_documented_commands_and_flags_exist():
+    """Every `atlas-milter COMMAND --flag` shown in the README and docs/ is one the CLI takes."""
+    from atlas_milter.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    shown = 0
+    for page in PAGES:
+        for line in sh_lines(page):
+            words = line.split()
+            if words[0] != "atlas-milter":
+                continue
+            shown += 1
+            sub = commands.get(words[1]) if not words[1].startswith("-") else parser
+            assert sub is not None, f"{page.name}: `{line}`: no command {words[1]}"
+            known = set(sub._option_string_actions)
+            for word in words[2:]:
+                flag = word.split("=", 1)[0]
+                if flag.startswith("--"):
+                    assert flag in known, f"{page.name}: `{line}`: {words[1]} takes no {flag}"
+    assert shown >= 20
+
+
+def test_documented_scripts_exist_and_take_their_flags():
+    import subprocess
+    import sys
+
+    helps: dict[str, str] = {}
+    for page in PAGES:
+        for line in sh_lines(page):
+            words = line.split()
+            if words[:1] != ["python"] or not words[1].startswith("scripts/"):
+                continue
+            script = README.parent / words[1]
+            assert script.is_file(), f"{page.name}: `{line}`: no {words[1]}"
+            if words[1] not in helps:
+                proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+                assert proc.returncode == 0, f"{words[1]} --help: {proc.stderr[-300:]}"
+                helps[words[1]] = proc.stdout
+            for word in words[2:]:
+                flag = word.split("=", 1)[0]
+                if flag.startswith("--"):
+                    assert re.search(rf"{re.escape(flag)}\b", helps[words[1]]), f"{page.name}: `{line}`: no {flag}"
+    assert helps, "no script shown in the docs"
