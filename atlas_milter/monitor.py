@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 STAGE_PARSE = "parse"
 STAGE_CACHE_LOOKUP = "cache"
 STAGE_CLASSIFY = "classify"
-STAGE_POLICY = "policy"
 STAGE_STORE_FLUSH = "store.flush"
 STAGE_TOTAL = "total"
 # Counter names.
