@@ -12,7 +12,6 @@ worker processes (forked, one trained model per row).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import math
@@ -26,7 +25,7 @@ from atlas_milter.classifier import Model, TrainingOptions, features, learn, loa
 from atlas_milter.errors import SourceError
 from atlas_milter.message import DEFAULT_MAX_BYTES, ParsedMessage, parse_message
 from atlas_milter.policy import Cutoffs, label_for
-from atlas_milter.sources import MailItem, iter_source
+from atlas_milter.sources import MailItem, index_rows, iter_source
 from atlas_milter.verdict import HAM, SPAM, UNSURE
 
 
@@ -189,20 +188,15 @@ def read_corpus(folder: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
     if not index.is_file():
         raise SourceError(f"corpus {folder}: no index.csv there (is --corpus-root right?)")
     splits: dict[str, list[CorpusMessage]] = {"train": [], "test": []}
-    with open(index, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "label", "split"} <= set(reader.fieldnames):
-            raise SourceError(f"{index}: a corpus index needs the columns path, label and split")
-        for row in reader:
-            label = (row.get("label") or "").strip().lower()
-            if label not in ("ham", "spam") or row.get("split") not in splits:
-                continue
-            try:
-                raw = (folder / row["path"]).read_bytes()
-            except OSError as exc:
-                raise SourceError(f"corpus {folder.name}: cannot read {row['path']}: {exc.strerror or exc}") from None
-            group = (row.get("group") or "").strip() or folder.name
-            splits[row["split"]].append(CorpusMessage(label, group, parse_message(raw, max_bytes)))
+    for row, label, file in index_rows(index, None, frozenset({"path", "label", "split"})):
+        if row.get("split") not in splits:
+            continue
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise SourceError(f"corpus {folder.name}: cannot read {row['path']}: {exc.strerror or exc}") from None
+        group = (row.get("group") or "").strip() or folder.name
+        splits[row["split"]].append(CorpusMessage(label, group, parse_message(raw, max_bytes)))
     corpus = Corpus(folder.name, splits["train"], splits["test"])
     if progress:
         progress(f"read {corpus.name}: {len(corpus.train)} train, {len(corpus.test)} test messages")

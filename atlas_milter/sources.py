@@ -123,29 +123,35 @@ def iter_directory(path: Path, on_error: ErrorHandler = _raise) -> Iterator[Mail
             yield from iter_file(file, on_error)
 
 
-def iter_index(path: Path, split: str | None, on_error: ErrorHandler = _raise) -> Iterator[MailItem]:
-    """Messages listed in an index.csv (`path,label,...,split`), relative to its folder."""
+def index_rows(path: Path, split: str | None, columns: frozenset[str] = frozenset({"path", "label"})) -> Iterator[tuple[dict[str, str], str, Path]]:
+    """(row, label, file) for each ham or spam row of an index.csv (`path,label,...,split`),
+    in the `split` when given; `file` is the row's path relative to the index's folder."""
     try:
         fh = open(path, newline="", encoding="utf-8")
     except OSError as exc:
         raise SourceError(_describe_os_error(path, exc)) from None
     with fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise SourceError(f"{path}: an index needs the columns path and label (and split)")
+        if not reader.fieldnames or not columns <= set(reader.fieldnames):
+            raise SourceError(f"{path}: an index needs the columns {', '.join(sorted(columns))}"
+                              + ("" if "split" in columns else " (and split)"))
         if split and "split" not in reader.fieldnames:
             raise SourceError(f"{path}: --split {split} given but the index has no split column")
         for row in reader:
             if split and row.get("split") != split:
                 continue
             label = (row.get("label") or "").strip().lower()
-            if label not in ("ham", "spam"):
-                continue
-            file = path.parent / row["path"]
-            try:
-                yield MailItem(str(file), file.read_bytes(), label)
-            except OSError as exc:
-                on_error(_describe_os_error(file, exc))
+            if label in ("ham", "spam"):
+                yield row, label, path.parent / row["path"]
+
+
+def iter_index(path: Path, split: str | None, on_error: ErrorHandler = _raise) -> Iterator[MailItem]:
+    """Messages listed in an index.csv (`path,label,...,split`), relative to its folder."""
+    for _row, label, file in index_rows(path, split):
+        try:
+            yield MailItem(str(file), file.read_bytes(), label)
+        except OSError as exc:
+            on_error(_describe_os_error(file, exc))
 
 
 def source_kind(spec: str) -> str:
