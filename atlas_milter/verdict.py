@@ -1,14 +1,37 @@
 """Owns the small frozen value types that cross threads and module boundaries:
-the classifier's `Score` and the policy's `Verdict`. Pure data, no behaviour."""
+the classifier's `Score`, the policy's `Verdict` and the `Action` a front door takes.
+Pure data, no behaviour."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 HAM = "ham"
 UNSURE = "unsure"
 SPAM = "spam"
 VERDICTS = (HAM, UNSURE, SPAM)
+
+
+class Action(StrEnum):
+    """What a front door did with a message, as written to the `action` column and named in
+    the config. A StrEnum: each member *is* its string, so config values, comparisons,
+    metric names and database rows stay exactly today's strings."""
+
+    # the milter ([milter] spam_action, unsure_action, on_error, on_busy)
+    TAG = "tag"
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+    QUARANTINE = "quarantine"
+    DISCARD = "discard"
+    # the IMAP side ([imap] spam_action and what it records)
+    MOVE = "move"
+    FLAG = "flag"
+    RECORD = "record"
+    NONE = "none"
+    DRY_RUN = "dry-run"
+    LEARNED_HAM = "learned-ham"
 
 
 @dataclass(frozen=True, slots=True)

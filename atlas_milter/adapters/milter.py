@@ -73,7 +73,7 @@ from atlas_milter.pipeline import Pipeline, Result, Scorer
 from atlas_milter.policy import Cutoffs, label_for
 from atlas_milter.pool import PoolBusy
 from atlas_milter.reload import GAUGE_RELOAD_FAILING, RELOAD_SIGNAL, run_reload, start_reload_thread
-from atlas_milter.verdict import SPAM, UNSURE, Verdict
+from atlas_milter.verdict import SPAM, UNSURE, Action, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,10 @@ VERDICT_UNCHECKED = "unchecked"  # classification failed: on_error applied
 VERDICT_SKIPPED = "skipped"  # not scored by policy (authenticated, trusted network, allow list)
 
 # --- actions and the replies they map to -------------------------------------------------
-ACTION_TAG = "tag"
-ACTION_ACCEPT = "accept"
-ACTION_REJECT = "reject"
-ACTION_TEMPFAIL = "tempfail"
-ACTION_QUARANTINE = "quarantine"
-ACTION_DISCARD = "discard"
-DELIVERING = frozenset({ACTION_TAG, ACTION_ACCEPT})
+DELIVERING = frozenset({Action.TAG, Action.ACCEPT})
 # With several recipients whose policies differ, the action that keeps the mail best wins:
 # delivered > held for an admin > retried by the sender > refused > silently dropped.
-KEEP_RANK = {ACTION_TAG: 0, ACTION_ACCEPT: 0, ACTION_QUARANTINE: 1, ACTION_TEMPFAIL: 2, ACTION_REJECT: 3, ACTION_DISCARD: 4}
+KEEP_RANK = {Action.TAG: 0, Action.ACCEPT: 0, Action.QUARANTINE: 1, Action.TEMPFAIL: 2, Action.REJECT: 3, Action.DISCARD: 4}
 REPLY_REJECT = ("550", "5.7.1")
 REPLY_TEMPFAIL = ("451", "4.7.1")
 QUARANTINE_REASON = "atlas-milter: spam score {score:.3f} (ref {ref})"
@@ -198,7 +192,7 @@ class SenderList:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    action: str
+    action: Action
     note: str = ""
     mixed: bool = False
 
@@ -226,18 +220,18 @@ class RecipientPolicy:
             domain = domain.partition(".")[2]
         return {}
 
-    def action_for(self, rule: dict, score: float, cutoffs: Cutoffs) -> str:
+    def action_for(self, rule: dict, score: float, cutoffs: Cutoffs) -> Action:
         if rule.get("opt_out"):
-            return ACTION_ACCEPT
+            return Action.ACCEPT
         if "spam_cutoff" in rule or "ham_cutoff" in rule:
             spam = rule.get("spam_cutoff", cutoffs.spam)
             cutoffs = Cutoffs(spam=spam, ham=min(rule.get("ham_cutoff", cutoffs.ham), spam))
         label = label_for(score, cutoffs)
         if label == SPAM:
-            return rule.get("spam_action", self.mc.spam_action)
+            return Action(rule.get("spam_action", self.mc.spam_action))
         if label == UNSURE:
-            return rule.get("unsure_action", self.mc.unsure_action)
-        return ACTION_TAG
+            return Action(rule.get("unsure_action", self.mc.unsure_action))
+        return Action.TAG
 
     def decide(self, recipients: list[str], score: float, cutoffs: Cutoffs) -> Decision:
         if not self.per_recipient or not recipients:
@@ -247,7 +241,7 @@ class RecipientPolicy:
         if len(distinct) == 1:
             return Decision(distinct.pop())
         if distinct & DELIVERING:
-            final = ACTION_TAG  # delivered to all, and tagged so the others' filters can act
+            final = Action.TAG  # delivered to all, and tagged so the others' filters can act
         else:
             final = min(distinct, key=KEEP_RANK.__getitem__)
         shown = ", ".join(f"{r.strip('<>')}={a}" for r, a in sorted(actions.items())[:10])
@@ -652,7 +646,7 @@ class AtlasMilter(Milter.Base):
                 rc = self._apply_error(ERR_INTERNAL, self.failed, t0)
             except Exception as exc2:
                 engine.log_failure(ERR_INTERNAL, f"eom fallback: {exc2}", exc_info=True)
-                rc = Milter.TEMPFAIL if self._state.mc.on_error == ACTION_TEMPFAIL else Milter.ACCEPT
+                rc = Milter.TEMPFAIL if self._state.mc.on_error == Action.TEMPFAIL else Milter.ACCEPT
         took = time.perf_counter() - t0
         metrics = engine.metrics
         metrics.record(STAGE_MILTER_EOM, took)
@@ -694,8 +688,8 @@ class AtlasMilter(Milter.Base):
         if skip:
             engine.incr(COUNTER_SKIP_PREFIX + skip)
             result = self._synthetic(raw, queue_id, VERDICT_SKIPPED, 0.0, (), t0)
-            self._record(result, ACTION_ACCEPT, f"skipped: {skip}")
-            engine.incr(COUNTER_ACTION_PREFIX + ACTION_ACCEPT)
+            self._record(result, Action.ACCEPT, f"skipped: {skip}")
+            engine.incr(COUNTER_ACTION_PREFIX + Action.ACCEPT)
             return Milter.ACCEPT
         if state.deny and state.deny.matches(self.sender):
             engine.incr(COUNTER_DENY_LISTED)
@@ -729,34 +723,34 @@ class AtlasMilter(Milter.Base):
             return False
         return any(ip in net for net in state.trusted)
 
-    def _act(self, action: str, result: Result, queue_id: str, note: str) -> int:
+    def _act(self, action: Action, result: Result, queue_id: str, note: str) -> int:
         engine = self.engine
         mc = self._state.mc
         verdict = result.verdict
         engine.incr(COUNTER_ACTION_PREFIX + action)
-        if action == ACTION_REJECT:
+        if action == Action.REJECT:
             ref = new_ref()
             self.setreply(*REPLY_REJECT, clean_reply_text(mc.reject_text.format(ref=ref)))
             self._record(result, action, _join(note, f"ref={ref}"))
             return Milter.REJECT
-        if action == ACTION_TEMPFAIL:
+        if action == Action.TEMPFAIL:
             ref = new_ref()
             self.setreply(*REPLY_TEMPFAIL, clean_reply_text(mc.tempfail_text.format(ref=ref)))
             self._record(result, action, _join(note, f"ref={ref}"))
             return Milter.TEMPFAIL
-        if action == ACTION_DISCARD:
+        if action == Action.DISCARD:
             self._record(result, action, note)
             return Milter.DISCARD
-        if action == ACTION_ACCEPT:
+        if action == Action.ACCEPT:
             self._record(result, action, note)
             return Milter.ACCEPT
         # tag, or quarantine (which tags too: the held copy says why it was held)
-        if action == ACTION_QUARANTINE and not self._actions & Milter.QUARANTINE:
+        if action == Action.QUARANTINE and not self._actions & Milter.QUARANTINE:
             engine.log_failure("quarantine", "the MTA did not offer SMFIF_QUARANTINE; tagging instead")
-            action, note = ACTION_TAG, _join(note, "quarantine not offered by the MTA: tagged")
+            action, note = Action.TAG, _join(note, "quarantine not offered by the MTA: tagged")
         self._remove_forged()
         self._add_verdict_headers(verdict)
-        if action == ACTION_QUARANTINE:
+        if action == Action.QUARANTINE:
             ref = new_ref()
             self.quarantine(clean_header_value(QUARANTINE_REASON.format(score=verdict.score, ref=ref)))
             note = _join(note, f"ref={ref}")
@@ -792,7 +786,7 @@ class AtlasMilter(Milter.Base):
         engine = self.engine
         mc = self._state.mc
         engine.incr(COUNTER_ERROR_PREFIX + kind)
-        action = mc.on_busy if kind == ERR_BUSY else mc.on_error
+        action = Action(mc.on_busy if kind == ERR_BUSY else mc.on_error)
         queue_id = ""
         try:
             queue_id = self.getsymval("{i}") or ""
@@ -804,18 +798,18 @@ class AtlasMilter(Milter.Base):
         except Exception:
             result = None
         engine.incr(COUNTER_ACTION_PREFIX + action)
-        if action == ACTION_TEMPFAIL:
+        if action == Action.TEMPFAIL:
             ref = new_ref()
             self.setreply(*REPLY_TEMPFAIL, clean_reply_text(mc.tempfail_text.format(ref=ref)))
             if result is not None:
-                self._record(result, ACTION_TEMPFAIL, f"{kind}; ref={ref}")
+                self._record(result, Action.TEMPFAIL, f"{kind}; ref={ref}")
             return Milter.TEMPFAIL
         if self._actions & Milter.CHGHDRS:
             self._remove_forged()
         self._add_header(HDR_VERDICT, VERDICT_UNCHECKED)
         self._add_header(HDR_REASONS, clean_header_value(f"not checked: {kind}"))
         if result is not None:
-            self._record(result, ACTION_ACCEPT, f"{kind}; delivered unchecked")
+            self._record(result, Action.ACCEPT, f"{kind}; delivered unchecked")
         return Milter.ACCEPT
 
     def _synthetic(self, raw: bytes, queue_id: str, label: str, score: float,
@@ -826,7 +820,7 @@ class AtlasMilter(Milter.Base):
                           model_version=self._state.scorer.model.version)
         return Result(key=queue_id, verdict=verdict, summary=summary, elapsed_ms=(time.perf_counter() - t0) * 1000.0)
 
-    def _record(self, result: Result, action: str, note: str) -> None:
+    def _record(self, result: Result, action: Action, note: str) -> None:
         try:
             client = self.getsymval("{client_addr}")
             ok = self.engine.pipeline.record(
