@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 from atlas_milter import __version__
 from atlas_milter.errors import AtlasError
+from atlas_milter.verdict import format_reasons
 
 log = logging.getLogger("atlas_milter")
 
@@ -61,10 +62,6 @@ def _raise_stopped(signum: int, _frame: Any) -> None:
     raise Stopped(signum)
 
 
-def _fmt_reasons(reasons: Sequence[tuple[str, float]], n: int = 3) -> str:
-    return ", ".join(f"{name} {weight:+.2f}" for name, weight in reasons[:n])
-
-
 def _finite(value: float) -> float | None:
     return value if isinstance(value, float) and math.isfinite(value) else None
 
@@ -95,7 +92,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 print(json.dumps({"path": result.key, **result.verdict.as_dict(), "subject": result.summary.subject}), flush=False)
             else:
                 v = result.verdict
-                print(f"{result.key}: {v.verdict.upper()} score={v.score:.3f} ({_fmt_reasons(v.reasons)})")
+                print(f"{result.key}: {v.verdict.upper()} score={v.score:.3f} ({format_reasons(v.reasons)})")
             return result
 
         for spec in args.sources:
@@ -204,7 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             v = result.verdict
             counts[v.verdict] += 1
             pipeline.record(result, source="demo", folder="sample", action="record")
-            print(f"{v.verdict.upper():6} {v.score:.3f}  {result.summary.subject[:60]:60}  {_fmt_reasons(v.reasons, 2)}")
+            print(f"{v.verdict.upper():6} {v.score:.3f}  {result.summary.subject[:60]:60}  {format_reasons(v.reasons, 2)}")
             return result
 
         with resources.as_file(sample) as folder:

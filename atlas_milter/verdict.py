@@ -1,11 +1,12 @@
 """Owns the small frozen value types that cross threads and module boundaries:
-the classifier's `Score`, the policy's `Verdict` and the `Action` a front door takes.
-Pure data, no behaviour."""
+the classifier's `Score`, the policy's `Verdict` and the `Action` a front door takes,
+and the one way reasons are written as text (CLI output, milter header). Pure data, no I/O."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Sequence
 
 HAM = "ham"
 UNSURE = "unsure"
@@ -63,3 +64,8 @@ class Verdict:
             "cache_hit": self.cache_hit,
             **({"error": self.error} if self.error else {}),
         }
+
+
+def format_reasons(reasons: Sequence[tuple[str, float]], n: int = 3) -> str:
+    """The `n` strongest reasons as "feature +0.42, other -0.10" (CLI lines, X-Atlas-Reasons)."""
+    return ", ".join(f"{name} {weight:+.2f}" for name, weight in reasons[:n])

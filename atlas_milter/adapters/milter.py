@@ -73,7 +73,7 @@ from atlas_milter.pipeline import Pipeline, Result, Scorer
 from atlas_milter.policy import Cutoffs, label_for
 from atlas_milter.pool import PoolBusy
 from atlas_milter.reload import GAUGE_RELOAD_FAILING, RELOAD_SIGNAL, run_reload, start_reload_thread
-from atlas_milter.verdict import SPAM, UNSURE, Action, Verdict
+from atlas_milter.verdict import SPAM, UNSURE, Action, Verdict, format_reasons
 
 log = logging.getLogger(__name__)
 
@@ -760,7 +760,7 @@ class AtlasMilter(Milter.Base):
     def _add_verdict_headers(self, verdict: Verdict) -> None:
         cutoffs = self._state.scorer.cutoffs
         is_spam = verdict.verdict == SPAM
-        reasons = ", ".join(f"{name} {weight:+.2f}" for name, weight in verdict.reasons[:REASONS_SHOWN])
+        reasons = format_reasons(verdict.reasons, REASONS_SHOWN)
         self._add_header(HDR_VERDICT, clean_header_value(verdict.verdict))
         self._add_header(HDR_SCORE, f"{verdict.score:.3f}")
         if reasons:
