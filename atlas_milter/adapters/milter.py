@@ -73,6 +73,7 @@ from atlas_milter.pipeline import Pipeline, Result, Scorer
 from atlas_milter.policy import Cutoffs, label_for
 from atlas_milter.pool import PoolBusy
 from atlas_milter.reload import GAUGE_RELOAD_FAILING, RELOAD_SIGNAL, run_reload, start_reload_thread
+from atlas_milter.throttle import LogThrottle
 from atlas_milter.verdict import SPAM, UNSURE, Action, Verdict, format_reasons
 
 log = logging.getLogger(__name__)
@@ -339,8 +340,7 @@ class MilterEngine:
         self._budget = config.milter.max_buffered_mb * 2**20
         self._buffered = 0
         self._lock = threading.Lock()
-        self._last_logged: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._failure_log = LogThrottle(ERROR_LOG_INTERVAL)  # per ERR_* kind
         self.negotiated: tuple[int, int] | None = None
         self._macros_warned = False
         self._reload_lock = threading.Lock()  # a reload and close() never overlap
@@ -418,14 +418,9 @@ class MilterEngine:
 
     # -- failures: counted always, logged once per kind and interval ----------------------
     def log_failure(self, kind: str, detail: str, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last = self._last_logged.get(kind)
-            if last is not None and now - last < ERROR_LOG_INTERVAL:
-                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-                return
-            self._last_logged[kind] = now
-            suppressed = self._suppressed.pop(kind, 0)
+        suppressed = self._failure_log.due(kind)
+        if suppressed is None:
+            return
         more = f" ({suppressed} more since the last report)" if suppressed else ""
         log.error("milter %s failure: %s%s; applying the configured action", kind, detail, more, exc_info=exc_info)
 
