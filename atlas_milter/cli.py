@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from atlas_milter import __version__
+from atlas_milter import __version__, signals
 from atlas_milter.errors import AtlasError
 from atlas_milter.verdict import format_reasons
 
@@ -325,19 +325,16 @@ def _performance_page(config: Any, model_path: Any = None) -> Iterator[Any]:
 
 
 def cmd_milter(args: argparse.Namespace) -> int:
-    from atlas_milter.adapters.milter import block_signals, serve
+    from atlas_milter.adapters.milter import MILTER_SIGNALS, serve
 
     def read_config():  # at start and on every reload (SIGUSR1): same file, same flags on top
         return _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout, "http.listen": args.http})
 
     config = read_config()
     _front_door_logging(args, config)
-    old_mask = block_signals()  # before the /performance page's thread: no stop signal may land there
-    try:
-        with _performance_page(config):
-            return serve(config, read_config)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    # Before the /performance page's thread starts: no stop signal may land there.
+    with signals.blocked(MILTER_SIGNALS), _performance_page(config):
+        return serve(config, read_config)
 
 
 def _imap_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -552,8 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and not args.db:
         args.db = "atlas-demo.db"
     if args.command not in ("milter", "idle"):  # the daemons run their own shutdown
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, _raise_stopped)
+        signals.handle((signal.SIGTERM, signal.SIGINT), _raise_stopped)
     try:
         _setup_logging(args.log_level or "warning")
         return args.func(args)

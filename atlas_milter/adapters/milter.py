@@ -49,7 +49,6 @@ import logging
 import os
 import re
 import secrets
-import signal
 import socket
 import stat
 import threading
@@ -61,6 +60,7 @@ from typing import Any, Callable, Iterable
 import Milter
 import milter as _libmilter
 
+from atlas_milter import signals
 from atlas_milter.adapters import header_writer
 from atlas_milter.adapters.milter_loop import LoopServer
 from atlas_milter.classifier import load_model
@@ -72,7 +72,8 @@ from atlas_milter.notify import sd_notify
 from atlas_milter.pipeline import Pipeline, Result, Scorer
 from atlas_milter.policy import Cutoffs, label_for
 from atlas_milter.pool import PoolBusy
-from atlas_milter.reload import GAUGE_RELOAD_FAILING, RELOAD_SIGNAL, run_reload, start_reload_thread
+from atlas_milter.reload import GAUGE_RELOAD_FAILING, run_reload, start_reload_thread
+from atlas_milter.signals import FAST_STOP_SIGNAL, RELOAD_SIGNAL, STOP_SIGNALS
 from atlas_milter.throttle import LogThrottle
 from atlas_milter.verdict import SPAM, UNSURE, Action, Verdict, format_reasons
 
@@ -990,10 +991,9 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return mallopt(_M_ARENA_MAX, arenas) == 1
 
 
-STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})  # libmilter's sigwait thread: stop
-# Ours: stop as SIGTERM does, without libmilter's wait of up to 5 s for its listener to notice
-# (systemd/atlas-milter.service sends it: KillSignal=SIGUSR2).
-FAST_STOP_SIGNAL = signal.SIGUSR2
+# Every signal the milter acts on: libmilter's stop signals (its sigwait thread, or ours
+# with the loop transport), our reload and our fast stop.
+MILTER_SIGNALS = STOP_SIGNALS | {RELOAD_SIGNAL, FAST_STOP_SIGNAL}
 LISTENER_POLL_S = 5.0  # libmilter's listener polls its socket this long between looks at the stop flag
 
 
@@ -1003,7 +1003,7 @@ def block_signals() -> set[int]:
     page): only libmilter's sigwait thread sees a stop, only our reload thread SIGUSR1.
     Unblocked in any thread, SIGTERM or SIGUSR1 could land there and kill the process.
     Call before starting any thread; returns the previous mask."""
-    return signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {RELOAD_SIGNAL, FAST_STOP_SIGNAL})
+    return signals.block(MILTER_SIGNALS)
 
 
 def stop_now(sock: SocketSpec) -> None:
@@ -1141,7 +1141,7 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
         try:
             engine.close()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            signals.restore(old_mask)
             _log_summary(engine)
             if sock.kind == "unix":
                 try:
