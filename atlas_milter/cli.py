@@ -163,14 +163,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from atlas_milter.classifier import load_model
     from atlas_milter.evaluate import evaluate, labelled_items
-    from atlas_milter.policy import Cutoffs
+    from atlas_milter.policy import resolve_cutoffs
 
     if not args.index and not (args.ham or args.spam):
         raise AtlasError("eval needs --index CSV [--split test], or --ham SRC and --spam SRC")
     config = _load_config(args)
     model = load_model(config.classifier.model or None)
-    spam_cut = config.classifier.spam_cutoff or model.spam_cutoff
-    cutoffs = Cutoffs(spam=spam_cut, ham=min(config.classifier.ham_cutoff or model.ham_cutoff, spam_cut))
+    cutoffs = resolve_cutoffs(config.classifier, model)
     report = evaluate(model, labelled_items(args.ham or (), args.spam or (), args.index, args.split), cutoffs,
                       config.classifier.max_bytes)
     data = report.as_dict()

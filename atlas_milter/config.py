@@ -230,8 +230,14 @@ class MilterConfig:
                             raise ConfigError(f"config: {where} {key}: must be a number between 0 and 1")
                         value = float(value)
                     rule[k] = value
-                rules[name.strip().lower().strip("<>")] = rule
+                rules[normalise_address(name)] = rule
             object.__setattr__(self, section, rules)
+
+
+def normalise_address(address: str) -> str:
+    """The form in which envelope addresses and the config's address and domain keys are
+    compared: no surrounding blanks or angle brackets, lower case."""
+    return address.strip().strip("<>").lower()
 
 
 IMAP_SECURITY = ("tls", "starttls", "plain")

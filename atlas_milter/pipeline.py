@@ -41,7 +41,7 @@ from atlas_milter.monitor import (
     performance_monitor,
     verdict_counter,
 )
-from atlas_milter.policy import Cutoffs, decide
+from atlas_milter.policy import Cutoffs, decide, resolve_cutoffs
 from atlas_milter.pool import ItemError, ParallelEmailProcessor
 from atlas_milter.store import BulkOperationManager, DirectRecordWriter, configure_store
 from atlas_milter.stream import StreamingEmailProcessor, StreamStats
@@ -146,9 +146,7 @@ class Pipeline:
     def make_scorer(self, model: Model, classifier: ClassifierConfig | None = None) -> Scorer:
         """A scorer for `model` (cutoffs from `classifier`, default this pipeline's config,
         else the model's): its own worker pool and an empty cache. Not in use until `use`."""
-        classifier = classifier or self.config.classifier
-        spam = classifier.spam_cutoff or model.spam_cutoff
-        cutoffs = Cutoffs(spam=spam, ham=min(classifier.ham_cutoff or model.ham_cutoff, spam))
+        cutoffs = resolve_cutoffs(classifier or self.config.classifier, model)
         cache = configure_cache(self.perf.cache_size, self.perf.cache_ttl) if self.features.caching else None
         return Scorer(model, cutoffs, self._make_pool(model), cache)
 
@@ -231,6 +229,13 @@ class Pipeline:
             else:
                 analysis = analyse(raw, s.model, self.max_bytes)
         return self._finish(s, key, fp, analysis, cached, started)
+
+    def unscored(self, raw: bytes, key: str, verdict: Verdict, started: float) -> Result:
+        """The Result of a message the classifier did not score, with a verdict from the
+        policy (skipped, deny-listed, unchecked): summarised for its record like any other.
+        `started`: perf_counter() when the message's handling began."""
+        summary = summarise(fingerprint(raw, self.max_bytes))
+        return Result(key=key, verdict=verdict, summary=summary, elapsed_ms=(time.perf_counter() - started) * 1000.0)
 
     # --- many messages -------------------------------------------------------------
     def process_batch(

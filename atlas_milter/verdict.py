@@ -12,6 +12,9 @@ HAM = "ham"
 UNSURE = "unsure"
 SPAM = "spam"
 VERDICTS = (HAM, UNSURE, SPAM)
+# Labels recorded for messages the classifier did not score.
+UNCHECKED = "unchecked"  # classification failed: the failure action applied
+SKIPPED = "skipped"  # not scored by policy (authenticated, trusted network, allow list)
 
 
 class Action(StrEnum):

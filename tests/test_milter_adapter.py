@@ -307,11 +307,11 @@ def test_recipient_alone_gets_its_own_policy(engines):
 
 
 def test_policy_ranks_actions_that_keep_mail():
-    from atlas_milter.policy import Cutoffs
+    from atlas_milter.policy import Cutoffs, RecipientPolicy
 
     config = load_config(None, {"milter.spam_action": "discard", "milter.recipients": {
         "q@x.org": {"spam_action": "quarantine"}, "r@x.org": {"spam_action": "reject"}}}, env={})
-    policy = am.RecipientPolicy(config.milter)
+    policy = RecipientPolicy(config.milter)
     d = policy.decide(["<q@x.org>", "<r@x.org>", "<d@x.org>"], 0.99, Cutoffs(0.9, 0.1))
     assert d.action == "quarantine" and d.mixed
     assert policy.decide(["<r@x.org>"], 0.99, Cutoffs(0.9, 0.1)).action == "reject"

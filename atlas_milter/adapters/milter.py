@@ -43,7 +43,6 @@ import ctypes
 import dataclasses
 import functools
 import grp
-import ipaddress
 import json
 import logging
 import os
@@ -55,7 +54,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import Milter
 import milter as _libmilter
@@ -66,16 +65,21 @@ from atlas_milter.adapters.milter_loop import LoopServer
 from atlas_milter.classifier import load_model
 from atlas_milter.config import Config, MilterConfig
 from atlas_milter.errors import AtlasError, ModelError
-from atlas_milter.message import fingerprint, summarise
 from atlas_milter.monitor import PerformanceMetrics
 from atlas_milter.notify import sd_notify
 from atlas_milter.pipeline import Pipeline, Result, Scorer
-from atlas_milter.policy import Cutoffs, label_for
+from atlas_milter.policy import (
+    Decision,
+    MessagePolicy,
+    deny_listed_verdict,
+    skipped_verdict,
+    unchecked_verdict,
+)
 from atlas_milter.pool import PoolBusy
 from atlas_milter.reload import GAUGE_RELOAD_FAILING, run_reload, start_reload_thread
 from atlas_milter.signals import FAST_STOP_SIGNAL, RELOAD_SIGNAL, STOP_SIGNALS
 from atlas_milter.throttle import LogThrottle
-from atlas_milter.verdict import SPAM, UNSURE, Action, Verdict, format_reasons
+from atlas_milter.verdict import SPAM, UNCHECKED, Action, Verdict, format_reasons
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +95,7 @@ FORGED_PREFIXES = ("x-atlas-", "x-spam-")
 REASONS_SHOWN = 3  # reasons in X-Atlas-Reasons
 HEADER_VALUE_MAX = 200  # characters of any header value we write
 
-# --- verdict labels beyond ham/unsure/spam, as recorded ---------------------------------
-VERDICT_UNCHECKED = "unchecked"  # classification failed: on_error applied
-VERDICT_SKIPPED = "skipped"  # not scored by policy (authenticated, trusted network, allow list)
-
 # --- actions and the replies they map to -------------------------------------------------
-DELIVERING = frozenset({Action.TAG, Action.ACCEPT})
-# With several recipients whose policies differ, the action that keeps the mail best wins:
-# delivered > held for an admin > retried by the sender > refused > silently dropped.
-KEEP_RANK = {Action.TAG: 0, Action.ACCEPT: 0, Action.QUARANTINE: 1, Action.TEMPFAIL: 2, Action.REJECT: 3, Action.DISCARD: 4}
 REPLY_REJECT = ("550", "5.7.1")
 REPLY_TEMPFAIL = ("451", "4.7.1")
 QUARANTINE_REASON = "atlas-milter: spam score {score:.3f} (ref {ref})"
@@ -117,9 +113,6 @@ COUNTER_FORGED = "milter.forged_headers_removed"
 COUNTER_TRUNCATED = "milter.truncated"
 COUNTER_RECORD_REFUSED = "milter.record_refused"
 
-SKIP_AUTHENTICATED = "authenticated"
-SKIP_TRUSTED = "trusted_network"
-SKIP_ALLOWED = "allow_listed"
 ERR_CLASSIFY = "classify"
 ERR_TIMEOUT = "timeout"
 ERR_BUSY = "busy"
@@ -153,101 +146,6 @@ def new_ref() -> str:
     """A short reference id for a rejected or deferred message, recorded in the verdict
     row's note (`ref=...`) so an admin can find the row from the bounce text."""
     return secrets.token_hex(5).upper()
-
-
-# --- policy ----------------------------------------------------------------------------
-
-
-class SenderList:
-    """Envelope senders: "a@x.org" (one address), "x.org" or "@x.org" (that domain),
-    ".x.org" (its subdomains)."""
-
-    def __init__(self, entries: Iterable[str]) -> None:
-        self.addresses: set[str] = set()
-        self.domains: set[str] = set()
-        self.suffixes: list[str] = []
-        for entry in entries:
-            e = entry.strip().strip("<>").lower()
-            if not e:
-                continue
-            if e.startswith("."):
-                self.suffixes.append(e)
-            elif e.startswith("@"):
-                self.domains.add(e[1:])
-            elif "@" in e:
-                self.addresses.add(e)
-            else:
-                self.domains.add(e)
-
-    def __bool__(self) -> bool:
-        return bool(self.addresses or self.domains or self.suffixes)
-
-    def matches(self, sender: str) -> bool:
-        s = sender.strip().strip("<>").lower()
-        if not s:
-            return False
-        if s in self.addresses:
-            return True
-        domain = s.rpartition("@")[2]
-        return domain in self.domains or any(domain.endswith(suf) for suf in self.suffixes)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    action: Action
-    note: str = ""
-    mixed: bool = False
-
-
-class RecipientPolicy:
-    """Global actions from [milter], overridden per recipient ([milter.recipients."a@x"])
-    or per domain ([milter.domains."x"], which also covers its subdomains)."""
-
-    def __init__(self, mc: MilterConfig) -> None:
-        self.mc = mc
-        self.recipients = mc.recipients
-        self.domains = mc.domains
-        self.per_recipient = bool(self.recipients or self.domains)
-
-    def rule_for(self, rcpt: str) -> dict:
-        addr = rcpt.strip().strip("<>").lower()
-        rule = self.recipients.get(addr)
-        if rule is not None:
-            return rule
-        domain = addr.rpartition("@")[2]
-        while domain:
-            rule = self.domains.get(domain)
-            if rule is not None:
-                return rule
-            domain = domain.partition(".")[2]
-        return {}
-
-    def action_for(self, rule: dict, score: float, cutoffs: Cutoffs) -> Action:
-        if rule.get("opt_out"):
-            return Action.ACCEPT
-        if "spam_cutoff" in rule or "ham_cutoff" in rule:
-            spam = rule.get("spam_cutoff", cutoffs.spam)
-            cutoffs = Cutoffs(spam=spam, ham=min(rule.get("ham_cutoff", cutoffs.ham), spam))
-        label = label_for(score, cutoffs)
-        if label == SPAM:
-            return Action(rule.get("spam_action", self.mc.spam_action))
-        if label == UNSURE:
-            return Action(rule.get("unsure_action", self.mc.unsure_action))
-        return Action.TAG
-
-    def decide(self, recipients: list[str], score: float, cutoffs: Cutoffs) -> Decision:
-        if not self.per_recipient or not recipients:
-            return Decision(self.action_for({}, score, cutoffs))
-        actions = {r: self.action_for(self.rule_for(r), score, cutoffs) for r in recipients}
-        distinct = set(actions.values())
-        if len(distinct) == 1:
-            return Decision(distinct.pop())
-        if distinct & DELIVERING:
-            final = Action.TAG  # delivered to all, and tagged so the others' filters can act
-        else:
-            final = min(distinct, key=KEEP_RANK.__getitem__)
-        shown = ", ".join(f"{r.strip('<>')}={a}" for r, a in sorted(actions.items())[:10])
-        return Decision(final, f"mixed recipients ({shown}): {final} so nobody loses mail they want", True)
 
 
 # --- the shared engine -------------------------------------------------------------------
@@ -288,16 +186,11 @@ class MilterState:
     mc: MilterConfig
     scorer: Scorer
     model_error: str  # the model could not be loaded: every message gets on_error
-    policy: RecipientPolicy
-    allow: SenderList
-    deny: SenderList
-    trusted: tuple
+    policy: MessagePolicy  # the core's decisions, with the scorer's cutoffs
 
     @classmethod
     def build(cls, mc: MilterConfig, scorer: Scorer, model_error: str = "") -> "MilterState":
-        return cls(mc, scorer, model_error, RecipientPolicy(mc), SenderList(mc.allow_senders),
-                   SenderList(mc.deny_senders),
-                   tuple(ipaddress.ip_network(n, strict=False) for n in mc.trusted_networks))
+        return cls(mc, scorer, model_error, MessagePolicy(mc, scorer.cutoffs))
 
 
 # Settings read once at start (sockets, threads, pools, files): a reload names them in a
@@ -661,7 +554,6 @@ class AtlasMilter(Milter.Base):
     def _eom(self, t0: float, busy: str = "") -> int:
         engine = self.engine
         state = self._state = engine.state  # this message's policy and model, whatever reloads meanwhile
-        mc = state.mc
         engine.incr(COUNTER_MESSAGES)
         raw = self._raw()
         if self.truncated:
@@ -671,25 +563,21 @@ class AtlasMilter(Milter.Base):
         if self.over_budget:
             return self._apply_error(ERR_BUSY, f"over max_buffered_mb ({engine.config.milter.max_buffered_mb} MB in memory)", t0)
         queue_id = self.getsymval("{i}") or ""
-        if self.getsymval("{client_addr}") is None:
+        client_addr = self.getsymval("{client_addr}")
+        if client_addr is None:
             engine.warn_missing_macros()
-        # Skips: not scored by policy.
-        skip = ""
-        if mc.skip_authenticated and self.getsymval("{auth_authen}"):
-            skip = SKIP_AUTHENTICATED
-        elif state.trusted and self._client_trusted(state):
-            skip = SKIP_TRUSTED
-        elif state.allow and state.allow.matches(self.sender):
-            skip = SKIP_ALLOWED
+        policy = state.policy
+        model_version = state.scorer.model.version
+        skip = policy.skip_reason(self.sender, bool(self.getsymval("{auth_authen}")), client_addr)
         if skip:
             engine.incr(COUNTER_SKIP_PREFIX + skip)
-            result = self._synthetic(raw, queue_id, VERDICT_SKIPPED, 0.0, (), t0)
+            result = engine.pipeline.unscored(raw, queue_id, skipped_verdict(model_version), t0)
             self._record(result, Action.ACCEPT, f"skipped: {skip}")
             engine.incr(COUNTER_ACTION_PREFIX + Action.ACCEPT)
             return Milter.ACCEPT
-        if state.deny and state.deny.matches(self.sender):
+        if policy.deny_listed(self.sender):
             engine.incr(COUNTER_DENY_LISTED)
-            result = self._synthetic(raw, queue_id, SPAM, 1.0, (("deny-listed sender", 1.0),), t0)
+            result = engine.pipeline.unscored(raw, queue_id, deny_listed_verdict(model_version), t0)
             note = "deny-listed sender"
         else:
             try:
@@ -700,29 +588,16 @@ class AtlasMilter(Milter.Base):
                 return self._apply_error(exc.kind, exc.detail, t0)
             note = ""
         verdict = result.verdict
-        decision = state.policy.decide(self.recipients, verdict.score, state.scorer.cutoffs)
+        decision = policy.decide(self.recipients, verdict.score)
         if decision.mixed:
             engine.incr(COUNTER_MIXED)
-        if note and decision.note:
-            note = f"{note}; {decision.note}"
-        else:
-            note = note or decision.note
-        return self._act(decision.action, result, queue_id, note)
+        return self._act(decision, result, queue_id, _join(note, decision.note))
 
-    def _client_trusted(self, state: MilterState) -> bool:
-        addr = (self.getsymval("{client_addr}") or "").strip("[]")
-        if addr.lower().startswith("ipv6:"):
-            addr = addr[5:]
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in net for net in state.trusted)
-
-    def _act(self, action: Action, result: Result, queue_id: str, note: str) -> int:
+    def _act(self, decision: Decision, result: Result, queue_id: str, note: str) -> int:
         engine = self.engine
         mc = self._state.mc
         verdict = result.verdict
+        action = decision.action
         engine.incr(COUNTER_ACTION_PREFIX + action)
         if action == Action.REJECT:
             ref = new_ref()
@@ -745,7 +620,7 @@ class AtlasMilter(Milter.Base):
             engine.log_failure("quarantine", "the MTA did not offer SMFIF_QUARANTINE; tagging instead")
             action, note = Action.TAG, _join(note, "quarantine not offered by the MTA: tagged")
         self._remove_forged()
-        self._add_verdict_headers(verdict)
+        self._add_verdict_headers(verdict, decision.required)
         if action == Action.QUARANTINE:
             ref = new_ref()
             self.quarantine(clean_header_value(QUARANTINE_REASON.format(score=verdict.score, ref=ref)))
@@ -753,8 +628,7 @@ class AtlasMilter(Milter.Base):
         self._record(result, action, note)
         return Milter.ACCEPT
 
-    def _add_verdict_headers(self, verdict: Verdict) -> None:
-        cutoffs = self._state.scorer.cutoffs
+    def _add_verdict_headers(self, verdict: Verdict, required: float) -> None:
         is_spam = verdict.verdict == SPAM
         reasons = format_reasons(verdict.reasons, REASONS_SHOWN)
         self._add_header(HDR_VERDICT, clean_header_value(verdict.verdict))
@@ -762,7 +636,7 @@ class AtlasMilter(Milter.Base):
         if reasons:
             self._add_header(HDR_REASONS, clean_header_value(reasons))
         self._add_header(HDR_SPAM_FLAG, "YES" if is_spam else "NO")
-        self._add_header(HDR_SPAM_STATUS, f"{'Yes' if is_spam else 'No'}, score={verdict.score:.3f} required={cutoffs.spam:.3f}")
+        self._add_header(HDR_SPAM_STATUS, f"{'Yes' if is_spam else 'No'}, score={verdict.score:.3f} required={required:.3f}")
 
     def _add_header(self, name: str, value: str) -> None:
         """addheader, through libmilter with the GIL held where possible (header_writer)."""
@@ -782,15 +656,15 @@ class AtlasMilter(Milter.Base):
         engine = self.engine
         mc = self._state.mc
         engine.incr(COUNTER_ERROR_PREFIX + kind)
-        action = Action(mc.on_busy if kind == ERR_BUSY else mc.on_error)
+        action = self._state.policy.failure_action(busy=kind == ERR_BUSY)
         queue_id = ""
         try:
             queue_id = self.getsymval("{i}") or ""
         except Exception:
             pass
         try:
-            raw = b"".join(self.parts)
-            result = self._synthetic(raw, queue_id, VERDICT_UNCHECKED, 0.0, (), t0, error=f"{kind}: {detail}"[:500])
+            verdict = unchecked_verdict(f"{kind}: {detail}"[:500], self._state.scorer.model.version)
+            result = engine.pipeline.unscored(b"".join(self.parts), queue_id, verdict, t0)
         except Exception:
             result = None
         engine.incr(COUNTER_ACTION_PREFIX + action)
@@ -802,19 +676,11 @@ class AtlasMilter(Milter.Base):
             return Milter.TEMPFAIL
         if self._actions & Milter.CHGHDRS:
             self._remove_forged()
-        self._add_header(HDR_VERDICT, VERDICT_UNCHECKED)
+        self._add_header(HDR_VERDICT, UNCHECKED)
         self._add_header(HDR_REASONS, clean_header_value(f"not checked: {kind}"))
         if result is not None:
             self._record(result, Action.ACCEPT, f"{kind}; delivered unchecked")
         return Milter.ACCEPT
-
-    def _synthetic(self, raw: bytes, queue_id: str, label: str, score: float,
-                   reasons: tuple, t0: float, error: str = "") -> Result:
-        """A Result for a message the classifier did not score (skip, deny list, failure)."""
-        summary = summarise(fingerprint(raw, self.engine.max_bytes))
-        verdict = Verdict(verdict=label, score=score, reasons=reasons, error=error,
-                          model_version=self._state.scorer.model.version)
-        return Result(key=queue_id, verdict=verdict, summary=summary, elapsed_ms=(time.perf_counter() - t0) * 1000.0)
 
     def _record(self, result: Result, action: Action, note: str) -> None:
         try:
