@@ -157,10 +157,10 @@ MILTER_RULE_KEYS = ("opt_out", "spam_action", "unsure_action", "spam_cutoff", "h
 
 @dataclass(frozen=True)
 class MilterConfig:
-    """[milter]: owned by the milter adapter (atlas_milter/adapters/milter.py)."""
+    """[milter]: owned by the milter adapter (atlas_milter/adapters/milter/)."""
 
     socket: str = "unix:/run/atlas-milter/milter.sock"  # libmilter syntax: unix:PATH or inet:PORT@HOST
-    transport: str = "loop"  # loop (the protocol on one thread: adapters/milter_loop.py) | libmilter (pymilter's)
+    transport: str = "loop"  # loop (the protocol on one thread: adapters/milter/loop.py) | libmilter (pymilter's)
     socket_mode: int = 0o660  # permissions of a unix socket (the MTA's user must be able to write it)
     socket_group: str = ""  # group of a unix socket, e.g. "postfix" (empty: the milter's own group)
     timeout: float = 5.0  # seconds from end of message to a reply, whatever happens

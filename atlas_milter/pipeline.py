@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 from atlas_milter.cache import ClassificationCache, configure_cache
 from atlas_milter.classifier import Model, load_model
 from atlas_milter.config import ClassifierConfig, Config
+from atlas_milter.errors import ModelError
 from atlas_milter.message import Summary, fingerprint, parse_message, summarise
 from atlas_milter.monitor import (
     STAGE_CACHE_LOOKUP,
@@ -110,6 +111,24 @@ class Scorer:
     cutoffs: Cutoffs
     pool: ParallelEmailProcessor | None
     cache: ClassificationCache | None
+
+
+class UnavailableModel:
+    """Stands in for a model that could not be loaded at start: every classification
+    raises ModelError (a front door then applies its failure action), and the pipeline
+    still records verdict rows. Its cutoffs only keep Cutoffs valid; nothing is scored."""
+
+    spam_cutoff = 0.9
+    ham_cutoff = 0.1
+    meta: dict = {"version": "unavailable"}
+    version = "unavailable"
+    scorable = False  # the pipeline starts no worker pool for it
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def score(self, msg: Any) -> Any:
+        raise ModelError(self.reason)
 
 
 class Pipeline:

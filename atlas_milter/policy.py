@@ -216,6 +216,12 @@ class MessagePolicy:
         """The action for a message with this score and these envelope recipients."""
         return self.recipients.decide(recipients, score, self.cutoffs)
 
+    def describe(self) -> str:
+        """What is in force, for the reload's log line."""
+        mc = self.mc
+        return (f"cutoffs spam {self.cutoffs.spam:g} ham {self.cutoffs.ham:g}, spam_action={mc.spam_action}, "
+                f"unsure_action={mc.unsure_action}, on_error={mc.on_error}, timeout {mc.timeout:g}s")
+
     def failure_action(self, busy: bool) -> Action:
         """on_busy when there was no room to classify, else on_error."""
         return Action(self.mc.on_busy if busy else self.mc.on_error)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "atlas_milter"
 
 HOMES = {
-    "Milter": {"adapters/milter.py", "adapters/milter_loop.py"},  # the adapter and its protocol loop
+    "Milter": {f"adapters/milter/{f}" for f in ("handler.py", "replies.py", "libmilter.py", "loop.py")},  # the adapter package
     "imapclient": {"adapters/imap.py"},
     "sqlite_utils": {"store.py", "migrate.py"},
     "cachetools": {"cache.py"},
@@ -19,10 +19,10 @@ HOMES = {
 # The milter and the IMAP side (the listener and backfill, which shares its IMAP code)
 # translate different protocols into the core and must not lean on each other.
 SIDES = {
-    "milter": {"adapters/milter.py", "adapters/milter_loop.py"},
+    "milter": {str(p.relative_to(PACKAGE)) for p in (PACKAGE / "adapters" / "milter").glob("*.py")},
     "imap": {"adapters/imap.py", "backfill.py"},
 }
-SIDE_MODULES = {"milter": {"atlas_milter.adapters.milter", "atlas_milter.adapters.milter_loop"}, "imap": {"atlas_milter.adapters.imap", "atlas_milter.backfill"}}
+SIDE_MODULES = {"milter": {"atlas_milter.adapters.milter"}, "imap": {"atlas_milter.adapters.imap", "atlas_milter.backfill"}}
 
 
 def imports_of(path: Path) -> set[str]:
