@@ -16,8 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from atlas_milter import __version__
+from atlas_milter import __version__, signals
 from atlas_milter.errors import AtlasError
+from atlas_milter.verdict import format_reasons
 
 log = logging.getLogger("atlas_milter")
 
@@ -61,10 +62,6 @@ def _raise_stopped(signum: int, _frame: Any) -> None:
     raise Stopped(signum)
 
 
-def _fmt_reasons(reasons: Sequence[tuple[str, float]], n: int = 3) -> str:
-    return ", ".join(f"{name} {weight:+.2f}" for name, weight in reasons[:n])
-
-
 def _finite(value: float) -> float | None:
     return value if isinstance(value, float) and math.isfinite(value) else None
 
@@ -95,7 +92,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 print(json.dumps({"path": result.key, **result.verdict.as_dict(), "subject": result.summary.subject}), flush=False)
             else:
                 v = result.verdict
-                print(f"{result.key}: {v.verdict.upper()} score={v.score:.3f} ({_fmt_reasons(v.reasons)})")
+                print(f"{result.key}: {v.verdict.upper()} score={v.score:.3f} ({format_reasons(v.reasons)})")
             return result
 
         for spec in args.sources:
@@ -166,14 +163,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from atlas_milter.classifier import load_model
     from atlas_milter.evaluate import evaluate, labelled_items
-    from atlas_milter.policy import Cutoffs
+    from atlas_milter.policy import resolve_cutoffs
 
     if not args.index and not (args.ham or args.spam):
         raise AtlasError("eval needs --index CSV [--split test], or --ham SRC and --spam SRC")
     config = _load_config(args)
     model = load_model(config.classifier.model or None)
-    spam_cut = config.classifier.spam_cutoff or model.spam_cutoff
-    cutoffs = Cutoffs(spam=spam_cut, ham=min(config.classifier.ham_cutoff or model.ham_cutoff, spam_cut))
+    cutoffs = resolve_cutoffs(config.classifier, model)
     report = evaluate(model, labelled_items(args.ham or (), args.spam or (), args.index, args.split), cutoffs,
                       config.classifier.max_bytes)
     data = report.as_dict()
@@ -204,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             v = result.verdict
             counts[v.verdict] += 1
             pipeline.record(result, source="demo", folder="sample", action="record")
-            print(f"{v.verdict.upper():6} {v.score:.3f}  {result.summary.subject[:60]:60}  {_fmt_reasons(v.reasons, 2)}")
+            print(f"{v.verdict.upper():6} {v.score:.3f}  {result.summary.subject[:60]:60}  {format_reasons(v.reasons, 2)}")
             return result
 
         with resources.as_file(sample) as folder:
@@ -328,19 +324,16 @@ def _performance_page(config: Any, model_path: Any = None) -> Iterator[Any]:
 
 
 def cmd_milter(args: argparse.Namespace) -> int:
-    from atlas_milter.adapters.milter import block_signals, serve
+    from atlas_milter.adapters.milter import MILTER_SIGNALS, serve
 
     def read_config():  # at start and on every reload (SIGUSR1): same file, same flags on top
         return _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout, "http.listen": args.http})
 
     config = read_config()
     _front_door_logging(args, config)
-    old_mask = block_signals()  # before the /performance page's thread: no stop signal may land there
-    try:
-        with _performance_page(config):
-            return serve(config, read_config)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    # Before the /performance page's thread starts: no stop signal may land there.
+    with signals.blocked(MILTER_SIGNALS), _performance_page(config):
+        return serve(config, read_config)
 
 
 def _imap_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -555,8 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and not args.db:
         args.db = "atlas-demo.db"
     if args.command not in ("milter", "idle"):  # the daemons run their own shutdown
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, _raise_stopped)
+        signals.handle((signal.SIGTERM, signal.SIGINT), _raise_stopped)
     try:
         _setup_logging(args.log_level or "warning")
         return args.func(args)

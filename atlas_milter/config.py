@@ -157,10 +157,10 @@ MILTER_RULE_KEYS = ("opt_out", "spam_action", "unsure_action", "spam_cutoff", "h
 
 @dataclass(frozen=True)
 class MilterConfig:
-    """[milter]: owned by the milter adapter (atlas_milter/adapters/milter.py)."""
+    """[milter]: owned by the milter adapter (atlas_milter/adapters/milter/)."""
 
     socket: str = "unix:/run/atlas-milter/milter.sock"  # libmilter syntax: unix:PATH or inet:PORT@HOST
-    transport: str = "loop"  # loop (the protocol on one thread: adapters/milter_loop.py) | libmilter (pymilter's)
+    transport: str = "loop"  # loop (the protocol on one thread: adapters/milter/loop.py) | libmilter (pymilter's)
     socket_mode: int = 0o660  # permissions of a unix socket (the MTA's user must be able to write it)
     socket_group: str = ""  # group of a unix socket, e.g. "postfix" (empty: the milter's own group)
     timeout: float = 5.0  # seconds from end of message to a reply, whatever happens
@@ -230,8 +230,14 @@ class MilterConfig:
                             raise ConfigError(f"config: {where} {key}: must be a number between 0 and 1")
                         value = float(value)
                     rule[k] = value
-                rules[name.strip().lower().strip("<>")] = rule
+                rules[normalise_address(name)] = rule
             object.__setattr__(self, section, rules)
+
+
+def normalise_address(address: str) -> str:
+    """The form in which envelope addresses and the config's address and domain keys are
+    compared: no surrounding blanks or angle brackets, lower case."""
+    return address.strip().strip("<>").lower()
 
 
 IMAP_SECURITY = ("tls", "starttls", "plain")

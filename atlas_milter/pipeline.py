@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 from atlas_milter.cache import ClassificationCache, configure_cache
 from atlas_milter.classifier import Model, load_model
 from atlas_milter.config import ClassifierConfig, Config
+from atlas_milter.errors import ModelError
 from atlas_milter.message import Summary, fingerprint, parse_message, summarise
 from atlas_milter.monitor import (
     STAGE_CACHE_LOOKUP,
@@ -41,7 +42,7 @@ from atlas_milter.monitor import (
     performance_monitor,
     verdict_counter,
 )
-from atlas_milter.policy import Cutoffs, decide
+from atlas_milter.policy import Cutoffs, decide, resolve_cutoffs
 from atlas_milter.pool import ItemError, ParallelEmailProcessor
 from atlas_milter.store import BulkOperationManager, DirectRecordWriter, configure_store
 from atlas_milter.stream import StreamingEmailProcessor, StreamStats
@@ -112,6 +113,24 @@ class Scorer:
     cache: ClassificationCache | None
 
 
+class UnavailableModel:
+    """Stands in for a model that could not be loaded at start: every classification
+    raises ModelError (a front door then applies its failure action), and the pipeline
+    still records verdict rows. Its cutoffs only keep Cutoffs valid; nothing is scored."""
+
+    spam_cutoff = 0.9
+    ham_cutoff = 0.1
+    meta: dict = {"version": "unavailable"}
+    version = "unavailable"
+    scorable = False  # the pipeline starts no worker pool for it
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def score(self, msg: Any) -> Any:
+        raise ModelError(self.reason)
+
+
 class Pipeline:
     """The classification pipeline configured once from a `Config`."""
 
@@ -146,9 +165,7 @@ class Pipeline:
     def make_scorer(self, model: Model, classifier: ClassifierConfig | None = None) -> Scorer:
         """A scorer for `model` (cutoffs from `classifier`, default this pipeline's config,
         else the model's): its own worker pool and an empty cache. Not in use until `use`."""
-        classifier = classifier or self.config.classifier
-        spam = classifier.spam_cutoff or model.spam_cutoff
-        cutoffs = Cutoffs(spam=spam, ham=min(classifier.ham_cutoff or model.ham_cutoff, spam))
+        cutoffs = resolve_cutoffs(classifier or self.config.classifier, model)
         cache = configure_cache(self.perf.cache_size, self.perf.cache_ttl) if self.features.caching else None
         return Scorer(model, cutoffs, self._make_pool(model), cache)
 
@@ -231,6 +248,13 @@ class Pipeline:
             else:
                 analysis = analyse(raw, s.model, self.max_bytes)
         return self._finish(s, key, fp, analysis, cached, started)
+
+    def unscored(self, raw: bytes, key: str, verdict: Verdict, started: float) -> Result:
+        """The Result of a message the classifier did not score, with a verdict from the
+        policy (skipped, deny-listed, unchecked): summarised for its record like any other.
+        `started`: perf_counter() when the message's handling began."""
+        summary = summarise(fingerprint(raw, self.max_bytes))
+        return Result(key=key, verdict=verdict, summary=summary, elapsed_ms=(time.perf_counter() - started) * 1000.0)
 
     # --- many messages -------------------------------------------------------------
     def process_batch(

@@ -20,10 +20,10 @@ from typing import Callable, Iterable
 from atlas_milter.errors import AtlasError
 from atlas_milter.monitor import PerformanceMetrics
 from atlas_milter.notify import sd_notify
+from atlas_milter.signals import RELOAD_SIGNAL
 
 log = logging.getLogger(__name__)
 
-RELOAD_SIGNAL = signal.SIGUSR1
 COUNTER_RELOAD_OK = "reload.ok"
 COUNTER_RELOAD_FAILED = "reload.failed"
 GAUGE_RELOAD_FAILING = "reload.failing"

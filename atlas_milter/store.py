@@ -30,6 +30,7 @@ import sqlite_utils
 from atlas_milter.config import StoreConfig
 from atlas_milter.migrate import DEFAULT_BUSY_TIMEOUT, apply_migrations, connect, connect_readonly, now_iso, store_error
 from atlas_milter.monitor import GAUGE_WRITER_QUEUE, STAGE_STORE_FLUSH, PerformanceMetrics, performance_monitor
+from atlas_milter.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class BulkOperationManager:
         self._counts = {"written": 0, "commits": 0, "dropped": 0, "duplicates_ignored": 0, "write_errors": 0,
                         "db_replaced": 0}
         self._last_error = ""
-        self._last_drop_log = -math.inf
+        self._drop_log = LogThrottle(DROP_LOG_INTERVAL)
         apply_migrations(self.db_path, busy_timeout)  # fail here, loudly, if the db is unusable
         self._thread = threading.Thread(target=self._run, name="atlas-store-writer", daemon=True)
         self._thread.start()
@@ -299,9 +300,7 @@ class BulkOperationManager:
     def _count_drop_locked(self, reason: str) -> None:
         self._counts["dropped"] += 1
         self._metrics.incr(COUNTER_DROPPED)
-        now = time.monotonic()
-        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
-            self._last_drop_log = now
+        if self._drop_log.due() is not None:
             log.warning(
                 "store: %s, record dropped; %d dropped so far (last write error: %s); "
                 "fix the write error, or raise [performance] queue_size to ride out longer outages",
@@ -334,7 +333,7 @@ class BulkOperationManager:
         writer: _Writer | None = None  # this thread's alone
         failures = 0
         failing_since = 0.0
-        last_error_log = -math.inf
+        error_log = LogThrottle(ERROR_LOG_INTERVAL)
         last_logged = ""  # a new cause (e.g. locked, then read-only) is logged at once
         try:
             while (rows := self._next_batch()) is not None:
@@ -361,8 +360,9 @@ class BulkOperationManager:
                     now = time.monotonic()
                     if failures == 1:
                         failing_since = now
-                    if failures == 1 or error != last_logged or now - last_error_log >= ERROR_LOG_INTERVAL:
-                        last_error_log, last_logged = now, error
+                    # The first failure and a new cause (e.g. locked, then read-only) are logged at once.
+                    if error_log.due(force=failures == 1 or error != last_logged) is not None:
+                        last_logged = error
                         log.error(
                             "store: writing %d rows failed (attempt %d, will retry; %d records queued, at most %d): %s",
                             len(rows), failures, depth, self.queue_size, error,

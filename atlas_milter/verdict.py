@@ -1,14 +1,41 @@
 """Owns the small frozen value types that cross threads and module boundaries:
-the classifier's `Score` and the policy's `Verdict`. Pure data, no behaviour."""
+the classifier's `Score`, the policy's `Verdict` and the `Action` a front door takes,
+and the one way reasons are written as text (CLI output, milter header). Pure data, no I/O."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Sequence
 
 HAM = "ham"
 UNSURE = "unsure"
 SPAM = "spam"
 VERDICTS = (HAM, UNSURE, SPAM)
+# Labels recorded for messages the classifier did not score.
+UNCHECKED = "unchecked"  # classification failed: the failure action applied
+SKIPPED = "skipped"  # not scored by policy (authenticated, trusted network, allow list)
+
+
+class Action(StrEnum):
+    """What a front door did with a message, as written to the `action` column and named in
+    the config. A StrEnum: each member *is* its string, so config values, comparisons,
+    metric names and database rows stay exactly today's strings."""
+
+    # the milter ([milter] spam_action, unsure_action, on_error, on_busy)
+    TAG = "tag"
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+    QUARANTINE = "quarantine"
+    DISCARD = "discard"
+    # the IMAP side ([imap] spam_action and what it records)
+    MOVE = "move"
+    FLAG = "flag"
+    RECORD = "record"
+    NONE = "none"
+    DRY_RUN = "dry-run"
+    LEARNED_HAM = "learned-ham"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +67,8 @@ class Verdict:
             "cache_hit": self.cache_hit,
             **({"error": self.error} if self.error else {}),
         }
+
+
+def format_reasons(reasons: Sequence[tuple[str, float]], n: int = 3) -> str:
+    """The `n` strongest reasons as "feature +0.42, other -0.10" (CLI lines, X-Atlas-Reasons)."""
+    return ", ".join(f"{name} {weight:+.2f}" for name, weight in reasons[:n])

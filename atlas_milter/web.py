@@ -28,7 +28,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -49,13 +48,13 @@ from atlas_milter.monitor import (
     STAGE_TOTAL,
     PerformanceMetrics,
 )
+from atlas_milter.signals import RELOAD_SIGNAL, STOP_SIGNALS, blocked
 
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL = 5.0  # seconds between history points
 HISTORY_POINTS = 120  # 10 minutes at the default interval
 RATE_WINDOW = 60.0  # seconds over which messages_per_s is measured
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}  # stop, and reload
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
@@ -284,12 +283,9 @@ def start_http_server(
         threading.Thread(target=history.run, args=(stop,), name="atlas-http-sampler", daemon=True),
     ]
     # Threads inherit the signal mask: block the stop signals while starting them.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
+    with blocked(STOP_SIGNALS | {RELOAD_SIGNAL}):
         for t in threads:
             t.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     server = PerformanceServer(httpd, history, stop, threads)
     log.info("http: /performance on %s%s", server.url, " (token required)" if token else "")
     return server

@@ -26,6 +26,7 @@ from Milter.testctx import TestCtx
 TestCtx.__test__ = False  # not a pytest test class
 
 from atlas_milter.adapters import milter as am
+from atlas_milter.adapters.milter import metrics
 from atlas_milter.cli import main as cli_main
 from atlas_milter.config import load_config
 from atlas_milter.errors import AtlasError, ConfigError
@@ -220,7 +221,7 @@ def test_forged_headers_are_removed_before_ours_are_added(engines):
     assert chg.index(("chg", "X-Atlas-Verdict", 2, "")) < chg.index(("chg", "X-Atlas-Verdict", 1, ""))
     first_add = next(i for i, c in enumerate(ctx.changes) if c[0] == "add")
     assert all(i < first_add for i, c in enumerate(ctx.changes) if c[0] == "chg")
-    assert engine.metrics.get_counters()[am.COUNTER_FORGED] >= 4
+    assert engine.metrics.get_counters()[metrics.COUNTER_FORGED] >= 4
 
 
 def test_header_values_never_carry_cr_lf_from_content(engines):
@@ -255,7 +256,7 @@ def test_skips_are_accepted_untouched_and_counted(engines, setting, macros, send
     engine.pipeline.classify = _explode
     rc, ctx = feed(engine, SPAM, sender=sender, macros=macros)
     assert rc == Milter.ACCEPT and not ctx.changes
-    assert engine.metrics.get_counters()[am.COUNTER_SKIP_PREFIX + counter] == 1
+    assert engine.metrics.get_counters()[metrics.COUNTER_SKIP_PREFIX + counter] == 1
     [row] = rows(engine)
     assert row["verdict"] == "skipped" and counter in row["note"]
 
@@ -279,7 +280,7 @@ def test_deny_listed_sender_is_spam_without_scoring(engines):
     assert rc == Milter.REJECT
     [row] = rows(engine)
     assert row["verdict"] == "spam" and row["score"] == 1.0 and "deny-listed" in row["note"]
-    assert engine.metrics.get_counters()[am.COUNTER_DENY_LISTED] == 1
+    assert engine.metrics.get_counters()[metrics.COUNTER_DENY_LISTED] == 1
 
 
 # --- per-recipient policy ---------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_mixed_recipients_never_reject_mail_one_of_them_wants(engines):
     [row] = rows(engine)
     assert row["action"] == "tag" and row["recipients_count"] == 2
     assert "mixed recipients" in row["note"] and "keepall@example.test=accept" in row["note"]
-    assert engine.metrics.get_counters()[am.COUNTER_MIXED] == 1
+    assert engine.metrics.get_counters()[metrics.COUNTER_MIXED] == 1
 
 
 def test_recipient_alone_gets_its_own_policy(engines):
@@ -307,11 +308,11 @@ def test_recipient_alone_gets_its_own_policy(engines):
 
 
 def test_policy_ranks_actions_that_keep_mail():
-    from atlas_milter.policy import Cutoffs
+    from atlas_milter.policy import Cutoffs, RecipientPolicy
 
     config = load_config(None, {"milter.spam_action": "discard", "milter.recipients": {
         "q@x.org": {"spam_action": "quarantine"}, "r@x.org": {"spam_action": "reject"}}}, env={})
-    policy = am.RecipientPolicy(config.milter)
+    policy = RecipientPolicy(config.milter)
     d = policy.decide(["<q@x.org>", "<r@x.org>", "<d@x.org>"], 0.99, Cutoffs(0.9, 0.1))
     assert d.action == "quarantine" and d.mixed
     assert policy.decide(["<r@x.org>"], 0.99, Cutoffs(0.9, 0.1)).action == "reject"
@@ -365,7 +366,7 @@ def test_body_over_the_cap_is_skipped(engines, tmp_path):
         ctx._msg = __import__("email").message_from_bytes(b"Subject: big\n\nx")
         assert m.eom() == Milter.ACCEPT
         assert engine.buffered == 0  # everything reserved was given back
-        assert engine.metrics.get_counters()[am.COUNTER_TRUNCATED] == 1
+        assert engine.metrics.get_counters()[metrics.COUNTER_TRUNCATED] == 1
     finally:
         engine.close()
 
@@ -386,7 +387,7 @@ def test_classifier_error_accepts_unchecked_logged_once(engines, caplog):
             assert rc == Milter.ACCEPT
             assert ctx.added()["X-Atlas-Verdict"] == "unchecked"
     assert len([r for r in caplog.records if "classify failure" in r.getMessage()]) == 1
-    assert engine.metrics.get_counters()[am.COUNTER_ERROR_PREFIX + "classify"] == 3
+    assert engine.metrics.get_counters()[metrics.COUNTER_ERROR_PREFIX + "classify"] == 3
     recorded = rows(engine)
     assert len(recorded) == 3 and all(r["verdict"] == "unchecked" and "classifier bug" in r["error"] for r in recorded)
 
@@ -408,7 +409,7 @@ def test_timeout_answers_within_the_deadline(engines):
     took = time.perf_counter() - t0
     assert rc == Milter.ACCEPT and ctx.added()["X-Atlas-Verdict"] == "unchecked"
     assert took < 0.6, took
-    assert engine.metrics.get_counters()[am.COUNTER_ERROR_PREFIX + "timeout"] == 1
+    assert engine.metrics.get_counters()[metrics.COUNTER_ERROR_PREFIX + "timeout"] == 1
 
 
 def test_inline_late_verdict_counts_as_timeout(engines):
@@ -433,7 +434,7 @@ def test_burst_beyond_max_in_flight_is_back_pressure(engines):
     t.join(5)
     assert rc == Milter.TEMPFAIL and ctx._reply[:2] == ("451", "4.7.1")
     assert first["rc"] == Milter.ACCEPT
-    assert engine.metrics.get_counters()[am.COUNTER_ERROR_PREFIX + "busy"] == 1
+    assert engine.metrics.get_counters()[metrics.COUNTER_ERROR_PREFIX + "busy"] == 1
 
 
 def test_pool_busy_from_the_process_pool_is_back_pressure(engines):
@@ -502,7 +503,7 @@ def test_internal_bug_in_a_callback_still_answers(engines, monkeypatch):
     monkeypatch.setattr(engine, "reserve", lambda n: 1 / 0)
     rc, ctx = feed(engine, HAM)
     assert rc == Milter.ACCEPT and ctx.added()["X-Atlas-Verdict"] == "unchecked"
-    assert engine.metrics.get_counters()[am.COUNTER_ERROR_PREFIX + "internal"] == 1
+    assert engine.metrics.get_counters()[metrics.COUNTER_ERROR_PREFIX + "internal"] == 1
 
 
 def test_state_is_reset_for_the_next_message_on_the_connection(engines):

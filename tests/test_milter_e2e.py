@@ -107,7 +107,7 @@ def test_corpus_tagged_by_default_and_rows_match(postfix, workdir, messages, tra
     assert seen["spam"] >= 30 and seen["ham"] >= 30, seen  # the model works on this mix
     assert "Traceback" not in proc.log()
     assert "sent no {client_addr}" not in proc.log()  # Postfix sends our end-of-message macros
-    # On libmilter the headers above went through it with the GIL held (header_writer), not the fallback.
+    # On libmilter the headers above went through it with the GIL held (libmilter.add_header), not the fallback.
     gil_held = "verdict headers are added through libmilter with the GIL held" in proc.log()
     assert gil_held == (transport == "libmilter")
     assert f"(transport={transport}," in proc.log()

@@ -1,4 +1,4 @@
-"""The milter protocol loop (adapters/milter_loop.py) spoken to by a scripted MTA over a
+"""The milter protocol loop (adapters/milter/loop.py) spoken to by a scripted MTA over a
 unix socket: negotiation and the macro list, no-reply steps (and the answers the MTA did
 not agree to skip), verdict headers and reply codes at end of message, abort, quit with a
 new connection following, several connections at once, malformed and oversized packets,
@@ -16,7 +16,7 @@ import Milter
 import pytest
 
 from atlas_milter.adapters import milter as am
-from atlas_milter.adapters.milter_loop import MAX_PACKET, LoopServer, packet
+from atlas_milter.adapters.milter.loop import MAX_PACKET, LoopServer, packet
 from test_milter_adapter import HAM, SPAM, make_engine
 
 ALL_ACTIONS = 0x1FF

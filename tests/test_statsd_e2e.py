@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "conf" / "grafana-dashboard.json"
 # Where metric names are defined, as NAME = "value" constants (see architecture.md, habit 6).
-METRIC_MODULES = ["atlas_milter/monitor.py", "atlas_milter/store.py", "atlas_milter/adapters/milter.py",
+METRIC_MODULES = ["atlas_milter/monitor.py", "atlas_milter/store.py", "atlas_milter/adapters/milter/metrics.py",
                   "atlas_milter/reload.py"]
 CONSTANT = re.compile(r'^(STAGE|COUNTER|GAUGE)_[A-Z0-9_]+\s*=\s*"([^"]+)"', re.M)
 # StatsD timer aggregates (npm statsd 0.9, percentThreshold [50, 95, 99]) and counter suffixes

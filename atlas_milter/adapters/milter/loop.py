@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 import Milter
 
+from atlas_milter.throttle import LogThrottle
+
 log = logging.getLogger(__name__)
 
 MAX_PACKET = 2 * 2**20  # bytes: Postfix and Sendmail send body chunks of at most 64 KB (1 MB negotiated)
@@ -298,7 +300,7 @@ class LoopServer:
         self._stop = threading.Event()
         self._closed = False
         self._pipe_lock = threading.Lock()  # a wake-up never writes to the pipe while serve() closes it
-        self._accept_failed_logged = -ACCEPT_ERROR_LOG_INTERVAL
+        self._accept_failure_log = LogThrottle(ACCEPT_ERROR_LOG_INTERVAL)
 
     def stop(self) -> None:
         """From any thread: accept no more connections, answer the messages in progress, return."""
@@ -377,9 +379,7 @@ class LoopServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and the like: keep serving the others, without spinning
-                now = time.monotonic()
-                if now - self._accept_failed_logged >= ACCEPT_ERROR_LOG_INTERVAL:
-                    self._accept_failed_logged = now
+                if self._accept_failure_log.due() is not None:
                     log.error("milter: cannot accept MTA connections: %s (raise LimitNOFILE?)", exc)
                 time.sleep(ACCEPT_ERROR_PAUSE)
                 return
