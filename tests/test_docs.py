@@ -165,3 +165,18 @@ def test_readme_python_api_example_runs(tmp_path):
     assert pooled == "[1, 2, 3]" and cached == "cached result" and timed == "1"
     with sqlite3.connect(tmp_path / "verdicts.db") as db:
         assert sorted(db.execute("SELECT source, verdict FROM processed_emails")) == [("script", "ham"), ("script", "spam")]
+
+
+def test_files_the_docs_name_exist():
+    """A path in backticks (`atlas_milter/...`, `adapters/...`, `scripts/...`, `conf/...`,
+    `systemd/...`, `tests/...`, `migrations/...`) names a file or folder of this repository."""
+    roots = ("atlas_milter/", "adapters/", "scripts/", "conf/", "systemd/", "tests/", "migrations/")
+    named = 0
+    for page in PAGES:
+        for path in re.findall(r"`([\w./-]+)`", page.read_text()):
+            if not path.startswith(roots) or "*" in path:
+                continue
+            named += 1
+            candidates = [README.parent / path, README.parent / "atlas_milter" / path]
+            assert any(c.exists() for c in candidates), f"{page.name} names {path}: no such file"
+    assert named >= 10
