@@ -34,22 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
-from atlas_milter.adapters.imap import (
+from atlas_milter.adapters.imap.actions import (
     ACTION_DRY_RUN,
     DRY_RUN_SUFFIX,
-    IMAP_COMMAND_ERROR,
-    ImapSession,
     action_for,
     apply_actions,
-    open_session,
     redo_pending_moves,
-    resolve_account,
-    with_learned_model,
 )
+from atlas_milter.adapters.imap.connection import IMAP_COMMAND_ERROR, resolve_account
+from atlas_milter.adapters.imap.session import ImapSession, open_session
 from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError, SourceError
 from atlas_milter.sources import is_maildir, iter_mbox, maildir_names
-from atlas_milter.store import processed_uids
+from atlas_milter.learning import with_learned_model
+from atlas_milter.queries import processed_uids
 from atlas_milter.stream import StreamStats, peak_rss_mb
 
 log = logging.getLogger(__name__)

@@ -665,12 +665,15 @@ def choose_cutoffs(
     return round(spam_cut, 4), round(min(ham_cut, spam_cut), 4)
 
 
-def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_rounds: int = 8) -> float:
+def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_rounds: int = 8,
+          cutoffs: tuple[float, float] | None = None) -> float:
     """Incremental update from one message the user labelled ("train until no error"):
     shift the weights of the message's features, all by the same amount, until the model
-    scores it a clear 0.05 past the cutoff on the label's side. Returns the new score."""
+    scores it a clear 0.05 past the cutoff on the label's side. Returns the new score.
+    `cutoffs` (spam, ham): the ones in force when they are not the model's own."""
     body, meta = features(msg)
-    goal = min(0.99, model.spam_cutoff + 0.05) if is_spam else max(0.01, model.ham_cutoff - 0.05)
+    spam_cutoff, ham_cutoff = cutoffs if cutoffs is not None else (model.spam_cutoff, model.ham_cutoff)
+    goal = min(0.99, spam_cutoff + 0.05) if is_spam else max(0.01, ham_cutoff - 0.05)
     goal_margin = math.log(goal / (1.0 - goal)) * model.temperature
     changed = False
     for _ in range(max_rounds):

@@ -11,7 +11,8 @@ PACKAGE = ROOT / "atlas_milter"
 
 HOMES = {
     "Milter": {"adapters/milter.py", "adapters/milter_loop.py"},  # the adapter and its protocol loop
-    "imapclient": {"adapters/imap.py"},
+    "imapclient": {"adapters/imap/connection.py", "adapters/imap/session.py", "adapters/imap/fetch.py",
+                   "adapters/imap/listener.py"},
     "sqlite_utils": {"store.py", "migrate.py"},
     "cachetools": {"cache.py"},
     "statsd": {"monitor.py"},
@@ -20,9 +21,10 @@ HOMES = {
 # translate different protocols into the core and must not lean on each other.
 SIDES = {
     "milter": {"adapters/milter.py", "adapters/milter_loop.py"},
-    "imap": {"adapters/imap.py", "backfill.py"},
+    "imap": {"adapters/imap/connection.py", "adapters/imap/session.py", "adapters/imap/fetch.py",
+             "adapters/imap/actions.py", "adapters/imap/listener.py", "backfill.py"},
 }
-SIDE_MODULES = {"milter": {"atlas_milter.adapters.milter", "atlas_milter.adapters.milter_loop"}, "imap": {"atlas_milter.adapters.imap", "atlas_milter.backfill"}}
+SIDE_MODULES = {"milter": {"atlas_milter.adapters.milter", "atlas_milter.adapters.milter_loop"}, "imap": {"atlas_milter.adapters.imap", "atlas_milter.adapters.imap.connection", "atlas_milter.adapters.imap.session", "atlas_milter.adapters.imap.fetch", "atlas_milter.adapters.imap.actions", "atlas_milter.adapters.imap.listener", "atlas_milter.backfill"}}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -35,8 +37,8 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
-def modules():
-    return {str(p.relative_to(PACKAGE)): imports_of(p) for p in PACKAGE.rglob("*.py")}
+def modules(root: Path = PACKAGE):
+    return {str(p.relative_to(root)): imports_of(p) for p in root.rglob("*.py")}
 
 
 def test_each_third_party_library_has_one_home():
@@ -60,3 +62,31 @@ def test_every_cli_command_is_in_the_readme():
     commands = next(a for a in parser._actions if a.dest == "command").choices
     missing = [c for c in commands if f"atlas-milter {c}" not in readme]
     assert not missing, f"README does not show: {missing}"
+
+
+# The database is opened only where its schema and its one writer live (store.py), where
+# every read outside the writer lives (queries.py) and by the migrator (migrate.py).
+SQLITE_HOMES = {"store.py", "queries.py", "migrate.py"}
+
+
+def sqlite_violations(found: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} imports sqlite3" for module, names in found.items()
+                  if module not in SQLITE_HOMES and any(n == "sqlite3" or n.startswith("sqlite3.") for n in names))
+
+
+def test_sqlite3_only_in_the_database_modules():
+    assert sqlite_violations(modules()) == []
+
+
+def test_the_sqlite3_rule_reports_a_deliberate_violation(tmp_path):
+    package = tmp_path / "atlas_milter"
+    (package / "adapters" / "imap").mkdir(parents=True)
+    (package / "store.py").write_text("import sqlite3\n")
+    (package / "queries.py").write_text("from sqlite3 import Connection\n")
+    (package / "web.py").write_text("import json\n")
+    (package / "adapters" / "imap" / "listener.py").write_text("import os\nimport sqlite3 as db\n")
+    (package / "cli.py").write_text("def f():\n    from sqlite3 import connect\n")
+    assert sqlite_violations(modules(package)) == [
+        "adapters/imap/listener.py imports sqlite3",
+        "cli.py imports sqlite3",
+    ]
