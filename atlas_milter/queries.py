@@ -80,9 +80,10 @@ def query_stats(db_path: str | Path, top: int = 10) -> dict[str, Any]:
     return _read(db_path, run)
 
 
-def processed_uids(db_path: str | Path, folder: str, uidvalidity: int) -> set[int]:
-    """The UIDs already recorded for this mailbox (committed rows only: call flush_all()
-    first if this process is still writing)."""
+def processed_uids(db_path: str | Path, folder: str, uidvalidity: int, account: str = "") -> set[int]:
+    """The UIDs already recorded for this mailbox of `account` ('' for [imap] without
+    --account, and for local mailboxes); committed rows only: call flush_all() first if
+    this process is still writing."""
     if not Path(db_path).exists():
         return set()
     return _read(
@@ -90,14 +91,17 @@ def processed_uids(db_path: str | Path, folder: str, uidvalidity: int) -> set[in
         lambda conn: {
             uid
             for (uid,) in conn.execute(
-                "SELECT uid FROM processed_emails WHERE folder = ? AND uidvalidity = ? AND uid IS NOT NULL",
-                (folder, uidvalidity),
+                "SELECT uid FROM processed_emails WHERE account = ? AND folder = ? AND uidvalidity = ? "
+                "AND uid IS NOT NULL",
+                (account, folder, uidvalidity),
             )
         },
     )
 
 
 # -- the IMAP side's lookups: a missing database or table reads as "nothing yet" ----------
+# Each takes the account (the --account NAME, '' for [imap] itself): accounts share the
+# database, and two of them may have mailboxes with the same name and UIDVALIDITY.
 
 def _lookup(db: str | Path, sql: str, params: tuple) -> list[tuple]:
     if not Path(db).exists():
@@ -111,28 +115,30 @@ def _lookup(db: str | Path, sql: str, params: tuple) -> list[tuple]:
         conn.close()
 
 
-def highest_uid(db: str | Path, folder: str, uidvalidity: int) -> int | None:
+def highest_uid(db: str | Path, folder: str, uidvalidity: int, *, account: str) -> int | None:
     """The highest UID of this mailbox with a recorded verdict, or None."""
-    rows = _lookup(db, "SELECT max(uid) FROM processed_emails WHERE folder = ? AND uidvalidity = ?", (folder, uidvalidity))
+    rows = _lookup(db, "SELECT max(uid) FROM processed_emails WHERE account = ? AND folder = ? AND uidvalidity = ? "
+                   "AND uid IS NOT NULL", (account, folder, uidvalidity))
     return rows[0][0] if rows and rows[0][0] is not None else None
 
 
-def folder_mark(db: str | Path, folder: str, uidvalidity: int) -> int | None:
+def folder_mark(db: str | Path, folder: str, uidvalidity: int, *, account: str) -> int | None:
     """The highest UID of `folder` the listener looked at in an earlier run (the Junk folder,
     whose arrivals are not recorded in processed_emails), or None."""
-    rows = _lookup(db, "SELECT last_uid FROM imap_folder_marks WHERE folder = ? AND uidvalidity = ?", (folder, uidvalidity))
+    rows = _lookup(db, "SELECT last_uid FROM imap_folder_marks WHERE account = ? AND folder = ? AND uidvalidity = ?",
+                   (account, folder, uidvalidity))
     return rows[0][0] if rows else None
 
 
-def uids_with_action(db: str | Path, folder: str, uidvalidity: int, action: str) -> dict[int, str]:
+def uids_with_action(db: str | Path, folder: str, uidvalidity: int, action: str, *, account: str) -> dict[int, str]:
     """{uid: Message-ID} of this mailbox's records whose action is `action`."""
     return {
         uid: mid or ""
         for uid, mid in _lookup(
             db,
-            "SELECT uid, message_id FROM processed_emails WHERE folder = ? AND uidvalidity = ? AND action = ? "
-            "AND uid IS NOT NULL",
-            (folder, uidvalidity, action),
+            "SELECT uid, message_id FROM processed_emails WHERE account = ? AND folder = ? AND uidvalidity = ? "
+            "AND action = ? AND uid IS NOT NULL",
+            (account, folder, uidvalidity, action),
         )
     }
 
@@ -147,18 +153,21 @@ class PriorRecord:
     sender_domain: str
 
 
-def last_record(db: str | Path, message_id: str, except_action: str) -> PriorRecord | None:
-    """Our latest verdict for this Message-ID, leaving out records whose action is
-    `except_action` (the dry runs)."""
+def last_record(db: str | Path, message_id: str, except_action: str, *, account: str) -> PriorRecord | None:
+    """Our latest verdict for this Message-ID in `account`'s mailboxes or from a front door
+    without one (the milter), leaving out records whose action is `except_action` (the dry
+    runs)."""
     rows = _lookup(
         db,
         "SELECT verdict, score, coalesce(action, ''), coalesce(folder, ''), uid, coalesce(sender_domain, '') "
-        "FROM processed_emails WHERE message_id = ? AND coalesce(action, '') != ? ORDER BY id DESC LIMIT 1",
-        (message_id, except_action),
+        "FROM processed_emails WHERE message_id = ? AND coalesce(action, '') != ? "
+        "AND (account = ? OR account IS NULL) ORDER BY id DESC LIMIT 1",
+        (message_id, except_action, account),
     )
     return PriorRecord(*rows[0]) if rows else None
 
 
-def already_learned(db: str | Path, message_id: str, label: str) -> bool:
-    return bool(_lookup(db, "SELECT 1 FROM learning_events WHERE message_id = ? AND label = ? LIMIT 1",
-                        (message_id, label)))
+def already_learned(db: str | Path, message_id: str, label: str, *, account: str) -> bool:
+    """Has `account`'s listener learned this message with this label already?"""
+    return bool(_lookup(db, "SELECT 1 FROM learning_events WHERE message_id = ? AND label = ? AND account = ? LIMIT 1",
+                        (message_id, label, account)))

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # The keys a record may have: the columns of processed_emails except `id` (SQLite assigns it).
 COLUMNS = (
     "source",  # milter | imap | backfill | classify | bench
+    "account",  # IMAP/backfill: the --account NAME, '' for [imap] itself and for local mailboxes
     "folder",
     "uidvalidity",
     "uid",
@@ -112,6 +113,7 @@ def normalise_record(record: dict[str, Any]) -> dict[str, Any]:
         row["sender_domain"] = row["sender_domain"].lower()
     if row["uid"] is not None:
         # NULLs never collide in a UNIQUE index: give mailbox rows concrete keys.
+        row["account"] = row["account"] or ""
         row["folder"] = row["folder"] or ""
         row["uidvalidity"] = row["uidvalidity"] or 0
     for column, value in row.items():
@@ -515,16 +517,17 @@ def current_store() -> BulkOperationManager | DirectRecordWriter | None:
 # step relies on them being durable (a folder mark says "learned from, not again after a
 # restart"; a learning event is looked up by the next message), which the queue would delay.
 
-def save_folder_mark(db_path: str | Path, folder: str, uidvalidity: int, last_uid: int) -> None:
-    """Remember that the listener looked at `folder` up to `last_uid` (never moves back)."""
+def save_folder_mark(db_path: str | Path, folder: str, uidvalidity: int, last_uid: int, *, account: str) -> None:
+    """Remember that the listener of `account` looked at `folder` up to `last_uid` (never
+    moves back)."""
     conn = connect(db_path)
     try:
         with conn:
             conn.execute(
-                "INSERT INTO imap_folder_marks (folder, uidvalidity, last_uid, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (folder, uidvalidity) DO UPDATE SET last_uid = max(last_uid, excluded.last_uid), "
-                "updated_at = excluded.updated_at",
-                (folder, uidvalidity, last_uid, now_iso()),
+                "INSERT INTO imap_folder_marks (account, folder, uidvalidity, last_uid, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, folder, uidvalidity) DO UPDATE SET "
+                "last_uid = max(last_uid, excluded.last_uid), updated_at = excluded.updated_at",
+                (account, folder, uidvalidity, last_uid, now_iso()),
             )
     finally:
         conn.close()
@@ -536,9 +539,10 @@ def add_learning_event(db_path: str | Path, event: Mapping[str, Any]) -> None:
     try:
         with conn:
             conn.execute(
-                "INSERT INTO learning_events (created_at, source, message_id, sender_domain, label, "
-                "previous_verdict, previous_score, folder, uid, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (now_iso(), event.get("source", "imap"), event.get("message_id"), event.get("sender_domain"),
+                "INSERT INTO learning_events (created_at, source, account, message_id, sender_domain, label, "
+                "previous_verdict, previous_score, folder, uid, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (now_iso(), event.get("source", "imap"), event.get("account"), event.get("message_id"),
+                 event.get("sender_domain"),
                  event["label"], event.get("previous_verdict"), event.get("previous_score"),
                  event.get("folder"), event.get("uid"), event.get("note")),
             )

@@ -33,10 +33,11 @@ ACTION_LEARNED_HAM = "learned-ham"  # the user moved our spam out of Junk: learn
 DRY_RUN_SUFFIX = " [dry-run]"  # dry runs record under "<folder> [dry-run]", so a real run redoes them
 
 
-def pending_moves(db: str | Path, folder: str, uidvalidity: int) -> dict[int, str]:
-    """{uid: Message-ID} recorded as moved to Junk from this mailbox: any still in it missed
-    its move (or, on a server without MOVE, its EXPUNGE after the COPY)."""
-    return uids_with_action(db, folder, uidvalidity, ACTION_MOVE)
+def pending_moves(db: str | Path, folder: str, uidvalidity: int, account: str) -> dict[int, str]:
+    """{uid: Message-ID} recorded as moved to Junk from this mailbox of `account` (see
+    connection.account_key): any still in it missed its move (or, on a server without
+    MOVE, its EXPUNGE after the COPY)."""
+    return uids_with_action(db, folder, uidvalidity, ACTION_MOVE, account=account)
 
 
 def action_for(verdict: str, spam_action: str) -> str:
@@ -61,11 +62,11 @@ def apply_actions(session: ImapSession, actions: Mapping[int, tuple[str, str]]) 
         session.move(to_move, session.junk_folder())
 
 
-def redo_pending_moves(session: ImapSession, db: str, state: FolderState) -> int:
+def redo_pending_moves(session: ImapSession, db: str, state: FolderState, account: str) -> int:
     """Move what we recorded as moved but is still in the folder (a crash between the
     record and the move). UIDs are never reused within a UIDVALIDITY, so a message the user
     moved back has a new UID and is left alone."""
-    recorded = pending_moves(db, state.name, state.uidvalidity)
+    recorded = pending_moves(db, state.name, state.uidvalidity, account)
     if not recorded:
         return 0
     present = sorted(set(session.uids()) & recorded.keys())

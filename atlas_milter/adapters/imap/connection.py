@@ -167,6 +167,13 @@ def connect_failure(imap: ImapConfig, exc: BaseException) -> AtlasError | None:
     return None
 
 
+def account_key(account: str | None) -> str:
+    """How the database names an account: its --account NAME, '' for [imap] itself. Part of
+    every mailbox key, since accounts share the database and may have same-named folders
+    with the same UIDVALIDITY."""
+    return account or ""
+
+
 def resolve_account(config: Config, account: str | None) -> ImapConfig:
     # A config already resolved for an account has no account tables left.
     return config.imap.for_account(account) if account and config.imap.accounts else config.imap

@@ -35,6 +35,7 @@ from atlas_milter.adapters.imap.actions import (
 from atlas_milter.adapters.imap.connection import (
     RECOVERABLE,
     ConnectionLost,
+    account_key,
     backoff_delay,
     check_connection_settings,
     connect_failure,
@@ -71,6 +72,7 @@ class Listener:
         check_connection_settings(self.imap, force_plain)
         self.config = config
         self.account = account
+        self.account_key = account_key(account)  # the account's part of every database key
         self.force_plain = force_plain
         self.env = env
         self.password, self.password_source = read_password(self.imap, account, env)
@@ -152,7 +154,7 @@ class Listener:
         path = learned_model_path(self.config)
         done = learn_and_swap(self.pipeline, raw, is_spam, self.config.classifier.max_bytes, path)
         add_learning_event(self.db, {
-            "source": "imap", "message_id": message_id, "sender_domain": prior.sender_domain if prior else None,
+            "source": "imap", "account": self.account_key, "message_id": message_id, "sender_domain": prior.sender_domain if prior else None,
             "label": label, "previous_verdict": prior.verdict if prior else None,
             "previous_score": prior.score if prior else None, "folder": folder, "uid": uid,
             "note": f"user moved it {'into' if is_spam else 'out of'} Junk; score {done.before:.3f} -> {done.after:.3f}; "
@@ -218,7 +220,7 @@ class FolderWatcher(threading.Thread):
         if not self.junk_role and imap.spam_action == "move":
             with lst.lock:
                 lst.pipeline.flush()
-            redo_pending_moves(session, lst.db, state)
+            redo_pending_moves(session, lst.db, state, lst.account_key)
             session.select(self.folder)
         self.catch_up(session, state)
         cycle = min(imap.keepalive, imap.idle_renew)
@@ -263,7 +265,7 @@ class FolderWatcher(threading.Thread):
         if not self.junk_role:
             with lst.lock:
                 lst.pipeline.flush()
-            db_high = highest_uid(lst.db, self.folder, state.uidvalidity)
+            db_high = highest_uid(lst.db, self.folder, state.uidvalidity, account=lst.account_key)
         if self.high is None:
             # First look at this folder (or a new UIDVALIDITY): earlier mail is backfill's
             # job, unless the DB says where we stopped last time.
@@ -280,7 +282,7 @@ class FolderWatcher(threading.Thread):
                 self.handle_new(session, state, items)
             self.high = max(self.high, part[-1])
             if self.junk_role:  # learned from: not again after a restart
-                save_folder_mark(lst.db, self.folder, state.uidvalidity, self.high)
+                save_folder_mark(lst.db, self.folder, state.uidvalidity, self.high, account=lst.account_key)
 
     def handle_new(self, session: ImapSession, state: FolderState, items: list[tuple[int, bytes]]) -> None:
         lst = self.listener
@@ -298,7 +300,7 @@ class FolderWatcher(threading.Thread):
             action = action_for(verdict, imap.spam_action)
             mid = result.summary.message_id
             if imap.learn and mid and imap.spam_action == "move":
-                prior = last_record(lst.db, mid, ACTION_DRY_RUN)
+                prior = last_record(lst.db, mid, ACTION_DRY_RUN, account=lst.account_key)
                 if (prior is not None and prior.action == ACTION_MOVE and prior.verdict == SPAM
                         and (prior.folder, prior.uid) != (self.folder, uid)
                         and self.folder != session.junk_folder()
@@ -306,7 +308,7 @@ class FolderWatcher(threading.Thread):
                     with lst.lock:
                         lst.learn(raw, False, prior, self.folder, uid, mid)
                     action = ACTION_LEARNED_HAM
-            lst.pipeline.record(result, source="imap", action=action, folder=self.folder,
+            lst.pipeline.record(result, source="imap", action=action, account=lst.account_key, folder=self.folder,
                                 uidvalidity=state.uidvalidity, uid=uid)
             actions[uid] = (action, verdict)
             log.info("imap %s: UID %d %s %.3f -> %s (%s)", self.folder, uid, verdict, result.verdict.score,
@@ -322,14 +324,14 @@ class FolderWatcher(threading.Thread):
             mid = fingerprint(raw, lst.config.classifier.max_bytes).message_id.strip()
             if not mid:
                 continue
-            prior = last_record(lst.db, mid, ACTION_DRY_RUN)
+            prior = last_record(lst.db, mid, ACTION_DRY_RUN, account=lst.account_key)
             if prior is None:
                 continue  # never scored by us (e.g. filed there by the server): not ours to judge
             if prior.action == ACTION_MOVE:
                 continue  # we moved it
             if prior.verdict == SPAM and prior.action != ACTION_LEARNED_HAM:
                 continue  # we already called it spam: nothing to learn
-            if prior.verdict not in (HAM, UNSURE, SPAM) or already_learned(lst.db, mid, SPAM):
+            if prior.verdict not in (HAM, UNSURE, SPAM) or already_learned(lst.db, mid, SPAM, account=lst.account_key):
                 continue
             with lst.lock:
                 lst.learn(raw, True, prior, self.folder, uid, mid)
@@ -368,12 +370,12 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
             # Where the last run stopped (catch up on what came meanwhile, including what the
             # user moved into Junk while we were stopped), else from now on.
             if w.junk_role:
-                stored = folder_mark(listener.db, w.folder, state.uidvalidity)
+                stored = folder_mark(listener.db, w.folder, state.uidvalidity, account=listener.account_key)
             else:
-                stored = highest_uid(listener.db, w.folder, state.uidvalidity)
+                stored = highest_uid(listener.db, w.folder, state.uidvalidity, account=listener.account_key)
             w.uidvalidity, w.high = state.uidvalidity, stored if stored is not None else state.uidnext - 1
             if w.junk_role and stored is None:
-                save_folder_mark(listener.db, w.folder, state.uidvalidity, w.high)
+                save_folder_mark(listener.db, w.folder, state.uidvalidity, w.high, account=listener.account_key)
     except BaseException:
         listener.pipeline.close()
         raise
