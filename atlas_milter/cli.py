@@ -112,7 +112,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from atlas_milter.classifier import TrainingOptions, save_model
+    from atlas_milter.classifier import save_model
+    from atlas_milter.training import TrainingOptions
     from atlas_milter.evaluate import train_from_sources
 
     if not args.index and not (args.ham and args.spam):
