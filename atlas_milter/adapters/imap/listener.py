@@ -61,6 +61,7 @@ log = logging.getLogger("atlas_milter.adapters.imap")
 
 QUICK_EMPTY_LIMIT = 3  # idle_check returning nothing at once this often = the server closed the socket
 
+
 class Listener:
     """Shared state of `run_idle`: the pipeline (under `lock`), the config, the stop event."""
 
@@ -154,9 +155,10 @@ class Listener:
         path = learned_model_path(self.config)
         done = learn_and_swap(self.pipeline, raw, is_spam, self.config.classifier.max_bytes, path)
         add_learning_event(self.db, {
-            "source": "imap", "account": self.account_key, "message_id": message_id, "sender_domain": prior.sender_domain if prior else None,
-            "label": label, "previous_verdict": prior.verdict if prior else None,
-            "previous_score": prior.score if prior else None, "folder": folder, "uid": uid,
+            "source": "imap", "account": self.account_key, "message_id": message_id,
+            "sender_domain": prior.sender_domain if prior else None, "label": label,
+            "previous_verdict": prior.verdict if prior else None, "previous_score": prior.score if prior else None,
+            "folder": folder, "uid": uid,
             "note": f"user moved it {'into' if is_spam else 'out of'} Junk; score {done.before:.3f} -> {done.after:.3f}; "
                     f"model {done.model.version}",
         })
