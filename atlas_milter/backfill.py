@@ -1,8 +1,9 @@
 """Owns `atlas-milter backfill`: classifying mail that is already in a mailbox - IMAP
 folders, a Maildir or an mbox - through the pipeline's streaming path, resumably.
 
-Every message is keyed by (folder, UIDVALIDITY, UID): an IMAP folder name with its real
-UIDVALIDITY and UIDs; a Maildir by its path, UIDVALIDITY 0 and a 63-bit hash of the file
+Every message is keyed by (account, folder, UIDVALIDITY, UID): an IMAP folder name with its
+real UIDVALIDITY and UIDs, under the --account NAME ('' without one: accounts share the
+database and may have same-named folders with the same UIDVALIDITY); a Maildir by its path, UIDVALIDITY 0 and a 63-bit hash of the file
 name's unique part (stable across new/ -> cur/ and flag changes); an mbox by its path,
 UIDVALIDITY 0 and a 63-bit hash of the message bytes (stable when the file is appended to
 or has messages removed). A re-run skips every key already in the database, so nothing is
@@ -34,22 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
-from atlas_milter.adapters.imap import (
+from atlas_milter.adapters.imap.actions import (
     ACTION_DRY_RUN,
     DRY_RUN_SUFFIX,
-    IMAP_COMMAND_ERROR,
-    ImapSession,
     action_for,
     apply_actions,
-    open_session,
     redo_pending_moves,
-    resolve_account,
-    with_learned_model,
 )
+from atlas_milter.adapters.imap.connection import IMAP_COMMAND_ERROR, account_key, resolve_account
+from atlas_milter.adapters.imap.session import ImapSession, open_session
 from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError, SourceError
 from atlas_milter.sources import is_maildir, iter_mbox, maildir_names
-from atlas_milter.store import processed_uids
+from atlas_milter.learning import with_learned_model
+from atlas_milter.queries import processed_uids
 from atlas_milter.stream import StreamStats, peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -376,7 +375,8 @@ def run_backfill(
                     remaining = None if limit is None else limit - summary.processed
                     if remaining is not None and remaining <= 0:
                         break
-                    _backfill_imap_folder(pipeline, session, config, folder, dry_run, since_date, remaining, summary, err)
+                    _backfill_imap_folder(pipeline, session, config, account_key(account), folder, dry_run, since_date,
+                                          remaining, summary, err)
             finally:
                 session.close()
         else:
@@ -414,7 +414,7 @@ def _warm_up(pipeline: Any) -> None:
 
 def _run_source(pipeline: Any, source: Any, label: str, folder_key: str, uidvalidity: int, spam_action: str,
                 dry_run: bool, summary: Summary, err: TextIO,
-                act: Any = None) -> StreamStats:
+                act: Any = None, account: str = "") -> StreamStats:
     """Stream `source` through the pipeline; record each verdict; `act(actions)` per chunk."""
     progress = Progress(label, source.total, err)
     pending: dict[int, tuple[str, str]] = {}
@@ -425,8 +425,8 @@ def _run_source(pipeline: Any, source: Any, label: str, folder_key: str, uidvali
         uid = int(uid_text)
         verdict = result.verdict.verdict
         action = ACTION_DRY_RUN if dry_run else action_for(verdict, spam_action)
-        pipeline.record(result, source="backfill", action=action, folder=folder_key, uidvalidity=uidvalidity,
-                        uid=uid, note=note or None)
+        pipeline.record(result, source="backfill", action=action, account=account, folder=folder_key,
+                        uidvalidity=uidvalidity, uid=uid, note=note or None)
         summary.verdicts[verdict] += 1
         summary.actions[action] += 1
         summary.processed += 1
@@ -452,8 +452,9 @@ def _run_source(pipeline: Any, source: Any, label: str, folder_key: str, uidvali
     return stats
 
 
-def _backfill_imap_folder(pipeline: Any, session: ImapSession, config: Config, folder: str, dry_run: bool,
-                          since: dt.date | None, limit: int | None, summary: Summary, err: TextIO) -> None:
+def _backfill_imap_folder(pipeline: Any, session: ImapSession, config: Config, account: str, folder: str,
+                          dry_run: bool, since: dt.date | None, limit: int | None, summary: Summary,
+                          err: TextIO) -> None:
     try:
         state = session.select(folder)
     except IMAP_COMMAND_ERROR as exc:
@@ -463,10 +464,10 @@ def _backfill_imap_folder(pipeline: Any, session: ImapSession, config: Config, f
     spam_action = config.imap.spam_action
     if not dry_run and spam_action == "move":
         pipeline.flush()
-        if redo_pending_moves(session, db, state):
+        if redo_pending_moves(session, db, state, account):
             state = session.select(folder)
     pipeline.flush()
-    done = processed_uids(db, key, state.uidvalidity)
+    done = processed_uids(db, key, state.uidvalidity, account)
     uids = session.uids(since=since)
     todo = array("L", (u for u in uids if u not in done))
     summary.already_done += len(uids) - len(todo)
@@ -486,7 +487,7 @@ def _backfill_imap_folder(pipeline: Any, session: ImapSession, config: Config, f
 
     try:
         _run_source(pipeline, source, folder, key, state.uidvalidity, spam_action, dry_run, summary, err,
-                    act=None if dry_run or spam_action == "record" else act)
+                    act=None if dry_run or spam_action == "record" else act, account=account)
     finally:
         source.close()
 

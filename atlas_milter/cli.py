@@ -109,7 +109,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from atlas_milter.classifier import TrainingOptions, save_model
+    from atlas_milter.classifier import save_model
+    from atlas_milter.training import TrainingOptions
     from atlas_milter.evaluate import train_from_sources
 
     if not args.index and not (args.ham and args.spam):
@@ -139,8 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from atlas_milter.classifier import learn, load_model, save_model
-    from atlas_milter.message import parse_message
+    from atlas_milter import learning
     from atlas_milter.sources import iter_source
 
     if not args.spam and not args.ham:
@@ -149,13 +149,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
     target = args.model or config.classifier.model
     if not target:
         raise AtlasError("learn updates a model file: give --model PATH (a new path starts from the shipped model)")
-    model = load_model(target if Path(target).exists() else None)
+    model = learning.model_to_learn(target)
     for label, specs in (("spam", args.spam or ()), ("ham", args.ham or ())):
         for spec in specs:
             for item in iter_source(spec):
-                score = learn(model, parse_message(item.raw, config.classifier.max_bytes), label == "spam")
+                _, score = learning.learn_message(model, item.raw, label == "spam", config.classifier.max_bytes)
                 print(f"{item.key}: learned as {label}, now scores {score:.3f}")
-    save_model(model, target)
+    learning.save(model, target)
     print(f"wrote {target} (version {model.version})")
     return 0
 
@@ -189,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from atlas_milter.pipeline import Pipeline
     from atlas_milter.sources import LocalSource
-    from atlas_milter.store import query_stats
+    from atlas_milter.queries import query_stats
 
     config = _load_config(args)
     sample = resources.files("atlas_milter").joinpath("data", "sample")
@@ -236,7 +236,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from atlas_milter.store import query_stats
+    from atlas_milter.queries import query_stats
 
     config = _load_config(args)
     if not Path(config.store.db).exists():
@@ -367,7 +367,8 @@ def _front_door_logging(args: argparse.Namespace, config: Any) -> None:
 
 
 def cmd_idle(args: argparse.Namespace) -> int:
-    from atlas_milter.adapters.imap import run_idle, with_learned_model
+    from atlas_milter.adapters.imap.listener import run_idle
+    from atlas_milter.learning import with_learned_model
 
     config = _imap_config(args, **{"http.listen": args.http})
     _front_door_logging(args, config)

@@ -246,7 +246,7 @@ IMAP_SPAM_ACTIONS = ("move", "flag", "record")
 
 @dataclass(frozen=True)
 class ImapConfig:
-    """[imap]: owned by the IMAP side (atlas_milter/adapters/imap.py, atlas_milter/backfill.py)."""
+    """[imap]: owned by the IMAP side (atlas_milter/adapters/imap/, atlas_milter/backfill.py)."""
 
     host: str = ""
     port: int = 0  # 0 means: 993 for tls, 143 otherwise

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
-from atlas_milter.classifier import Model, TrainingOptions, features, learn, load_model, train_model
+from atlas_milter.classifier import Model, features, learn, load_model
+from atlas_milter.training import TrainingOptions, train_model
 from atlas_milter.errors import SourceError
 from atlas_milter.message import DEFAULT_MAX_BYTES, ParsedMessage, parse_message
 from atlas_milter.policy import Cutoffs, label_for

@@ -23,12 +23,12 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import sqlite_utils
 
 from atlas_milter.config import StoreConfig
-from atlas_milter.migrate import DEFAULT_BUSY_TIMEOUT, apply_migrations, connect, connect_readonly, now_iso, store_error
+from atlas_milter.migrate import DEFAULT_BUSY_TIMEOUT, apply_migrations, connect, now_iso, store_error
 from atlas_milter.monitor import GAUGE_WRITER_QUEUE, STAGE_STORE_FLUSH, PerformanceMetrics, performance_monitor
 from atlas_milter.throttle import LogThrottle
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # The keys a record may have: the columns of processed_emails except `id` (SQLite assigns it).
 COLUMNS = (
     "source",  # milter | imap | backfill | classify | bench
+    "account",  # IMAP/backfill: the --account NAME, '' for [imap] itself and for local mailboxes
     "folder",
     "uidvalidity",
     "uid",
@@ -113,6 +114,7 @@ def normalise_record(record: dict[str, Any]) -> dict[str, Any]:
         row["sender_domain"] = row["sender_domain"].lower()
     if row["uid"] is not None:
         # NULLs never collide in a UNIQUE index: give mailbox rows concrete keys.
+        row["account"] = row["account"] or ""
         row["folder"] = row["folder"] or ""
         row["uidvalidity"] = row["uidvalidity"] or 0
     for column, value in row.items():
@@ -510,112 +512,39 @@ def current_store() -> BulkOperationManager | DirectRecordWriter | None:
     return _instance
 
 
-def close_store(timeout: float | None = 30.0) -> bool:
-    """Flush and close the process-wide store, if any; True when nothing was lost."""
-    global _instance
-    with _instance_lock:
-        store, _instance = _instance, None
-    return store.close(timeout) if store is not None else True
+# -- synchronous writes beside the record queue ---------------------------------------------
+# Committed before the function returns, on a connection of their own: the caller's next
+# step relies on them being durable (a folder mark says "learned from, not again after a
+# restart"; a learning event is looked up by the next message), which the queue would delay.
 
-
-# -- read queries (own read-only connection) ---------------------------------------------
-
-
-def _read(db_path: str | Path, fn: Any) -> Any:
-    conn = connect_readonly(db_path)
+def save_folder_mark(db_path: str | Path, folder: str, uidvalidity: int, last_uid: int, *, account: str) -> None:
+    """Remember that the listener of `account` looked at `folder` up to `last_uid` (never
+    moves back)."""
+    conn = connect(db_path)
     try:
-        return fn(conn)
-    except sqlite3.Error as exc:
-        raise store_error(db_path, exc) from None
+        with conn:
+            conn.execute(
+                "INSERT INTO imap_folder_marks (account, folder, uidvalidity, last_uid, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, folder, uidvalidity) DO UPDATE SET "
+                "last_uid = max(last_uid, excluded.last_uid), updated_at = excluded.updated_at",
+                (account, folder, uidvalidity, last_uid, now_iso()),
+            )
     finally:
         conn.close()
 
 
-def query_stats(db_path: str | Path, top: int = 10) -> dict[str, Any]:
-    """Totals by verdict and by action, the `top` sender domains (with their ham/spam/unsure
-    counters), elapsed_ms percentiles (nearest rank) and the time span of the records."""
-
-    def run(conn: sqlite3.Connection) -> dict[str, Any]:
-        total, first, last = conn.execute(
-            "SELECT count(*), min(created_at), max(created_at) FROM processed_emails"
-        ).fetchone()
-        by_verdict = dict(
+def add_learning_event(db_path: str | Path, event: Mapping[str, Any]) -> None:
+    """Record that a message the user labelled was learned (see `learning.py`)."""
+    conn = connect(db_path)
+    try:
+        with conn:
             conn.execute(
-                "SELECT coalesce(verdict, ''), count(*) FROM processed_emails GROUP BY 1 ORDER BY 2 DESC, 1"
-            ).fetchall()
-        )
-        by_action = dict(
-            conn.execute(
-                "SELECT coalesce(action, ''), count(*) FROM processed_emails GROUP BY 1 ORDER BY 2 DESC, 1"
-            ).fetchall()
-        )
-        domains = [
-            {"domain": d, "count": ham + spam + unsure, "ham": ham, "spam": spam, "unsure": unsure, "last_seen": seen}
-            for d, ham, spam, unsure, seen in conn.execute(
-                "SELECT domain, ham, spam, unsure, last_seen FROM domains "
-                "ORDER BY ham + spam + unsure DESC, domain LIMIT ?",
-                (top,),
+                "INSERT INTO learning_events (created_at, source, account, message_id, sender_domain, label, "
+                "previous_verdict, previous_score, folder, uid, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (now_iso(), event.get("source", "imap"), event.get("account"), event.get("message_id"),
+                 event.get("sender_domain"),
+                 event["label"], event.get("previous_verdict"), event.get("previous_score"),
+                 event.get("folder"), event.get("uid"), event.get("note")),
             )
-        ]
-        (timed,) = conn.execute("SELECT count(*) FROM processed_emails WHERE elapsed_ms IS NOT NULL").fetchone()
-        latency: dict[str, float | None] = {"p50": None, "p95": None, "p99": None, "max": None}
-        if timed:
-            for name, p in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100)):
-                offset = max(0, math.ceil(p / 100 * timed) - 1)
-                (latency[name],) = conn.execute(
-                    "SELECT elapsed_ms FROM processed_emails WHERE elapsed_ms IS NOT NULL "
-                    "ORDER BY elapsed_ms LIMIT 1 OFFSET ?",
-                    (offset,),
-                ).fetchone()
-        return {
-            "total": total,
-            "first": first,
-            "last": last,
-            "by_verdict": by_verdict,
-            "by_action": by_action,
-            "top_domains": domains,
-            "latency_ms": latency,
-        }
-
-    return _read(db_path, run)
-
-
-def processed_uids(db_path: str | Path, folder: str, uidvalidity: int) -> set[int]:
-    """The UIDs already recorded for this mailbox (committed rows only: call flush_all()
-    first if this process is still writing)."""
-    if not Path(db_path).exists():
-        return set()
-    return _read(
-        db_path,
-        lambda conn: {
-            uid
-            for (uid,) in conn.execute(
-                "SELECT uid FROM processed_emails WHERE folder = ? AND uidvalidity = ? AND uid IS NOT NULL",
-                (folder, uidvalidity),
-            )
-        },
-    )
-
-
-def domain_reputation(db_path: str | Path, domain: str) -> dict[str, Any] | None:
-    """The counters for one sender domain, with its spam ratio; None when never seen."""
-
-    def run(conn: sqlite3.Connection) -> dict[str, Any] | None:
-        row = conn.execute(
-            "SELECT domain, ham, spam, unsure, last_seen FROM domains WHERE domain = ?", (domain.lower(),)
-        ).fetchone()
-        if row is None:
-            return None
-        name, ham, spam, unsure, last_seen = row
-        total = ham + spam + unsure
-        return {
-            "domain": name,
-            "ham": ham,
-            "spam": spam,
-            "unsure": unsure,
-            "total": total,
-            "spam_ratio": spam / total if total else 0.0,
-            "last_seen": last_seen,
-        }
-
-    return _read(db_path, run)
+    finally:
+        conn.close()

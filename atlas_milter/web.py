@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from atlas_milter import __version__
 from atlas_milter.errors import AtlasError
+from atlas_milter.netaddr import is_loopback, is_loopback_literal
 from atlas_milter.monitor import (
     COUNTER_CACHE_HIT,
     COUNTER_CACHE_MISS,
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 SAMPLE_INTERVAL = 5.0  # seconds between history points
 HISTORY_POINTS = 120  # 10 minutes at the default interval
 RATE_WINDOW = 60.0  # seconds over which messages_per_s is measured
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
 # --- what the page shows --------------------------------------------------------------
@@ -209,21 +208,6 @@ class History:
 
 # --- the HTTP server ------------------------------------------------------------------
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost; a name that resolves only to loopback too."""
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
-
-
 class PerformanceServer:
     """What `start_http_server` returns: `.port`, `.url`, `.history`, `.close()`."""
 
@@ -346,11 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         host = (self.headers.get("Host") or "").strip()
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-        try:
-            literal = ipaddress.ip_address(name).is_loopback
-        except ValueError:
-            literal = False
-        if not (literal or name.lower() in _LOOPBACK_NAMES):
+        if not is_loopback_literal(name):  # a Host header is never resolved: the client chose it
             self._send(HTTPStatus.FORBIDDEN, b"loopback only (set [http] token to serve other hosts)\n",
                        "text/plain; charset=utf-8", False)
             return False

@@ -593,8 +593,10 @@ class DovecotInstance(_Server):
 
     def __init__(self, tmpdir: Path | str, port: int | None = None, *, password: str | None = None,
                  extra_conf: str = "", tls: bool = False,
-                 tls_names: tuple[str, ...] = ("localhost", LOCALHOST)) -> None:
+                 tls_names: tuple[str, ...] = ("localhost", LOCALHOST),
+                 extra_users: dict[str, str] | None = None) -> None:
         self.base = _prepare_base(Path(tmpdir))
+        self.extra_users = dict(extra_users or {})  # more logins: {"name@example.test": password}
         self.extra_conf = extra_conf  # appended to dovecot.conf, e.g. an imap_capability without MOVE
         self.port = port or free_port()
         self.tls = tls
@@ -626,7 +628,8 @@ class DovecotInstance(_Server):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mail_root.mkdir(parents=True, exist_ok=True)
         os.chown(self.mail_root, VIRTUAL_UID, VIRTUAL_UID)
-        self.users_path.write_text(f"{self.user}:{{PLAIN}}{self.password}\n")
+        users = {self.user: self.password, **self.extra_users}
+        self.users_path.write_text("".join(f"{name}:{{PLAIN}}{pw}\n" for name, pw in users.items()))
         self.password_file.write_text(self.password + "\n")
         os.chmod(self.password_file, 0o600)
         if self.tls:
@@ -743,14 +746,21 @@ protocol imap {{
         except FileNotFoundError:
             return ""
 
-    def client(self, login: bool = True, timeout: float = 10.0):
-        """An ``imapclient.IMAPClient`` connected (and by default logged in) as user@example.test."""
+    def client(self, login: bool = True, timeout: float = 10.0, user: str | None = None):
+        """An ``imapclient.IMAPClient`` connected (and by default logged in) as user@example.test,
+        or as `user`, one of ``extra_users``."""
         from imapclient import IMAPClient
 
         c = IMAPClient(self.host, port=self.port, ssl=False, timeout=timeout)
         if login:
-            c.login(self.user, self.password)
+            c.login(user or self.user, self.extra_users[user] if user else self.password)
         return c
+
+    def set_uidvalidity(self, user: str, mailbox: str, uidvalidity: int) -> None:
+        """Give `mailbox` of `user` this UIDVALIDITY (doveadm mailbox update), e.g. to make two
+        users' INBOXes look alike to a client."""
+        subprocess.run([_binary("doveadm"), "-c", str(self.conf_path), "mailbox", "update", "-u", user,
+                        "--uid-validity", str(uidvalidity), mailbox], check=True, capture_output=True, timeout=30)
 
 
 # --------------------------------------------------------------------------- StatsD

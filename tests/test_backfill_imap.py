@@ -132,7 +132,7 @@ def test_kill_9_mid_backfill_then_resume(dovecot, corpus_dir, corpus_index, tmp_
 def test_fetch_raw_reads_the_same_bytes_as_imapclient(dovecot, corpus_dir, corpus_index):
     """The direct FETCH reader gives exactly imapclient's bodies: odd bytes, a body line that
     looks like a literal, expunged and unknown UIDs, a folder changed under it."""
-    from atlas_milter.adapters.imap import ImapSession
+    from atlas_milter.adapters.imap.session import ImapSession
     from atlas_milter.config import ImapConfig
 
     tag, folder, _junk = unique_names()

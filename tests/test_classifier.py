@@ -9,14 +9,12 @@ from hypothesis import strategies as st
 
 from atlas_milter.classifier import (
     Model,
-    TrainingOptions,
     features,
     learn,
     load_model,
     save_model,
-    choose_cutoffs,
-    train_model,
 )
+from atlas_milter.training import TrainingOptions, choose_cutoffs, train_model
 from atlas_milter.errors import ModelError
 from atlas_milter.message import parse_message
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from atlas_milter.classifier import TrainingOptions, load_model
+from atlas_milter.classifier import load_model
+from atlas_milter.training import TrainingOptions
 from atlas_milter.errors import SourceError
 from atlas_milter.evaluate import (
     AtlasLearner,

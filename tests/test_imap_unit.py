@@ -12,22 +12,18 @@ import sys
 
 import pytest
 
-from atlas_milter.adapters import imap as imapmod
-from atlas_milter.adapters.imap import (
-    ACTION_FLAG,
-    ACTION_MOVE,
-    ACTION_NONE,
-    ACTION_RECORD,
-    action_for,
+from atlas_milter.adapters.imap import listener as imapmod
+from atlas_milter.adapters.imap.actions import ACTION_FLAG, ACTION_MOVE, ACTION_NONE, ACTION_RECORD, action_for
+from atlas_milter.adapters.imap.connection import (
     backoff_delay,
     check_connection_settings,
-    choose_folder,
-    is_loopback,
     read_password,
     resolve_port,
     tls_context,
     tls_failure,
 )
+from atlas_milter.adapters.imap.session import choose_folder
+from atlas_milter.netaddr import is_loopback
 from atlas_milter.config import ImapConfig, load_config
 from atlas_milter.errors import AtlasError, ConfigError
 
@@ -177,48 +173,9 @@ def test_only_the_imap_adapter_imports_imapclient():
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
                 text = open(path, encoding="utf-8").read()
-                if ("import imapclient" in text or "from imapclient" in text) and not path.endswith(os.path.join("adapters", "imap.py")):
+                if ("import imapclient" in text or "from imapclient" in text) and os.path.join("adapters", "imap", "") not in path:
                     offenders.append(path)
     assert not offenders, offenders
-
-
-def test_uid_set_is_compact_and_exact():
-    assert imapmod._uid_set([5, 1, 2, 3, 9, 10, 12]) == "1:3,5,9:10,12"
-    assert imapmod._uid_set([7]) == "7"
-
-
-def _answer(*lines: bytes):
-    import io
-
-    return io.BytesIO(b"".join(lines))
-
-
-def test_fetch_answer_reader_takes_literals_and_skips_the_rest():
-    body1 = b"Subject: a\r\n\r\nline ending like a literal {12}\r\nmore\r\n"
-    body2 = b"Subject: b\r\n\r\n\xe9\x00binary"
-    f = _answer(
-        b"* 3 EXPUNGE\r\n",
-        b"* 1 FETCH (UID 10 BODY[] {%d}\r\n" % len(body1), body1, b")\r\n",
-        b"* 2 FETCH (FLAGS (\\Seen))\r\n",  # unsolicited
-        b"* 4 FETCH (BODY[] {%d}\r\n" % len(body2), body2, b" UID 12)\r\n",  # UID after the body
-        b"* 5 FETCH (UID 99 BODY[] {1}\r\n", b"x", b")\r\n",  # not asked for
-        b"A7 OK Fetch completed.\r\n",
-    )
-    assert imapmod._read_fetch_answer(f, b"A7", {10, 12, 13}) == {10: body1, 12: body2}
-    assert f.read() == b""  # read exactly to the end of the answer
-
-
-def test_fetch_answer_reader_falls_back_errors_and_bye():
-    from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
-
-    quoted = _answer(b'* 1 FETCH (UID 10 BODY[] "")\r\n', b"A1 OK done\r\n")
-    assert imapmod._read_fetch_answer(quoted, b"A1", {10}) is None  # caller asks imapclient instead
-    with pytest.raises(IMAPClientError):
-        imapmod._read_fetch_answer(_answer(b"A2 NO [SERVERBUG] oops\r\n"), b"A2", {1})
-    with pytest.raises(IMAPClientAbortError):
-        imapmod._read_fetch_answer(_answer(b"* BYE shutting down\r\n"), b"A3", {1})
-    with pytest.raises(IMAPClientAbortError):
-        imapmod._read_fetch_answer(_answer(b"* 1 FETCH (UID 1 BODY[] {5}\r\n", b"ab"), b"A4", {1})
 
 
 def test_model_reload_keeps_the_current_model_when_the_file_is_garbage(tmp_path, caplog):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from atlas_milter import store
+from atlas_milter import queries, store
 from atlas_milter.errors import StoreError
 from atlas_milter.migrate import apply_migrations
 from atlas_milter.monitor import PerformanceMetrics
@@ -23,6 +23,27 @@ from atlas_milter.monitor import PerformanceMetrics
 def count(db: Path, where: str = "1", params: tuple = ()) -> int:
     with sqlite3.connect(db) as conn:
         return conn.execute(f"SELECT count(*) FROM processed_emails WHERE {where}", params).fetchone()[0]
+
+
+def domain_reputation(db: Path, domain: str) -> dict | None:
+    """The domains row of `domain` with its total and spam ratio (what the store keeps per
+    sender domain), None when never seen."""
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT domain, ham, spam, unsure, last_seen FROM domains WHERE domain = ?",
+                           (domain.lower(),)).fetchone()
+    if row is None:
+        return None
+    name, ham, spam, unsure, last_seen = row
+    total = ham + spam + unsure
+    return {"domain": name, "ham": ham, "spam": spam, "unsure": unsure, "total": total,
+            "spam_ratio": spam / total if total else 0.0, "last_seen": last_seen}
+
+
+def close_process_store(timeout: float) -> bool:
+    """Flush and close the process-wide store and forget it, so later tests start clean."""
+    with store._instance_lock:
+        current, store._instance = store._instance, None
+    return current.close(timeout) if current is not None else True
 
 
 def wait_until(predicate, timeout: float = 10.0) -> None:
@@ -103,7 +124,7 @@ def test_record_is_normalised(db, manager_factory):
     assert subject == "bad \ufffd header"
     assert created_at.endswith("+00:00") and "T" in created_at
     # No verdict: the domain is known, with nothing counted.
-    assert store.domain_reputation(db, "mail.example.com")["total"] == 0
+    assert domain_reputation(db, "mail.example.com")["total"] == 0
 
 
 @pytest.mark.parametrize(
@@ -161,10 +182,10 @@ def test_domain_counters_add_up(db, manager_factory):
     for domain, ham, spam, unsure in rows:
         got[(domain, "ham")], got[(domain, "spam")], got[(domain, "unsure")] = ham, spam, unsure
     assert +got == expected
-    rep = store.domain_reputation(db, "D3.Example")
+    rep = domain_reputation(db, "D3.Example")
     assert rep["total"] == sum(n for (d, _), n in expected.items() if d == "d3.example")
     assert rep["spam_ratio"] == pytest.approx(expected[("d3.example", "spam")] / rep["total"])
-    assert store.domain_reputation(db, "never.seen") is None
+    assert domain_reputation(db, "never.seen") is None
 
 
 def test_full_queue_refuses_and_counts(db, manager_factory, holder):
@@ -215,7 +236,7 @@ def test_a_flush_is_one_transaction_with_the_domain_counters(db, manager_factory
         conn.execute("DROP TRIGGER refuse")
     assert m.flush_all(timeout=20)
     assert count(db) == 120
-    assert store.domain_reputation(db, "example.org")["ham"] == 120
+    assert domain_reputation(db, "example.org")["ham"] == 120
 
 
 def test_deleted_database_is_recreated(db, manager_factory):
@@ -281,7 +302,7 @@ def test_configure_store_installs_the_chosen_writer(db):
         assert store.BulkOperationManager.get_instance() is bulk
         assert bulk.add_email_record(rec())
     finally:
-        assert store.close_store(timeout=10)
+        assert close_process_store(timeout=10)
     assert count(db) == 1
 
 
@@ -308,7 +329,7 @@ def test_query_stats(db):
         w.add_email_record({"verdict": "ham", "action": "accept", "created_at": "2024-01-01T00:00:00.000+00:00"})
     finally:
         w.close()
-    stats = store.query_stats(db, top=2)
+    stats = queries.query_stats(db, top=2)
     assert stats["total"] == 101
     assert stats["first"] == "2024-01-01T00:00:00.000+00:00"
     assert stats["last"] == "2024-01-01T00:01:40.000+00:00"
@@ -324,16 +345,16 @@ def test_query_stats(db):
 
 def test_query_stats_on_empty_and_missing_databases(db, tmp_path):
     apply_migrations(db)
-    stats = store.query_stats(db)
+    stats = queries.query_stats(db)
     assert stats["total"] == 0 and stats["by_verdict"] == {} and stats["top_domains"] == []
     assert stats["latency_ms"] == {"p50": None, "p95": None, "p99": None, "max": None}
     with pytest.raises(StoreError, match="does not exist"):
-        store.query_stats(tmp_path / "absent.db")
+        queries.query_stats(tmp_path / "absent.db")
     assert not (tmp_path / "absent.db").exists()
 
 
 def test_processed_uids(db, manager_factory):
-    assert store.processed_uids(db, "INBOX", 5) == set()  # no database yet
+    assert queries.processed_uids(db, "INBOX", 5) == set()  # no database yet
     m = manager_factory(flush_interval=60.0)
     for uid in (3, 4, 9):
         m.add_email_record(rec(uid, folder="INBOX", uidvalidity=5, uid=uid))
@@ -341,7 +362,7 @@ def test_processed_uids(db, manager_factory):
     m.add_email_record(rec(11, folder="Junk", uidvalidity=5, uid=11))
     m.add_email_record(rec(12))
     assert m.flush_all(timeout=10)
-    assert store.processed_uids(db, "INBOX", 5) == {3, 4, 9}
+    assert queries.processed_uids(db, "INBOX", 5) == {3, 4, 9}
 
 
 CRASH_WRITER = """

@@ -1,0 +1,89 @@
+"""Owns acting on verdicts in a mailbox, shared by the IDLE listener and backfill: the
+action names written to processed_emails by the IMAP side, which action a verdict gets
+under [imap] spam_action, carrying out a chunk's actions in bulk, and redoing the moves a
+crash interrupted (`redo_pending_moves`).
+
+Must not: decide verdicts, or act before the verdict is recorded (callers flush the store
+first, so a crash between the two is repaired at the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+from atlas_milter.adapters.imap.session import FolderState, ImapSession
+from atlas_milter.queries import uids_with_action
+from atlas_milter.verdict import HAM, SPAM
+
+log = logging.getLogger("atlas_milter.adapters.imap")
+
+KEYWORD_JUNK = "$Junk"
+KEYWORD_NOT_JUNK = "$NotJunk"
+FLAG_DELETED = "\\Deleted"
+
+# The `action` column of processed_emails, as written by the IMAP side.
+ACTION_MOVE = "move"  # spam moved to the Junk folder (and flagged $Junk)
+ACTION_FLAG = "flag"  # keyword set, message left in place
+ACTION_RECORD = "record"  # verdict recorded, nothing done
+ACTION_NONE = "none"  # ham/unsure under the move or record policy
+ACTION_DRY_RUN = "dry-run"
+ACTION_LEARNED_HAM = "learned-ham"  # the user moved our spam out of Junk: learned as ham, left there
+DRY_RUN_SUFFIX = " [dry-run]"  # dry runs record under "<folder> [dry-run]", so a real run redoes them
+
+
+def pending_moves(db: str | Path, folder: str, uidvalidity: int, account: str) -> dict[int, str]:
+    """{uid: Message-ID} recorded as moved to Junk from this mailbox of `account` (see
+    connection.account_key): any still in it missed its move (or, on a server without
+    MOVE, its EXPUNGE after the COPY)."""
+    return uids_with_action(db, folder, uidvalidity, ACTION_MOVE, account=account)
+
+
+def action_for(verdict: str, spam_action: str) -> str:
+    if verdict == SPAM:
+        return {"move": ACTION_MOVE, "flag": ACTION_FLAG, "record": ACTION_RECORD}[spam_action]
+    if spam_action == "flag" and verdict == HAM:
+        return ACTION_FLAG
+    return ACTION_NONE
+
+
+def apply_actions(session: ImapSession, actions: Mapping[int, tuple[str, str]]) -> None:
+    """Carry out recorded actions for the selected folder: {uid: (action, verdict)}. Bulk:
+    one STORE per keyword and one MOVE for the spam of the chunk."""
+    to_move = sorted(u for u, (a, _) in actions.items() if a == ACTION_MOVE)
+    junk_kw = sorted(u for u, (a, v) in actions.items() if a in (ACTION_MOVE, ACTION_FLAG) and v == SPAM)
+    ham_kw = sorted(u for u, (a, v) in actions.items() if a == ACTION_FLAG and v == HAM)
+    if junk_kw:
+        session.add_keywords(junk_kw, [KEYWORD_JUNK])  # set before the move: it travels with the message
+    if ham_kw:
+        session.add_keywords(ham_kw, [KEYWORD_NOT_JUNK])
+    if to_move:
+        session.move(to_move, session.junk_folder())
+
+
+def redo_pending_moves(session: ImapSession, db: str, state: FolderState, account: str) -> int:
+    """Move what we recorded as moved but is still in the folder (a crash between the
+    record and the move). UIDs are never reused within a UIDVALIDITY, so a message the user
+    moved back has a new UID and is left alone."""
+    recorded = pending_moves(db, state.name, state.uidvalidity, account)
+    if not recorded:
+        return 0
+    present = sorted(set(session.uids()) & recorded.keys())
+    if not present:
+        return 0
+    junk = session.junk_folder()
+    # A crash between COPY and EXPUNGE (servers without MOVE) left a copy in Junk already:
+    # remove the original instead of copying it a second time.
+    copied = session.copies_in(junk, {uid: recorded[uid] for uid in present})
+    if copied:
+        log.info("imap: %s: removing %d spam already copied to %s before an interruption", state.name,
+                 len(copied), junk)
+        session.remove(sorted(copied), f"already in {junk}")
+    rest = [uid for uid in present if uid not in copied]
+    if rest:
+        log.info("imap: %s: moving %d spam recorded as moved before an interruption", state.name, len(rest))
+        session.add_keywords(rest, [KEYWORD_JUNK])
+        session.move(rest, junk)
+    return len(present)
+
