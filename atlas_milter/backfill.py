@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 from atlas_milter.adapters.imap.actions import (
-    ACTION_DRY_RUN,
     DRY_RUN_SUFFIX,
     action_for,
+    adopt_rows_written_before_accounts,
     apply_actions,
     redo_pending_moves,
 )
@@ -50,6 +50,7 @@ from atlas_milter.sources import is_maildir, iter_mbox, maildir_names
 from atlas_milter.learning import with_learned_model
 from atlas_milter.queries import processed_uids
 from atlas_milter.stream import StreamStats, peak_rss_mb
+from atlas_milter.verdict import Action
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,7 @@ def run_backfill(
     if limit is not None and limit < 1:
         raise AtlasError(f"--limit {limit}: must be at least 1")
     since_date = parse_since(since)
+    as_configured = config
     config = with_learned_model(config)
     summary = summary if summary is not None else Summary()
     if folders:
@@ -365,7 +367,9 @@ def run_backfill(
         session = open_session(config, account, force_plain, env)  # AtlasError before any work
     from atlas_milter.pipeline import Pipeline
 
-    pipeline = Pipeline(config)
+    pipeline = Pipeline(config)  # the database exists and is migrated from here on
+    if folders:
+        adopt_rows_written_before_accounts(as_configured, account)
     started = time.monotonic()
     _warm_up(pipeline)
     try:
@@ -424,7 +428,7 @@ def _run_source(pipeline: Any, source: Any, label: str, folder_key: str, uidvali
         uid_text, _, note = result.key.partition(":")
         uid = int(uid_text)
         verdict = result.verdict.verdict
-        action = ACTION_DRY_RUN if dry_run else action_for(verdict, spam_action)
+        action = Action.DRY_RUN if dry_run else action_for(verdict, spam_action)
         pipeline.record(result, source="backfill", action=action, account=account, folder=folder_key,
                         uidvalidity=uidvalidity, uid=uid, note=note or None)
         summary.verdicts[verdict] += 1

@@ -226,6 +226,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         for row in migration_status(db):
             print(f"{row['version']:04d} {row['name']:40} {row['status']} {row.get('applied_at') or ''}")
         return 0
+    if args.legacy_account:
+        from atlas_milter.store import adopt_unowned_imap_rows
+
+        apply_migrations(db)
+        moved = adopt_unowned_imap_rows(db, args.legacy_account, only_if_alone=False)
+        print(f"{moved} IMAP rows recorded before accounts were part of the key now belong to account {args.legacy_account}")
+        return 0
     if args.rollback:
         undone = rollback_last(db)
         print(f"rolled back {undone}" if undone else "nothing to roll back")
@@ -489,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", metavar="PATH")
     p.add_argument("--rollback", action="store_true", help="undo the last applied migration")
     p.add_argument("--status", action="store_true", help="list applied and pending migrations")
+    p.add_argument("--legacy-account", metavar="NAME",
+                   help="give the IMAP rows written before accounts were part of the key (migration 0004) to account NAME")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("stats", parents=[common], help="totals, top sender domains and latency from a database")
@@ -549,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo" and not args.db:
         args.db = "atlas-demo.db"
     if args.command not in ("milter", "idle"):  # the daemons run their own shutdown
-        signals.handle((signal.SIGTERM, signal.SIGINT), _raise_stopped)
+        signals.handle(signals.INTERRUPT_SIGNALS, _raise_stopped)
     try:
         _setup_logging(args.log_level or "warning")
         return args.func(args)

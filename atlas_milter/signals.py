@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})  # stop (libmilter's sigwait thread has SIGHUP so)
 RELOAD_SIGNAL = signal.SIGUSR1  # not SIGHUP: libmilter takes that as "stop" (as OpenDKIM does)
 # The milter's: stop as SIGTERM does, without libmilter's wait of up to 5 s for its listener
 # to notice (systemd/atlas-milter.service sends it: KillSignal=SIGUSR2).
 FAST_STOP_SIGNAL = signal.SIGUSR2
+INTERRUPT_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})  # what stops a command or the IMAP listener
+# The IMAP listener has no libmilter: SIGHUP reloads its model there, as does the milter's SIGUSR1.
+IDLE_RELOAD_SIGNALS = frozenset({signal.SIGHUP, RELOAD_SIGNAL})
 
 
 def block(signals: Iterable[int]) -> set[int]:
@@ -38,7 +41,13 @@ def blocked(signals: Iterable[int]) -> Iterator[None]:
         restore(old)
 
 
-def handle(signals: Iterable[int], handler: Callable[[int, Any], Any]) -> None:
-    """Run `handler(signum, frame)` in the main thread when one of `signals` arrives."""
-    for signum in signals:
+def handle(signals: Iterable[int], handler: Callable[[int, Any], Any]) -> dict[int, Any]:
+    """Run `handler(signum, frame)` in the main thread when one of `signals` arrives;
+    returns the handlers it replaced (for `restore_handlers`)."""
+    return {signum: signal.signal(signum, handler) for signum in signals}
+
+
+def restore_handlers(previous: Mapping[int, Any]) -> None:
+    """Put back the handlers `handle` returned."""
+    for signum, handler in previous.items():
         signal.signal(signum, handler)

@@ -548,3 +548,30 @@ def add_learning_event(db_path: str | Path, event: Mapping[str, Any]) -> None:
             )
     finally:
         conn.close()
+
+
+# Tables whose IMAP rows carry the account (migration 0004_imap_accounts).
+_ACCOUNT_TABLES = ("processed_emails", "imap_folder_marks", "learning_events")
+
+
+def adopt_unowned_imap_rows(db_path: str | Path, account: str, *, only_if_alone: bool = True) -> int:
+    """Give the IMAP rows recorded before accounts were part of the key (account '', see
+    migration 0004) to `account`, in one transaction; returns how many rows moved. With
+    `only_if_alone`, nothing moves while another named account has rows: then they may be
+    that account's, and only the admin can say (`atlas-milter migrate --legacy-account`)."""
+    if not account:
+        return 0
+    conn = connect(db_path)
+    try:
+        with conn:
+            if only_if_alone:
+                for table in _ACCOUNT_TABLES:
+                    if conn.execute(f"SELECT 1 FROM {table} WHERE account NOT IN ('', ?) LIMIT 1", (account,)).fetchone():
+                        return 0
+            moved = 0
+            for table in _ACCOUNT_TABLES:
+                # processed_emails' unique key includes the account: a row this account also has is left.
+                moved += conn.execute(f"UPDATE OR IGNORE {table} SET account = ? WHERE account = ''", (account,)).rowcount
+            return moved
+    finally:
+        conn.close()

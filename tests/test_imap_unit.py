@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from atlas_milter.adapters.imap import listener as imapmod
-from atlas_milter.adapters.imap.actions import ACTION_FLAG, ACTION_MOVE, ACTION_NONE, ACTION_RECORD, action_for
+from atlas_milter.adapters.imap.actions import action_for
 from atlas_milter.adapters.imap.connection import (
     backoff_delay,
     check_connection_settings,
@@ -26,6 +26,7 @@ from atlas_milter.adapters.imap.session import choose_folder
 from atlas_milter.netaddr import is_loopback
 from atlas_milter.config import ImapConfig, load_config
 from atlas_milter.errors import AtlasError, ConfigError
+from atlas_milter.verdict import Action
 
 
 def test_backoff_doubles_caps_and_jitters():
@@ -126,12 +127,12 @@ def test_junk_folder_by_special_use_else_configured_name():
 
 
 def test_action_policy():
-    assert action_for("spam", "move") == ACTION_MOVE
-    assert action_for("ham", "move") == ACTION_NONE
-    assert action_for("unsure", "move") == ACTION_NONE
-    assert action_for("spam", "flag") == ACTION_FLAG
-    assert action_for("ham", "flag") == ACTION_FLAG  # $NotJunk
-    assert action_for("spam", "record") == ACTION_RECORD
+    assert action_for("spam", "move") == Action.MOVE
+    assert action_for("ham", "move") == Action.NONE
+    assert action_for("unsure", "move") == Action.NONE
+    assert action_for("spam", "flag") == Action.FLAG
+    assert action_for("ham", "flag") == Action.FLAG  # $NotJunk
+    assert action_for("spam", "record") == Action.RECORD
 
 
 def test_accounts_table_and_flag_precedence(tmp_path):

@@ -214,19 +214,29 @@ def test_missing_directory_raises_store_error(tmp_path):
         migrate.apply_migrations(db)
 
 
-def test_0004_keys_imap_rows_by_account_and_gives_old_rows_the_default_account(tmp_path):
+ROW = "INSERT INTO processed_emails (source, folder, uidvalidity, uid, verdict, action, created_at) VALUES (?, ?, ?, ?, ?, ?, 't')"
+
+
+def db_written_by_0003(tmp_path: Path) -> Path:
+    """A database as the release before 0004 left it: one IMAP row, a Junk mark, a learning
+    event, a milter row."""
     before = tmp_path / "up-to-0003"
     before.mkdir()
     for m in migrate.available_migrations()[:3]:
         (before / f"{m.name}.sql").write_text(m.sql())
     db = tmp_path / "v.db"
     migrate.apply_migrations(db, directory=before)
-    row = "INSERT INTO processed_emails (source, folder, uidvalidity, uid, verdict, action, created_at) VALUES (?, ?, ?, ?, ?, ?, 't')"
     with sqlite3.connect(db) as conn:
-        conn.execute(row, ("imap", "INBOX", 7, 1, "spam", "move"))
-        conn.execute(row, ("milter", None, None, None, "ham", "accept"))
+        conn.execute(ROW, ("imap", "INBOX", 7, 1, "spam", "move"))
+        conn.execute(ROW, ("milter", None, None, None, "ham", "accept"))
         conn.execute("INSERT INTO imap_folder_marks VALUES ('Junk', 7, 40, 't')")
         conn.execute("INSERT INTO learning_events (created_at, source, label) VALUES ('t', 'imap', 'spam')")
+    return db
+
+
+def test_0004_keys_imap_rows_by_account_and_gives_old_rows_the_default_account(tmp_path):
+    db = db_written_by_0003(tmp_path)
+    row = ROW
     assert migrate.apply_migrations(db) == ["0004_imap_accounts"]
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT source, account FROM processed_emails ORDER BY id").fetchall() == [
@@ -254,3 +264,42 @@ def test_0004_keys_imap_rows_by_account_and_gives_old_rows_the_default_account(t
         assert "account" not in {r[1] for r in conn.execute("PRAGMA table_info(processed_emails)")}
         assert "account" not in {r[1] for r in conn.execute("PRAGMA table_info(learning_events)")}
     assert migrate.apply_migrations(db) == ["0004_imap_accounts"]
+
+
+def _db_upgraded_from_0003(tmp_path: Path) -> Path:
+    db = db_written_by_0003(tmp_path)
+    migrate.apply_migrations(db)
+    return db
+
+
+def accounts(db: Path) -> list:
+    with sqlite3.connect(db) as conn:
+        return [conn.execute(f"SELECT account FROM {t} ORDER BY rowid").fetchall()
+                for t in ("processed_emails", "imap_folder_marks", "learning_events")]
+
+
+def test_a_single_account_adopts_the_rows_written_before_0004(tmp_path):
+    from atlas_milter.adapters.imap.actions import adopt_rows_written_before_accounts
+    from atlas_milter.config import Config, ImapConfig, StoreConfig
+
+    db = _db_upgraded_from_0003(tmp_path)
+    two = Config(store=StoreConfig(db=str(db)), imap=ImapConfig(accounts={"alice": {}, "bob": {}}))
+    adopt_rows_written_before_accounts(two, "alice")  # two accounts: whose rows they are is unknown
+    assert accounts(db) == [[("",), (None,)], [("",)], [("",)]]
+    one = Config(store=StoreConfig(db=str(db)), imap=ImapConfig(accounts={"alice": {}}))
+    adopt_rows_written_before_accounts(one, None)  # [imap] itself: its rows are '' already
+    assert accounts(db) == [[("",), (None,)], [("",)], [("",)]]
+    adopt_rows_written_before_accounts(one, "alice")
+    assert accounts(db) == [[("alice",), (None,)], [("alice",)], [("alice",)]]
+
+
+def test_rows_are_not_adopted_while_another_account_has_rows_unless_the_admin_says(tmp_path):
+    from atlas_milter.cli import main
+    from atlas_milter.store import adopt_unowned_imap_rows
+
+    db = _db_upgraded_from_0003(tmp_path)
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO imap_folder_marks VALUES ('bob', 'Junk', 7, 50, 't')")
+    assert adopt_unowned_imap_rows(db, "alice") == 0
+    assert main(["migrate", "--db", str(db), "--legacy-account", "alice"]) == 0
+    assert accounts(db) == [[("alice",), (None,)], [("alice",), ("bob",)], [("alice",)]]

@@ -1,7 +1,8 @@
 """Owns acting on verdicts in a mailbox, shared by the IDLE listener and backfill: the
 action names written to processed_emails by the IMAP side, which action a verdict gets
-under [imap] spam_action, carrying out a chunk's actions in bulk, and redoing the moves a
-crash interrupted (`redo_pending_moves`).
+under [imap] spam_action, carrying out a chunk's actions in bulk, redoing the moves a
+crash interrupted (`redo_pending_moves`), and giving a single account the rows written
+before accounts were part of the key.
 
 Must not: decide verdicts, or act before the verdict is recorded (callers flush the store
 first, so a crash between the two is repaired at the next start).
@@ -13,9 +14,12 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
+from atlas_milter.adapters.imap.connection import account_key
 from atlas_milter.adapters.imap.session import FolderState, ImapSession
+from atlas_milter.config import Config
 from atlas_milter.queries import uids_with_action
-from atlas_milter.verdict import HAM, SPAM
+from atlas_milter.store import adopt_unowned_imap_rows
+from atlas_milter.verdict import HAM, SPAM, Action
 
 log = logging.getLogger("atlas_milter.adapters.imap")
 
@@ -23,13 +27,8 @@ KEYWORD_JUNK = "$Junk"
 KEYWORD_NOT_JUNK = "$NotJunk"
 FLAG_DELETED = "\\Deleted"
 
-# The `action` column of processed_emails, as written by the IMAP side.
-ACTION_MOVE = "move"  # spam moved to the Junk folder (and flagged $Junk)
-ACTION_FLAG = "flag"  # keyword set, message left in place
-ACTION_RECORD = "record"  # verdict recorded, nothing done
-ACTION_NONE = "none"  # ham/unsure under the move or record policy
-ACTION_DRY_RUN = "dry-run"
-ACTION_LEARNED_HAM = "learned-ham"  # the user moved our spam out of Junk: learned as ham, left there
+# The `action` column of processed_emails holds verdict.Action values (move, flag, record, none,
+# dry-run, learned-ham on this side).
 DRY_RUN_SUFFIX = " [dry-run]"  # dry runs record under "<folder> [dry-run]", so a real run redoes them
 
 
@@ -37,23 +36,23 @@ def pending_moves(db: str | Path, folder: str, uidvalidity: int, account: str) -
     """{uid: Message-ID} recorded as moved to Junk from this mailbox of `account` (see
     connection.account_key): any still in it missed its move (or, on a server without
     MOVE, its EXPUNGE after the COPY)."""
-    return uids_with_action(db, folder, uidvalidity, ACTION_MOVE, account=account)
+    return uids_with_action(db, folder, uidvalidity, Action.MOVE, account=account)
 
 
 def action_for(verdict: str, spam_action: str) -> str:
     if verdict == SPAM:
-        return {"move": ACTION_MOVE, "flag": ACTION_FLAG, "record": ACTION_RECORD}[spam_action]
+        return {"move": Action.MOVE, "flag": Action.FLAG, "record": Action.RECORD}[spam_action]
     if spam_action == "flag" and verdict == HAM:
-        return ACTION_FLAG
-    return ACTION_NONE
+        return Action.FLAG
+    return Action.NONE
 
 
 def apply_actions(session: ImapSession, actions: Mapping[int, tuple[str, str]]) -> None:
     """Carry out recorded actions for the selected folder: {uid: (action, verdict)}. Bulk:
     one STORE per keyword and one MOVE for the spam of the chunk."""
-    to_move = sorted(u for u, (a, _) in actions.items() if a == ACTION_MOVE)
-    junk_kw = sorted(u for u, (a, v) in actions.items() if a in (ACTION_MOVE, ACTION_FLAG) and v == SPAM)
-    ham_kw = sorted(u for u, (a, v) in actions.items() if a == ACTION_FLAG and v == HAM)
+    to_move = sorted(u for u, (a, _) in actions.items() if a == Action.MOVE)
+    junk_kw = sorted(u for u, (a, v) in actions.items() if a in (Action.MOVE, Action.FLAG) and v == SPAM)
+    ham_kw = sorted(u for u, (a, v) in actions.items() if a == Action.FLAG and v == HAM)
     if junk_kw:
         session.add_keywords(junk_kw, [KEYWORD_JUNK])  # set before the move: it travels with the message
     if ham_kw:
@@ -87,3 +86,16 @@ def redo_pending_moves(session: ImapSession, db: str, state: FolderState, accoun
         session.move(rest, junk)
     return len(present)
 
+
+
+def adopt_rows_written_before_accounts(config: Config, account: str | None) -> None:
+    """After the upgrade that made the account part of every mailbox key (migration 0004),
+    the rows written before belong to no account. On a host whose config has exactly one
+    [imap.accounts.NAME], they are that account's: give them to it, so its listener resumes
+    where it stopped and backfill does not redo them. With several accounts only the admin
+    knows (`atlas-milter migrate --legacy-account NAME`)."""
+    if not account or len(config.imap.accounts) != 1:
+        return
+    moved = adopt_unowned_imap_rows(config.store.db, account_key(account))
+    if moved:
+        log.info("imap: %d rows recorded before accounts were part of the key now belong to account %s", moved, account)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import signal
 import threading
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ from typing import Any, Mapping
 
 from imapclient.exceptions import IMAPClientError, LoginError
 
+from atlas_milter import signals
 from atlas_milter.adapters.imap.actions import (
-    ACTION_DRY_RUN,
-    ACTION_LEARNED_HAM,
-    ACTION_MOVE,
     action_for,
+    adopt_rows_written_before_accounts,
     apply_actions,
     redo_pending_moves,
 )
@@ -53,9 +51,9 @@ from atlas_milter.message import fingerprint
 from atlas_milter.notify import sd_notify
 from atlas_milter.pool import ItemError
 from atlas_milter.queries import PriorRecord, already_learned, folder_mark, highest_uid, last_record
-from atlas_milter.reload import RELOAD_SIGNAL, run_reload
+from atlas_milter.reload import run_reload
 from atlas_milter.store import add_learning_event, save_folder_mark
-from atlas_milter.verdict import HAM, SPAM, UNSURE
+from atlas_milter.verdict import HAM, SPAM, UNSURE, Action
 
 log = logging.getLogger("atlas_milter.adapters.imap")
 
@@ -69,6 +67,7 @@ class Listener:
         from atlas_milter.pipeline import Pipeline
 
         self.imap = resolve_account(config, account)
+        as_configured = config
         config = with_learned_model(dataclasses.replace(config, imap=self.imap))
         check_connection_settings(self.imap, force_plain)
         self.config = config
@@ -89,7 +88,8 @@ class Listener:
         self.login_refusals = 0
         self.next_login = 0.0  # time.monotonic() before which nobody tries again
         self.rng = random.Random()
-        self.pipeline = Pipeline(config)
+        self.pipeline = Pipeline(config)  # the database exists and is migrated from here on
+        adopt_rows_written_before_accounts(as_configured, account)
 
     def new_session(self) -> ImapSession:
         """A logged-in session. After a refused login every watcher waits for the same
@@ -302,14 +302,14 @@ class FolderWatcher(threading.Thread):
             action = action_for(verdict, imap.spam_action)
             mid = result.summary.message_id
             if imap.learn and mid and imap.spam_action == "move":
-                prior = last_record(lst.db, mid, ACTION_DRY_RUN, account=lst.account_key)
-                if (prior is not None and prior.action == ACTION_MOVE and prior.verdict == SPAM
+                prior = last_record(lst.db, mid, Action.DRY_RUN, account=lst.account_key)
+                if (prior is not None and prior.action == Action.MOVE and prior.verdict == SPAM
                         and (prior.folder, prior.uid) != (self.folder, uid)
                         and self.folder != session.junk_folder()
                         and not session.contains_message_id(session.junk_folder(), mid)):
                     with lst.lock:
                         lst.learn(raw, False, prior, self.folder, uid, mid)
-                    action = ACTION_LEARNED_HAM
+                    action = Action.LEARNED_HAM
             lst.pipeline.record(result, source="imap", action=action, account=lst.account_key, folder=self.folder,
                                 uidvalidity=state.uidvalidity, uid=uid)
             actions[uid] = (action, verdict)
@@ -326,12 +326,12 @@ class FolderWatcher(threading.Thread):
             mid = fingerprint(raw, lst.config.classifier.max_bytes).message_id.strip()
             if not mid:
                 continue
-            prior = last_record(lst.db, mid, ACTION_DRY_RUN, account=lst.account_key)
+            prior = last_record(lst.db, mid, Action.DRY_RUN, account=lst.account_key)
             if prior is None:
                 continue  # never scored by us (e.g. filed there by the server): not ours to judge
-            if prior.action == ACTION_MOVE:
+            if prior.action == Action.MOVE:
                 continue  # we moved it
-            if prior.verdict == SPAM and prior.action != ACTION_LEARNED_HAM:
+            if prior.verdict == SPAM and prior.action != Action.LEARNED_HAM:
                 continue  # we already called it spam: nothing to learn
             if prior.verdict not in (HAM, UNSURE, SPAM) or already_learned(lst.db, mid, SPAM, account=lst.account_key):
                 continue
@@ -390,13 +390,13 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
         log.info("imap: signal %d, stopping", signum)
         listener.stop.set()
 
+    def on_reload(_signum: int, _frame: Any) -> None:
+        threading.Thread(target=listener.reload_model, daemon=True).start()
+
     previous = {}
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, on_stop)
-        for sig in (signal.SIGHUP, RELOAD_SIGNAL):
-            previous[sig] = signal.signal(sig, lambda s, f: threading.Thread(target=listener.reload_model, daemon=True).start())
+    if threading.current_thread() is threading.main_thread():
+        previous = signals.handle(signals.INTERRUPT_SIGNALS, on_stop)
+        previous.update(signals.handle(signals.IDLE_RELOAD_SIGNALS, on_reload))
     log.info("imap: watching %s on %s as %s (spam: %s%s)", ", ".join(w.folder for w in watchers), imap.host,
              imap.user, imap.spam_action, f" to {junk}" if junk else "")
     try:
@@ -407,8 +407,7 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
         for w in watchers:
             w.join(imap.timeout + 5)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.restore_handlers(previous)
         with listener.lock:
             listener.pipeline.close()
     if listener.fatal:
