@@ -52,7 +52,7 @@ lock:
 
 SOAK_ARGS ?=
 soak: bootstrap-system
-	$(VENV)/bin/python scripts/soak.py $(SOAK_ARGS)
+	$(VENV)/bin/python -m scripts.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis build dist *.egg-info

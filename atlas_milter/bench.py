@@ -40,7 +40,7 @@ def find_corpus(explicit: str | None = None) -> Path:
     raise AtlasError("shared corpus not found: pass --corpus DIR (the folder holding index.csv) or set ATLAS_CORPUS")
 
 
-def _recipient_copy(raw: bytes, n: int) -> bytes:
+def recipient_copy(raw: bytes, n: int) -> bytes:
     """The same message as delivered to another recipient: new To: and Message-ID."""
     head_end = raw.find(b"\n\n")
     head, body = (raw, b"") if head_end < 0 else (raw[: head_end + 1], raw[head_end + 1 :])
@@ -78,7 +78,7 @@ def build_workload(corpus: Path, target: Path, copies: int = CAMPAIGN_COPIES, re
                 if written >= repeat_to:
                     break
                 raw = (corpus / row["path"]).read_bytes()
-                put(_recipient_copy(raw, round_no) if round_no else raw)
+                put(recipient_copy(raw, round_no) if round_no else raw)
             round_no += 1
     else:
         for row in rows:
@@ -86,7 +86,7 @@ def build_workload(corpus: Path, target: Path, copies: int = CAMPAIGN_COPIES, re
             put(raw)
             if row["label"] == "spam":
                 for n in range(copies):
-                    put(_recipient_copy(raw, n + 1))
+                    put(recipient_copy(raw, n + 1))
     stamp.write_text(str(written))
     return target
 

@@ -2,10 +2,10 @@
 """Backfill over a real Dovecot: optimised vs plain throughput (same run, same folders), on
 two workloads, and peak memory as the folder grows.
 
-    python scripts/backfill_bench.py [--sizes 10000,50000] [--ratio-messages 2000] [--repeat 3]
+    python -m scripts.backfill_bench [--sizes 10000,50000] [--ratio-messages 2000] [--repeat 3]
                                      [--workloads unique,campaign]
 
-Starts a private Dovecot (tests/servers.py; needs root and dovecot installed), fills the
+Starts a private Dovecot (tests/support/servers.py; needs root and dovecot installed), fills the
 folders by MULTIAPPEND, then runs `atlas-milter backfill FOLDER --dry-run` as subprocesses
 with fresh databases, so every run sees the same folder:
 
@@ -20,7 +20,7 @@ Workloads for the ratio (plain and optimised runs alternate, --repeat each; medi
   in mixed order with unique Message-IDs (no cache hits: the worst case for the cache);
 * campaign: the issue-3 workload in the folder `campaign` - every shared-corpus message,
   each spam followed by 5 copies re-sent to other recipients (new To: and Message-ID,
-  `atlas_milter.bench._recipient_copy`), 15,526 messages, as `atlas-milter bench` uses.
+  `atlas_milter.bench.recipient_copy`), 15,526 messages, as `atlas-milter bench` uses.
 
 The memory runs process the whole folder `bench` at each --sizes with the optimised path
 (later copies of the corpus are cache hits: see the cache_hit share) and report the peak
@@ -45,12 +45,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.servers import DovecotInstance
+
+from atlas_milter.bench import CAMPAIGN_COPIES, recipient_copy, find_corpus
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from servers import DovecotInstance  # noqa: E402
-
-from atlas_milter.bench import CAMPAIGN_COPIES, _recipient_copy, find_corpus  # noqa: E402
 
 FLAGS = ("ENABLE_MONITORING", "ENABLE_CACHING", "ENABLE_BULK_OPS", "ENABLE_PARALLEL", "ENABLE_STREAMING")
 FOLDER = "bench"
@@ -103,7 +102,7 @@ def campaign_messages(corpus: Path) -> list[bytes]:
             raw = raw.split(b"\n", 1)[1]
         out.append(raw)
         if row["label"] == "spam":
-            out.extend(_recipient_copy(raw, n + 1) for n in range(CAMPAIGN_COPIES))
+            out.extend(recipient_copy(raw, n + 1) for n in range(CAMPAIGN_COPIES))
     return out
 
 

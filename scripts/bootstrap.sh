@@ -55,12 +55,12 @@ if [ "$system" = 1 ]; then
     command -v miltertest >/dev/null 2>&1 || missing+=(miltertest)
     command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3)
     command -v bogofilter >/dev/null 2>&1 || missing+=(bogofilter)  # the online benchmark's yardstick (scripts/online_bench.py)
-    command -v openssl >/dev/null 2>&1 || missing+=(openssl)     # throw-away CA for the TLS Dovecot (tests/servers.py)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)     # throw-away CA for the TLS Dovecot (tests/support/servers.py)
     # node/npm usually come from NodeSource (nodejs bundles npm there): Debian's npm package would
     # conflict with it, so ask apt only for what is really absent.
     command -v node >/dev/null 2>&1 || missing+=(nodejs)
     command -v npm >/dev/null 2>&1 || missing+=(npm)
-    command -v script >/dev/null 2>&1 || missing+=(bsdutils)   # postfix diagnostics (tests/servers.py)
+    command -v script >/dev/null 2>&1 || missing+=(bsdutils)   # postfix diagnostics (tests/support/servers.py)
     command -v m4 >/dev/null 2>&1 || missing+=(m4)               # builds the private sendmail.cf
     command -v unshare >/dev/null 2>&1 || missing+=(util-linux)  # sendmail runs in its own UTS namespace
     command -v pipx >/dev/null 2>&1 || missing+=(pipx)           # tests/test_install.py: the single-user install
@@ -192,7 +192,7 @@ fi
 
 # ----------------------------------------------------------------- Sendmail (unpacked, not installed)
 # sendmail-bin Conflicts with postfix, so the packages are downloaded and unpacked with dpkg-deb
-# into .cache/sendmail/root, which tests/servers.py SendmailInstance runs from (the .debs stay in
+# into .cache/sendmail/root, which tests/support/servers.py SendmailInstance runs from (the .debs stay in
 # .cache/sendmail/debs: a re-extract needs no network).  The rest of its dependencies are on any
 # machine with postfix, except m4 (above) and liblockfile1 (only mail.local needs it: unused).
 if [ "$system" = 1 ]; then

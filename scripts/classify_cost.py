@@ -7,7 +7,7 @@ them `--passes` times; the fastest pass is reported (thread CPU time, so other p
 on the machine count as little as possible). Inside the milter the same steps cost more:
 the caches are cold after Postfix ran (see scripts/milter_bench.py).
 
-    python scripts/classify_cost.py [--passes 9]
+    python -m scripts.classify_cost [--passes 9]
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support.corpus import load_corpus, read_index
+
+from atlas_milter.classifier import features, load_model
+from atlas_milter.message import DEFAULT_MAX_BYTES, parse_message
+from atlas_milter.pipeline import analyse
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from test_milter_helpers import load_corpus, read_index  # noqa: E402
-
-from atlas_milter.classifier import features, load_model  # noqa: E402
-from atlas_milter.message import DEFAULT_MAX_BYTES, parse_message  # noqa: E402
-from atlas_milter.pipeline import analyse  # noqa: E402
 
 RECEIVED = b"Received: from client.test (client.test [127.0.0.1]) by mx.atlas.test (Postfix) with ESMTP id 4AbC; Sat, 28 Nov 2026 17:00:00 +0000\r\n"
 

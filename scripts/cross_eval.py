@@ -8,10 +8,10 @@ This script owns the command line and the printing; the work is
 train in parallel forked processes (`--jobs`), each with the product's `train_model`
 exactly as `atlas-milter train` runs it. Progress goes to stderr.
 
-    python scripts/cross_eval.py [--corpus-root ../shared/corpus] [--jobs 2] [--json]
+    python -m scripts.cross_eval [--corpus-root ../shared/corpus] [--jobs 2] [--json]
         [--rows default|all|SPEC ...]   SPEC: TRAIN[+TRAIN...][:TEST[+TEST...]], shipped[:TESTS],
                                         model=PATH[:TESTS]; no :TESTS part = every corpus
-    python scripts/cross_eval.py --rows shipped          # the shipped model on every test split
+    python -m scripts.cross_eval --rows shipped          # the shipped model on every test split
 """
 
 from __future__ import annotations

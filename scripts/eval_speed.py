@@ -10,7 +10,7 @@ already read). Rounds alternate which side goes first. Prints each side's median
 the ratio of the medians, and the range of the per-round ratios (noise on this machine is
 ±15% between runs).
 
-    python scripts/eval_speed.py [--index ../shared/corpus/spamassassin/index.csv] [--rounds 5]
+    python -m scripts.eval_speed [--index ../shared/corpus/spamassassin/index.csv] [--rounds 5]
         [--model PATH] [--json]
 """
 

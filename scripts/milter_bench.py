@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
 """Throughput and latency of the atlas-milter inside a real Postfix, on loopback.
 
-One private Postfix (tests/servers.py) relays to smtp-sink; the same messages (test
+One private Postfix (tests/support/servers.py) relays to smtp-sink; the same messages (test
 split of the shared corpus, one SMTP session each, N concurrent clients) go through it
 without a milter, with the milter on a unix socket and with it on inet, in one run and
 in rounds (none, unix, inet, none, unix, inet, ...) so machine noise hits all alike. The
 milter's own time per message comes from its `milter.message` timer, which it logs as
 JSON when it stops. Needs root (Postfix) and the corpus.
 
-    python scripts/milter_bench.py --messages 1000 --clients 16 --rounds 2
-    python scripts/milter_bench.py --classify thread        # or inline / pool
-    python scripts/milter_bench.py --corpus-check            # all 6,046 messages, grep the log
-    python scripts/milter_bench.py --modes none,ref-noop,ref-parse,unix   # with the yardsticks
+    python -m scripts.milter_bench --messages 1000 --clients 16 --rounds 2
+    python -m scripts.milter_bench --classify thread        # or inline / pool
+    python -m scripts.milter_bench --corpus-check            # all 6,046 messages, grep the log
+    python -m scripts.milter_bench --modes none,ref-noop,ref-parse,unix   # with the yardsticks
 
 Modes: none (Postfix alone), unix and inet (atlas-milter on either socket), and the two
 reference milters of shared/docs/performance-notes.md on a unix socket (scripts/
@@ -44,13 +44,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from tests.support.servers import find_binary, free_port, PostfixInstance, wait_until
+from tests.support.corpus import load_corpus, read_index
+from tests.support.milter_process import inet_spec, milter_workdir, MilterProcess, unix_spec
+from tests.support.smtp import send_one, wait_queue_empty
 
-from servers import PostfixInstance, free_port, find_binary, wait_until  # noqa: E402
-from test_milter_helpers import (  # noqa: E402
-    MilterProcess, inet_spec, load_corpus, milter_workdir, read_index, send_one, unix_spec, wait_queue_empty,
-)
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
 RCPT = "someone@remote.test"  # relayed to smtp-sink

@@ -18,7 +18,7 @@ trec07p ham carries) are taken out of what it sees by default, as atlas never us
 This script owns the command line, the bogofilter runner and the printing; the loop and
 the figures are `atlas_milter.evaluate.online_run`. The corpus is read at run time only.
 
-    python scripts/online_bench.py [--corpus ../shared/corpus/trec07p] [--limit N] [--json]
+    python -m scripts.online_bench [--corpus ../shared/corpus/trec07p] [--limit N] [--json]
         [--learners atlas-empty,atlas-shipped,bogofilter] [--feedback immediate,delayed]
         [--delay 5000] [--jobs 2]
 """

@@ -3,8 +3,8 @@
 scripts/milter_bench.py: what any pymilter milter costs inside Postfix on this machine,
 measured in the same run as atlas-milter.
 
-    python scripts/reference_milter.py noop  unix:/tmp/ref.sock   # only eom, accepts
-    python scripts/reference_milter.py parse unix:/tmp/ref.sock   # buffers the message, parses it
+    python -m scripts.reference_milter noop  unix:/tmp/ref.sock   # only eom, accepts
+    python -m scripts.reference_milter parse unix:/tmp/ref.sock   # buffers the message, parses it
                                                                   # with compat32, adds one header
 
 Not part of the product: a yardstick. Stops on SIGTERM (libmilter's signal thread).

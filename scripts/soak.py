@@ -33,9 +33,9 @@ when one fails, the JSON summary says which):
   milter's timeout ([milter] timeout, 5 s);
 * achieved rate >= 0.70 x maximum (when the maximum was measured).
 
-    python scripts/soak.py                              # the full 30 minutes
-    python scripts/soak.py --duration 240               # a short check
-    python scripts/soak.py --rate 120 --duration 600    # skip the probe
+    python -m scripts.soak                              # the full 30 minutes
+    python -m scripts.soak --duration 240               # a short check
+    python -m scripts.soak --rate 120 --duration 600    # skip the probe
 
 Needs root (Postfix) and the shared corpus. tests/test_soak.py runs the same code for
 about a minute in CI.
@@ -59,15 +59,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
+from tests.support.servers import free_port, PostfixInstance
+from tests.support.corpus import load_corpus, read_index
+from tests.support.milter_process import milter_workdir, MilterProcess, unix_spec, wait_milter_active
+from tests.support.smtp import TOKEN_HEADER, new_token, with_token
 
-from servers import PostfixInstance, free_port  # noqa: E402
-from test_milter_helpers import (  # noqa: E402
-    TOKEN_HEADER, MilterProcess, load_corpus, milter_workdir, new_token, read_index, unix_spec, wait_milter_active,
-    with_token,
-)
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
 MIN_RATE_FRACTION = 0.70  # the soak must run at >= 70% of the measured maximum

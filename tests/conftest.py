@@ -1,7 +1,7 @@
 """Shared fixtures: the SpamAssassin corpus and real Postfix / Dovecot / StatsD servers.
 
 Server fixtures are session-scoped (one instance per test run, on free ports picked at run
-time) and built on tests/servers.py.  A missing server binary SKIPS the test, except when
+time) and built on tests/support/servers.py.  A missing server binary SKIPS the test, except when
 ATLAS_REQUIRE_SERVERS=1 (set by .ci/run), where it FAILS: CI must never pass on a skip.
 Likewise a missing corpus skips unless ATLAS_REQUIRE_CORPUS=1.
 """
@@ -11,28 +11,21 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# tests/ is not a package: make `import servers` work however pytest was started.
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from servers import (  # noqa: E402
+from tests.support.requirements import _unavailable, require_binary, require_root, start_or_fail
+from tests.support.servers import (
+    REPO_ROOT,
     DovecotInstance,
     PostfixInstance,
-    ServerError,
     StatsdInstance,
-    find_binary,
     sendmail_missing,
     sendmail_tree,
     statsd_js_path,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_FIXTURES = {"postfix", "dovecot", "dovecot_tls", "statsd_daemon", "sendmail_root"}
 
 
@@ -48,29 +41,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _unavailable(reason: str, require_env: str = "ATLAS_REQUIRE_SERVERS"):
-    if _env_flag(require_env):
-        pytest.fail(f"{reason} ({require_env}=1, so this is a failure, not a skip)", pytrace=False)
-    pytest.skip(reason)
-
-
-def require_binary(name: str) -> str:
-    """Path of server binary ``name``; skips the test when absent (fails under ATLAS_REQUIRE_SERVERS=1)."""
-    path = find_binary(name)
-    if path is None:
-        _unavailable(f"{name} is not installed (run: bash scripts/bootstrap.sh --system)")
-    return path
-
-
-def require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        _unavailable(f"{what} needs root to run a private instance")
 
 
 # ------------------------------------------------------------------ corpus
@@ -119,15 +89,6 @@ def servers_dir():
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def start_or_fail(server, what: str):
-    """``server.start()``, or a test failure (not an error with a traceback) naming `what`."""
-    try:
-        server.start()
-    except ServerError as exc:
-        pytest.fail(f"{what} failed to start: {exc}", pytrace=False)
-    return server
 
 
 @pytest.fixture(scope="session")

@@ -165,3 +165,31 @@ def test_every_cli_command_is_in_the_readme():
     commands = next(a for a in parser._actions if a.dest == "command").choices
     missing = [c for c in commands if f"atlas-milter {c}" not in readme]
     assert not missing, f"README does not show: {missing}"
+
+
+def path_edits(files: list[Path]) -> list[str]:
+    """Calls that change sys.path (`sys.path.insert(...)`, `.append`, ...) in these files."""
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "path"
+                    and isinstance(node.func.value.value, ast.Name) and node.func.value.value.id == "sys"):
+                found.append(f"{path.name}:{node.lineno} sys.path.{node.func.attr}")
+    return found
+
+
+def test_tests_and_scripts_import_by_package_name():
+    """Shared test code lives in tests/support and is imported as tests.support.<module>; no
+    file edits sys.path to reach it, and every test_*.py module holds tests."""
+    files = sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
+    assert path_edits(files) == []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        names = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert any(n.startswith("test_") for n in names), f"{path.name} holds no tests: move it to tests/support/"
+
+
+def test_the_sys_path_check_catches_an_edit(tmp_path):
+    script = tmp_path / "bench.py"
+    script.write_text('import sys\nsys.path.insert(0, "tests")\ncode = "sys.path.append(1)"\n')
+    assert path_edits([script]) == ["bench.py:2 sys.path.insert"]

@@ -18,7 +18,7 @@ import pytest
 from atlas_milter.backfill import Summary, run_backfill
 from atlas_milter.config import load_config
 
-from test_imap_support import (
+from tests.support.imap import (
     append_all,
     corpus_messages,
     db_rows,
@@ -170,7 +170,7 @@ def test_backfill_of_crafted_hostile_messages(dovecot, tmp_path):
     import resource
 
     from imapclient.exceptions import IMAPClientError
-    from test_hostile_input import CRAFTED
+    from tests.test_hostile_input import CRAFTED
 
     tag, folder, junk = unique_names()
     accepted, refused = [], {}

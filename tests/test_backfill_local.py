@@ -15,7 +15,7 @@ from atlas_milter.backfill import Progress, Summary, maildir_unique, run_backfil
 from atlas_milter.config import load_config
 from atlas_milter.errors import AtlasError
 
-from test_imap_support import corpus_messages, db_rows
+from tests.support.imap import corpus_messages, db_rows
 
 
 def _config(db: Path, **extra):

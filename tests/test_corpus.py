@@ -3,7 +3,7 @@
 Reads ../shared/corpus/spamassassin and modern (skips clearly when absent). Speed is not asserted
 here: `atlas-milter eval` reports it and `atlas-milter bench` measures it."""
 
-from conftest import _unavailable
+from tests.support.requirements import _unavailable
 
 from atlas_milter.classifier import load_model
 from atlas_milter.evaluate import evaluate, labelled_items

@@ -201,8 +201,7 @@ def test_cross_eval_shipped_model_on_the_shared_corpus(corpus_dir):
 
 
 def test_strip_verdict_headers_keeps_everything_else():
-    sys.path.insert(0, str(REPO / "scripts"))
-    from online_bench import strip_verdict_headers
+    from scripts.online_bench import strip_verdict_headers
 
     raw = (b"From: a@b.example\r\nX-Spam-Status: No, score=-2.6\r\n\ttests=BAYES_00\r\nSubject: hi\r\n"
            b"X-Spam-Level: \r\n\r\nX-Spam-Status: this line is body text\r\n")
@@ -212,7 +211,7 @@ def test_strip_verdict_headers_keeps_everything_else():
 
 
 def test_online_bench_runs_bogofilter_as_the_yardstick(tmp_path):
-    from conftest import require_binary
+    from tests.support.requirements import require_binary
 
     require_binary("bogofilter")
     folder = write_corpus(tmp_path, "a", HAM_A, SPAM_A, 10)
@@ -225,7 +224,7 @@ def test_online_bench_runs_bogofilter_as_the_yardstick(tmp_path):
 
 
 def test_eval_speed_times_both_sides_on_the_same_test_split(tmp_path):
-    from conftest import require_binary
+    from tests.support.requirements import require_binary
 
     require_binary("bogofilter")
     folder = write_corpus(tmp_path, "a", HAM_A, SPAM_A, 10)

@@ -29,12 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _unavailable, require_binary
-from test_milter_helpers import (
-    MilterProcess, delivered_by_token, load_corpus, milter_workdir, new_token, pick, send_one, unix_spec,
-    wait_milter_active, with_token,
-)
-from servers import free_port, wait_until
+from tests.support.requirements import _unavailable, require_binary
+from tests.support.corpus import load_corpus, pick
+from tests.support.milter_process import milter_workdir, MilterProcess, unix_spec, wait_milter_active
+from tests.support.smtp import delivered_by_token, new_token, send_one, with_token
+from tests.support.servers import free_port, wait_until
 
 from atlas_milter.migrate import DEFAULT_BUSY_TIMEOUT, available_migrations
 

@@ -93,7 +93,7 @@ def hostile_features() -> list[str]:
 
 
 def test_reasons_header_with_hostile_feature_names(tmp_path):
-    from test_milter_adapter import Ctx  # noqa: PLC0415 - the adapter tests' TestCtx
+    from tests.test_milter_adapter import Ctx  # noqa: PLC0415 - the adapter tests' TestCtx
 
     config = load_config(None, {"store.db": str(tmp_path / "v.db"), "statsd.enabled": False}, env={"ENABLE_PARALLEL": "false"})
     pipeline, err = am.make_pipeline(config)

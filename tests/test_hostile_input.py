@@ -358,7 +358,7 @@ def _milter_feed(engine, raw: bytes):
     """Drive the AtlasMilter callbacks the way libmilter does, splitting the message ourselves
     (pymilter's TestCtx parses the message with the email package first, which is not what
     is under test and has its own limits on hostile input)."""
-    from test_milter_adapter import Ctx  # noqa: PLC0415 - reuse the adapter tests' context
+    from tests.test_milter_adapter import Ctx  # noqa: PLC0415 - reuse the adapter tests' context
 
     Milter.factory = functools.partial(am.AtlasMilter, engine)
     ctx = Ctx()
@@ -428,8 +428,8 @@ def test_deep_nesting_in_a_small_thread_stack(tmp_path):
     script = tmp_path / "deep.py"
     script.write_text(
         "import sys, threading\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import test_hostile_input as h\n"
+        f"sys.path.insert(0, {str(REPO)!r})  # the checkout, whose tests package holds the crafted inputs\n"
+        "import tests.test_hostile_input as h\n"
         "from atlas_milter.message import parse_message\n"
         "threading.stack_size(1024 * 1024)\n"
         "out = []\n"

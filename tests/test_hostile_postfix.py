@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from servers import free_port
-from test_hostile_input import CRAFTED
-from test_milter_helpers import (
-    MilterProcess, milter_workdir, new_token, send_one, unix_spec, wait_milter_active, with_token,
-)
+from tests.support.servers import free_port
+from tests.test_hostile_input import CRAFTED
+from tests.support.milter_process import milter_workdir, MilterProcess, unix_spec, wait_milter_active
+from tests.support.smtp import new_token, send_one, with_token
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ import pytest
 from atlas_milter.backfill import Summary, run_backfill
 from atlas_milter.config import load_config
 
-from conftest import require_binary, require_root, start_or_fail
-from servers import DovecotInstance
-from test_imap_support import db_rows, sample_message, stop_listener, wait_for
+from tests.support.requirements import require_binary, require_root, start_or_fail
+from tests.support.servers import DovecotInstance
+from tests.support.imap import db_rows, sample_message, stop_listener, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_binary, require_root, start_or_fail
-from servers import DovecotInstance
-from test_imap_support import (
+from tests.support.requirements import require_binary, require_root, start_or_fail
+from tests.support.servers import DovecotInstance
+from tests.support.imap import (
     with_message_id,
     append_all,
     corpus_messages,
@@ -392,7 +392,7 @@ def test_refused_logins_after_start_back_off_and_recover(dovecot_private, tmp_pa
 def test_junk_moves_made_while_the_listener_was_stopped_are_learned(dovecot, corpus_dir, corpus_index, tmp_path):
     """Stopped, the user moves a message we called ham into Junk and our spam out of it;
     started again, the listener learns both (and each once)."""
-    from test_imap_support import hammy_spam
+    from tests.support.imap import hammy_spam
 
     tag, folder, junk = unique_names()
     db, conf, log = tmp_path / "v.db", tmp_path / "atlas.toml", tmp_path / "idle.log"

@@ -16,7 +16,7 @@ import pytest
 from atlas_milter.classifier import load_model
 from atlas_milter.message import parse_message
 
-from test_imap_support import (
+from tests.support.imap import (
     db_rows, folder_message_ids, hammy_spam, imap_config_toml, last_row, sample_message, stop_listener, unique_names,
     wait_for, with_message_id,
 )

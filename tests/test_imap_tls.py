@@ -1,5 +1,5 @@
 """The IMAP side over real TLS: a private Dovecot with a certificate for `localhost` signed by
-a throw-away CA (tests/servers.py make_test_certificates). Backfill over --tls and --starttls
+a throw-away CA (tests/support/servers.py make_test_certificates). Backfill over --tls and --starttls
 with --ca-file works and writes verdict rows; idle over --tls handles a new message; an
 untrusted certificate, a host name the certificate does not carry and an unreadable
 --ca-file each end in one clear line and a non-zero exit, before any password is sent."""
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from servers import make_test_certificates
-from test_imap_support import last_row, sample_message, stop_listener
-from test_imap_support import db_rows, folder_message_ids, unique_names, wait_for
+from tests.support.servers import make_test_certificates
+from tests.support.imap import last_row, sample_message, stop_listener
+from tests.support.imap import db_rows, folder_message_ids, unique_names, wait_for
 
 SAMPLE = Path(__file__).resolve().parents[1] / "atlas_milter" / "data" / "sample"
 SAMPLES = sorted(p.name for p in SAMPLE.glob("*.eml"))

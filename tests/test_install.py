@@ -59,10 +59,11 @@ import pytest
 
 from atlas_milter import __version__
 from atlas_milter.classifier import load_model
-from conftest import REPO_ROOT, _unavailable, require_binary, require_root, start_or_fail
-from servers import PostfixInstance
-from test_milter_helpers import header, new_token, send_one, with_token
-from test_systemd import unit_settings
+from tests.support.requirements import _unavailable, require_binary, require_root, start_or_fail
+from tests.support.servers import REPO_ROOT
+from tests.support.servers import PostfixInstance
+from tests.support.smtp import header, new_token, send_one, with_token
+from tests.test_systemd import unit_settings
 
 pytestmark = pytest.mark.integration
 

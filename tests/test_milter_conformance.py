@@ -16,7 +16,8 @@ import pytest
 miltertest = pytest.importorskip("miltertest")
 from miltertest import constants as C  # noqa: E402
 
-from test_milter_helpers import MilterProcess, free_port, inet_spec  # noqa: E402
+from tests.support.milter_process import inet_spec, MilterProcess  # noqa: E402
+from tests.support.servers import free_port  # noqa: E402
 
 SAMPLE = resources.files("atlas_milter").joinpath("data", "sample")
 HAM = SAMPLE.joinpath("03-family.eml").read_bytes()
@@ -132,7 +133,7 @@ def rows(proc):
 
 
 def wait_row(proc, queue_id):
-    from servers import wait_until
+    from tests.support.servers import wait_until
 
     box = {}
 

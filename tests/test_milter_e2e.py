@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from test_milter_helpers import (
-    MilterProcess, db_rows, delivered_by_token, header, load_corpus, milter_workdir, new_token, pick, send_one,
-    unix_spec, wait_milter_active, with_token,
-)
+from tests.support.corpus import load_corpus, pick
+from tests.support.milter_process import db_rows, milter_workdir, MilterProcess, unix_spec, wait_milter_active
+from tests.support.smtp import delivered_by_token, header, new_token, send_one, with_token
 
 pytestmark = pytest.mark.integration
 
@@ -178,7 +177,7 @@ def test_stop_signals_flush_the_records_and_sigusr2_is_at_once(postfix, workdir,
 def test_statsd_unresolvable_or_unreachable_mail_still_flows(postfix, workdir, messages, statsd, complaint):
     """StatsD is a side channel: a name that does not resolve or a port nobody listens on
     changes nothing for the mail: tagged, recorded, no traceback."""
-    from servers import free_port
+    from tests.support.servers import free_port
 
     config = BASE_CONFIG.replace("[statsd]\nenabled = false\n", "")
     config += "[statsd]\nenabled = true\n" + statsd.replace("PORT", str(free_port("udp"))) + "\n"

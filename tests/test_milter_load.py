@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_milter_helpers import (
-    TOKEN_HEADER, MilterProcess, accepted_and_refused, load_corpus, milter_workdir, new_token, send_one, unix_spec,
-    wait_milter_active, with_token,
-)
+from tests.support.corpus import load_corpus
+from tests.support.milter_process import milter_workdir, MilterProcess, unix_spec, wait_milter_active
+from tests.support.smtp import TOKEN_HEADER, accepted_and_refused, new_token, send_one, with_token
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import pytest
 
 from atlas_milter.adapters import milter as am
 from atlas_milter.adapters.milter.loop import MAX_PACKET, LoopServer, packet
-from test_milter_adapter import HAM, SPAM, make_engine
+from tests.test_milter_adapter import HAM, SPAM, make_engine
 
 ALL_ACTIONS = 0x1FF
 ALL_PROTOCOL = 0x1FFFFF  # what Postfix 3.7 offers

@@ -24,7 +24,7 @@ from atlas_milter.classifier import load_model, save_model
 from atlas_milter.config import load_config
 from atlas_milter.reload import COUNTER_RELOAD_FAILED, COUNTER_RELOAD_OK, GAUGE_RELOAD_FAILING
 
-from test_milter_adapter import HAM, SPAM, feed, rows  # noqa: E402 - the adapter tests' helpers
+from tests.test_milter_adapter import HAM, SPAM, feed, rows  # noqa: E402 - the adapter tests' helpers
 
 
 @pytest.fixture(scope="module")

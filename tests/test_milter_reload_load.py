@@ -29,11 +29,10 @@ from pathlib import Path
 import pytest
 
 from atlas_milter.classifier import load_model, save_model
-from servers import wait_until
-from test_milter_helpers import (
-    TOKEN_HEADER, MilterProcess, accepted_and_refused, load_corpus, milter_workdir, new_token, pick, send_one,
-    unix_spec, wait_milter_active, with_token,
-)
+from tests.support.servers import wait_until
+from tests.support.corpus import load_corpus, pick
+from tests.support.milter_process import milter_workdir, MilterProcess, unix_spec, wait_milter_active
+from tests.support.smtp import TOKEN_HEADER, accepted_and_refused, new_token, send_one, with_token
 
 CLIENTS = 8
 N_HAM, N_SPAM = 240, 240

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_or_fail
-from servers import REPO_ROOT, SendmailInstance, private_tmpdir, wait_until
-from test_milter_helpers import (
-    TOKEN_HEADER, MilterProcess, db_rows, header, load_corpus, new_token, pick, send_one, with_token,
-)
+from tests.support.requirements import start_or_fail
+from tests.support.servers import REPO_ROOT, private_tmpdir, SendmailInstance, wait_until
+from tests.support.corpus import load_corpus, pick
+from tests.support.milter_process import db_rows, MilterProcess
+from tests.support.smtp import TOKEN_HEADER, header, new_token, send_one, with_token
 
 pytestmark = pytest.mark.integration
 

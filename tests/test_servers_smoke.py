@@ -10,7 +10,7 @@ from email.message import EmailMessage
 
 import pytest
 
-from servers import parse_inspect
+from tests.support.servers import parse_inspect
 
 def _message(subject: str, msgid: str) -> EmailMessage:
     msg = EmailMessage()

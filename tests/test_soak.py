@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-from servers import free_port
-from test_milter_helpers import MilterProcess, milter_workdir, unix_spec, wait_milter_active
+from tests.support.servers import free_port
+from tests.support.milter_process import milter_workdir, MilterProcess, unix_spec, wait_milter_active
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import soak  # noqa: E402
+from scripts import soak
 
 pytestmark = pytest.mark.integration
 

@@ -137,8 +137,9 @@ def test_classify_sends_timers_and_counters(statsd_daemon, tmp_path):
 # --- Postfix → milter → StatsD (and the milter's /performance.json) ----------------------
 
 def test_milter_through_postfix_sends_metrics(statsd_daemon, postfix, tmp_path_factory):
-    from servers import free_port
-    from test_milter_helpers import MilterProcess, inet_spec, new_token, send_one, wait_milter_active, with_token
+    from tests.support.servers import free_port
+    from tests.support.milter_process import inet_spec, MilterProcess, wait_milter_active
+    from tests.support.smtp import new_token, send_one, with_token
 
     workdir = tmp_path_factory.mktemp("statsd-milter")
     prefix = f"atlas_milter_e2e_{uuid.uuid4().hex[:8]}"
@@ -193,7 +194,7 @@ def test_milter_reload_outcome_reaches_statsd(statsd_daemon, tmp_path):
     import os
     import signal
 
-    from test_milter_helpers import MilterProcess
+    from tests.support.milter_process import MilterProcess
 
     prefix = f"atlas_reload_e2e_{uuid.uuid4().hex[:8]}"
     model = tmp_path / "model.json.gz"

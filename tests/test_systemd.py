@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_binary
+from tests.support.requirements import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))

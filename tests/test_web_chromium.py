@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_binary
+from tests.support.requirements import require_binary
 
 from atlas_milter import web
 from atlas_milter.config import load_config

@@ -1,32 +1,24 @@
-"""Helpers for the milter tests and scripts/milter_bench.py (no tests in this module):
-run `atlas-milter milter` as a real subprocess, wait for its socket, stop it, read its
-log and its RSS; load shared-corpus messages; send mail over SMTP with a unique token."""
+"""Run `atlas-milter milter` as a real subprocess for the tests and the bench scripts: its
+socket spec for libmilter and Postfix, start and wait for its socket, stop it, read its log,
+summary and RSS; its verdict rows; a private work directory Postfix can reach."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
 import signal
-import smtplib
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-from typing import Iterable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tests.support.servers import REPO_ROOT, tcp_port_listening, wait_until
+from tests.support.smtp import new_token, send_one, with_token
 
-from servers import free_port, tcp_port_listening, wait_until  # noqa: E402
-
-TOKEN_HEADER = "X-Test-Token"  # not X-Atlas-*: the milter removes those as forged
 _SUMMARY_RE = re.compile(r"atlas-milter stopped: (\{.*\})")
 
 
@@ -149,71 +141,6 @@ class MilterProcess:
         self.stop()
 
 
-# --------------------------------------------------------------------- corpus and SMTP
-
-
-def read_index(corpus_dir: Path, split: str | None = None) -> list[dict]:
-    """The rows of the corpus's index.csv (of `split` when given), ordered by content hash:
-    ham and spam mixed, in the same order on every run."""
-    with open(Path(corpus_dir) / "index.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
-    rows.sort(key=lambda r: r["path"].rsplit("/", 1)[-1].split(".")[-1])
-    return rows
-
-
-def load_corpus(corpus_dir: Path, rows: Iterable[dict]) -> list[tuple[dict, bytes]]:
-    """(row, raw bytes) with any mbox "From " line removed (it is not a header)."""
-    out = []
-    for row in rows:
-        raw = (Path(corpus_dir) / row["path"]).read_bytes()
-        if raw.startswith(b"From "):
-            raw = raw.split(b"\n", 1)[1] if b"\n" in raw else b""
-        out.append((row, raw))
-    return out
-
-
-def pick(rows: list[dict], split: str, n_ham: int, n_spam: int) -> list[dict]:
-    """A deterministic mix: every k-th message of each label in `split`."""
-    out = []
-    for label, n in (("ham", n_ham), ("spam", n_spam)):
-        cand = [r for r in rows if r["split"] == split and r["label"] == label]
-        step = max(1, len(cand) // max(n, 1))
-        out.extend(cand[::step][:n])
-    return out
-
-
-def with_token(raw: bytes, token: str) -> bytes:
-    """The message with a first header carrying a unique token (to find it after delivery)."""
-    eol = b"\r\n" if b"\r\n" in raw[:2000] else b"\n"
-    return f"{TOKEN_HEADER}: {token}".encode() + eol + raw
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex
-
-
-def send_one(host: str, port: int, raw: bytes, rcpts: list[str], sender: str = "sender@remote.test",
-             timeout: float = 60.0) -> tuple[int, str]:
-    """One SMTP session, one message. Returns (code, text) of the final reply: 250 when
-    accepted, the milter's 5xx/4xx when refused at end of data or earlier."""
-    try:
-        with smtplib.SMTP(host, port, timeout=timeout) as smtp:
-            refused = smtp.sendmail(sender, rcpts, raw)
-            if refused:
-                code, text = next(iter(refused.values()))
-                return code, text.decode(errors="replace")
-            return 250, "ok"
-    except smtplib.SMTPDataError as exc:
-        return exc.smtp_code, exc.smtp_error.decode(errors="replace")
-    except smtplib.SMTPRecipientsRefused as exc:
-        code, text = next(iter(exc.recipients.values()))
-        return code, text.decode(errors="replace")
-    except smtplib.SMTPSenderRefused as exc:
-        return exc.smtp_code, exc.smtp_error.decode(errors="replace")
-    except smtplib.SMTPResponseException as exc:
-        return exc.smtp_code, exc.smtp_error.decode(errors="replace")
-
-
 def wait_milter_active(postfix, raw: bytes, timeout: float = 20.0) -> None:
     """After `postfix.milter_set(...)`: smtpd processes started before the reload may take
     one more connection without the milter. Send probes until one comes back tagged."""
@@ -230,36 +157,6 @@ def wait_milter_active(postfix, raw: bytes, timeout: float = 20.0) -> None:
     raise AssertionError("milter never became active in Postfix")
 
 
-def wait_queue_empty(queue_dir: Path, timeout: float = 120.0, interval: float = 0.1) -> None:
-    """Wait until Postfix has no message left in incoming/active/deferred/maildrop/hold."""
-    def empty() -> bool:
-        for sub in ("incoming", "active", "deferred", "maildrop"):
-            d = Path(queue_dir) / sub
-            if d.is_dir() and any(p.is_file() for p in d.rglob("*")):
-                return False
-        return True
-
-    wait_until(empty, timeout=timeout, what="postfix queue to drain", interval=interval)
-
-
-def delivered_by_token(postfix, tokens: set[str], timeout=60.0) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    deadline = time.monotonic() + timeout
-    pattern = re.compile(rb"^" + TOKEN_HEADER.encode() + rb": ([0-9a-f]{32})", re.M)
-    while time.monotonic() < deadline:
-        for path in postfix.mailbox_messages():
-            data = path.read_bytes()
-            m = pattern.search(data)
-            if m and m.group(1).decode() in tokens:
-                tok = m.group(1).decode()
-                assert tok not in found or found[tok] == data, f"message {tok} delivered twice"
-                found[tok] = data
-        if len(found) == len(tokens):
-            break
-        time.sleep(0.2)
-    return found
-
-
 def db_rows(proc: MilterProcess) -> list[dict]:
     con = sqlite3.connect(proc.db)
     con.row_factory = sqlite3.Row
@@ -269,34 +166,9 @@ def db_rows(proc: MilterProcess) -> list[dict]:
         con.close()
 
 
-def header(data: bytes, name: str) -> list[str]:
-    head = data.split(b"\n\n", 1)[0].replace(b"\r\n", b"\n")
-    return [m.decode().strip() for m in re.findall(rb"^" + name.encode() + rb": (.*)$", head, re.M | re.I)]
-
-
-def accepted_and_refused(replies: dict[str, tuple[int, str]]) -> tuple[set[str], set[str]]:
-    """Tokens answered 250 and tokens refused with 550 + a reference id; any other answer
-    (a tempfail, a surprise) fails the test."""
-    codes: dict[int, int] = {}
-    for code, _ in replies.values():
-        codes[code] = codes.get(code, 0) + 1
-    assert set(codes) <= {250, 550}, codes  # nothing tempfailed, nothing odd
-    accepted = {tok for tok, (code, _) in replies.items() if code == 250}
-    refused = {tok for tok, (code, _) in replies.items() if code == 550}
-    assert all(re.search(r"ref [0-9A-F]{10}", replies[t][1]) for t in refused)
-    return accepted, refused
-
-
 def milter_workdir(prefix: str) -> Path:
     """A fresh 0755 directory under /tmp for a milter's socket, config, log and database:
     Postfix's smtpd and cleanup (user postfix) must be able to reach the socket in it."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(path, 0o755)
     return path
-
-
-__all__ = [
-    "MilterProcess", "free_port", "inet_spec", "unix_spec", "load_corpus", "pick", "with_token", "new_token",
-    "send_one", "wait_queue_empty", "wait_milter_active", "TOKEN_HEADER",
-    "delivered_by_token", "db_rows", "header", "accepted_and_refused", "milter_workdir", "read_index",
-]

@@ -46,7 +46,7 @@ MAIL_DOMAIN = "example.test"
 MAIL_USER = "user@example.test"
 VIRTUAL_UID = 65534  # nobody/nogroup: valid for virtual(8) (>= 100) and Dovecot (>= 500)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STATSD_DIR = REPO_ROOT / ".cache" / "statsd"  # filled by scripts/bootstrap.sh --system
 SENDMAIL_TREE = REPO_ROOT / ".cache" / "sendmail" / "root"  # likewise (dpkg-deb -x of sendmail-*)
 
@@ -1014,7 +1014,7 @@ class SendmailInstance(_Server):
         b = self.base
         return f"""\
 divert(-1)
-Private atlas-milter test instance (tests/servers.py SendmailInstance); built with
+Private atlas-milter test instance (tests/support/servers.py SendmailInstance); built with
 m4 -D_CF_DIR_={self.tree / self.CF_DIR}/ cf.m4 sendmail.mc > sendmail.cf
 divert(0)dnl
 VERSIONID(`atlas-milter test instance')dnl
