@@ -11,7 +11,7 @@ a failed send is counted as `statsd.errors`, an unresolvable host disables Stats
 one warning at configure time.
 
 Threads: any thread may record; the flusher thread owns the StatsD socket.
-Until `configure_monitoring` is called, metrics are kept in memory and StatsD is off.
+Until `PerformanceMetrics.configure` (or `configure_from_config`) is called, metrics are kept in memory and StatsD is off.
 """
 
 from __future__ import annotations
@@ -341,25 +341,15 @@ def performance_monitor(name: str) -> _StageTimer:
     return _StageTimer(name)
 
 
-def configure_monitoring(
-    enabled: bool,
-    statsd_host: str | None = "127.0.0.1",
-    statsd_port: int = 8125,
-    prefix: str = "atlas",
-    flush_interval: float = 1.0,
-) -> PerformanceMetrics:
-    """Configure the process-wide metrics; returns them."""
-    metrics = PerformanceMetrics.get_instance()
-    metrics.configure(enabled, statsd_host, statsd_port, prefix, flush_interval)
-    return metrics
-
-
 def configure_from_config(config: Config) -> PerformanceMetrics:
-    """`configure_monitoring` from `[features] monitoring` and the `[statsd]` section."""
+    """Configure the process-wide metrics from `[features] monitoring` and the `[statsd]`
+    section; returns them."""
     sd = config.statsd
-    return configure_monitoring(
+    metrics = PerformanceMetrics.get_instance()
+    metrics.configure(
         enabled=config.features.monitoring,
         statsd_host=sd.host if sd.enabled else None,
         statsd_port=sd.port,
         prefix=sd.prefix,
     )
+    return metrics

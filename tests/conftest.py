@@ -43,6 +43,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.fixture
+def metrics():
+    """The process-wide PerformanceMetrics, recording, StatsD off, empty before and after."""
+    from atlas_milter.monitor import PerformanceMetrics
+
+    m = PerformanceMetrics.get_instance()
+    m.configure(enabled=True, statsd_host=None)
+    m.reset()
+    yield m
+    m.configure(enabled=True, statsd_host=None)
+    m.reset()
+
+
 # ------------------------------------------------------------------ corpus
 
 

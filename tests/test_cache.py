@@ -4,7 +4,6 @@ import pytest
 
 from atlas_milter import cache
 from atlas_milter.cache import ClassificationCache
-from atlas_milter.monitor import configure_monitoring
 from atlas_milter.verdict import SPAM, Verdict
 
 
@@ -14,14 +13,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def metrics():
-    m = configure_monitoring(enabled=True, statsd_host=None)
-    m.reset()
-    yield m
-    m.reset()
 
 
 def test_hit_and_miss_are_counted(metrics):

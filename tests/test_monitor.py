@@ -13,18 +13,8 @@ from atlas_milter.monitor import (
     COUNTER_STATSD_ERRORS,
     PerformanceMetrics,
     configure_from_config,
-    configure_monitoring,
     performance_monitor,
 )
-
-
-@pytest.fixture
-def metrics():
-    m = configure_monitoring(enabled=True, statsd_host=None)
-    m.reset()
-    yield m
-    configure_monitoring(enabled=True, statsd_host=None)
-    m.reset()
 
 
 @pytest.fixture
@@ -100,7 +90,7 @@ def test_decorator_times_returns_and_reraises(metrics):
 
 
 def test_disabled_records_nothing(metrics):
-    configure_monitoring(enabled=False)
+    PerformanceMetrics.get_instance().configure(enabled=False)
 
     @performance_monitor("parse")
     def parse() -> str:
@@ -132,7 +122,7 @@ def test_counters_gauges_and_reset(metrics):
 
 def test_statsd_receives_timers_counters_gauges(metrics, fake_statsd):
     port = fake_statsd.getsockname()[1]
-    configure_monitoring(enabled=True, statsd_host="127.0.0.1", statsd_port=port, flush_interval=60)
+    PerformanceMetrics.get_instance().configure(enabled=True, statsd_host="127.0.0.1", statsd_port=port, flush_interval=60)
     metrics.record("parse", 0.00123)
     metrics.record("parse", 0.002)
     metrics.incr(monitor.verdict_counter("spam"), 3)
@@ -148,14 +138,14 @@ def test_statsd_receives_timers_counters_gauges(metrics, fake_statsd):
 
 def test_flusher_thread_sends_without_explicit_flush(metrics, fake_statsd):
     port = fake_statsd.getsockname()[1]
-    configure_monitoring(enabled=True, statsd_host="127.0.0.1", statsd_port=port, prefix="t", flush_interval=0.02)
+    PerformanceMetrics.get_instance().configure(enabled=True, statsd_host="127.0.0.1", statsd_port=port, prefix="t", flush_interval=0.02)
     metrics.incr("cache.miss")
     assert "t.cache.miss:1|c" in received_lines(fake_statsd, r"t\.cache\.miss:1\|c")
 
 
 def test_shutdown_flushes_what_is_left(metrics, fake_statsd):
     port = fake_statsd.getsockname()[1]
-    configure_monitoring(enabled=True, statsd_host="127.0.0.1", statsd_port=port, flush_interval=60)
+    PerformanceMetrics.get_instance().configure(enabled=True, statsd_host="127.0.0.1", statsd_port=port, flush_interval=60)
     with performance_monitor("total"):
         pass
     metrics.shutdown()
@@ -165,7 +155,7 @@ def test_shutdown_flushes_what_is_left(metrics, fake_statsd):
 def test_no_statsd_server_listening_is_not_an_error(metrics, fake_statsd):
     port = fake_statsd.getsockname()[1]
     fake_statsd.close()  # nothing listens on the port now
-    configure_monitoring(enabled=True, statsd_host="127.0.0.1", statsd_port=port, flush_interval=60)
+    PerformanceMetrics.get_instance().configure(enabled=True, statsd_host="127.0.0.1", statsd_port=port, flush_interval=60)
     metrics.record("parse", 0.001)
     metrics.flush()
     metrics.record("parse", 0.001)
@@ -175,7 +165,7 @@ def test_no_statsd_server_listening_is_not_an_error(metrics, fake_statsd):
 
 def test_unresolvable_host_warns_once_and_disables_statsd(metrics, caplog):
     with caplog.at_level(logging.WARNING, logger="atlas_milter.monitor"):
-        configure_monitoring(enabled=True, statsd_host="statsd.invalid", statsd_port=8125)
+        PerformanceMetrics.get_instance().configure(enabled=True, statsd_host="statsd.invalid", statsd_port=8125)
     assert len(caplog.records) == 1
     assert "statsd.invalid" in caplog.records[0].getMessage()
     metrics.record("parse", 0.001)  # in-memory metrics still work
@@ -185,7 +175,7 @@ def test_unresolvable_host_warns_once_and_disables_statsd(metrics, caplog):
 
 def test_send_error_is_counted_not_raised(metrics):
     # Sending to the broadcast address without SO_BROADCAST fails with EACCES.
-    configure_monitoring(enabled=True, statsd_host="255.255.255.255", statsd_port=8125, flush_interval=60)
+    PerformanceMetrics.get_instance().configure(enabled=True, statsd_host="255.255.255.255", statsd_port=8125, flush_interval=60)
     metrics.record("parse", 0.001)
     metrics.flush()
     assert metrics.get_counters()[COUNTER_STATSD_ERRORS] >= 1
@@ -202,7 +192,7 @@ def frequent_thread_switches():
 
 def test_many_threads_recording_add_up(metrics, fake_statsd, frequent_thread_switches):
     port = fake_statsd.getsockname()[1]
-    configure_monitoring(enabled=True, statsd_host="127.0.0.1", statsd_port=port, flush_interval=0.005)
+    PerformanceMetrics.get_instance().configure(enabled=True, statsd_host="127.0.0.1", statsd_port=port, flush_interval=0.005)
     threads_n, per_thread = 8, 2000
     start = threading.Barrier(threads_n)
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from atlas_milter.monitor import GAUGE_POOL_INFLIGHT, configure_monitoring
+from atlas_milter.monitor import GAUGE_POOL_INFLIGHT
 from atlas_milter.pool import ItemError, ParallelEmailProcessor, PoolBusy
 
 # Worker-side functions must be top-level so worker processes can import them.
@@ -34,14 +34,6 @@ def _wait_until(predicate, timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.001)
-
-
-@pytest.fixture
-def metrics():
-    m = configure_monitoring(enabled=True, statsd_host=None)
-    m.reset()
-    yield m
-    m.reset()
 
 
 @pytest.mark.parametrize("workers", [1, 3])
