@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import sys
 from collections import Counter
 from importlib import resources
@@ -54,7 +53,7 @@ class Stopped(Exception):
     close the pipeline and so flush every accepted verdict record to the database."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signals.name(signum))
         self.signum = signum
 
 

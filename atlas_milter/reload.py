@@ -12,7 +12,6 @@ untouched. Reloads never overlap (one lock for the process).
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from typing import Callable, Iterable
@@ -20,7 +19,7 @@ from typing import Callable, Iterable
 from atlas_milter.errors import AtlasError
 from atlas_milter.monitor import PerformanceMetrics
 from atlas_milter.notify import sd_notify
-from atlas_milter.signals import RELOAD_SIGNAL
+from atlas_milter.signals import RELOAD_SIGNAL, wait
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def start_reload_thread(on_signal: Callable[[], object], signals: Iterable[int] 
 
     def loop() -> None:
         while True:
-            signal.sigwait(wanted)
+            wait(wanted)
             try:
                 on_signal()
             except Exception:  # on_signal reports its own failures; this is a last resort

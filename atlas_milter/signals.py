@@ -19,6 +19,16 @@ INTERRUPT_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})  # what stops a c
 IDLE_RELOAD_SIGNALS = frozenset({signal.SIGHUP, RELOAD_SIGNAL})
 
 
+def name(signum: int) -> str:
+    """SIGTERM, SIGUSR1, ...: how logs and messages name a signal."""
+    return signal.Signals(signum).name
+
+
+def wait(signals: Iterable[int]) -> int:
+    """Wait in this thread until one of `signals` (blocked in every thread) arrives; return it."""
+    return signal.sigwait(set(signals))
+
+
 def block(signals: Iterable[int]) -> set[int]:
     """Block `signals` in the calling thread and every thread it starts from now on;
     returns the previous mask (for `restore`)."""

@@ -19,6 +19,7 @@ HOMES = {
     "imapclient": {"adapters/imap/connection.py", "adapters/imap/session.py", "adapters/imap/fetch.py",
                    "adapters/imap/listener.py"},
     "sqlite_utils": {"store.py", "migrate.py"},
+    "signal": {"signals.py"},  # one way of handling signals for every daemon and the CLI
     "cachetools": {"cache.py"},
     "statsd": {"monitor.py"},
 }
