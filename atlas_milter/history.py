@@ -53,7 +53,7 @@ def parse_since(text: str, now: datetime | None = None) -> str:
         try:
             moment = datetime.fromisoformat(value)
         except ValueError:
-            raise AtlasError(f"--since {text}: use an age such as 30m, 1h, 2d, 1w or an ISO date such as "
+            raise AtlasError(f"--since {terminal_safe(text)}: use an age such as 30m, 1h, 2d, 1w or an ISO date such as "
                              f"{date.today().isoformat()}") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)

@@ -7,7 +7,8 @@ history page (the first and any filtered one) in <= 100 ms on 1,000,000 rows.
 Builds the database in a temporary directory (or --workdir) with the product's migrations,
 then bulk-inserts --rows decisions in one transaction (executemany: the benchmark is about
 reads, so it does not pay the bulk writer's per-flush work): 30 days of mail, newest last;
-verdicts 60% ham, 30% spam, 10% unsure; sender domains drawn from 5,000 with a long tail;
+verdicts 60% ham, 30% spam, 10% unsure; sender domains drawn from 5,000 with a long tail,
+and one campaign domain with every 10th message of the first ten days and none since;
 80% milter, 15% IMAP, 5% backfill; rejects carry a reply reference in the note as the
 milter writes it. Each page is then read through `atlas_milter.history` (the call the CLI
 makes, read-only connection included) --runs times; the median and the slowest run are
@@ -33,8 +34,9 @@ BAR_MS = 100.0
 DAYS = 30
 DOMAINS = [f"sender{i}.example" for i in range(5000)]
 RARE_DOMAIN = DOMAINS[-1]
+BURST_DOMAIN = "burst.example"
 PAGES = ("first page", "--before (page 200)", "--verdict spam", "--verdict unsure --before", "--action reject",
-         "--sender-domain common", "--sender-domain rare", "--since 1h", "--since now (empty)", "--since 2d", "--since 2d --verdict spam",
+         "--sender-domain common", "--sender-domain rare", "--since 1h", "--since now (empty)", "--since 2d", "--since 2d --verdict spam", "--since 2d --sender-domain burst (none)",
          "--verdict spam --sender-domain", "--verdict unsure --sender-domain rare",
          "--action quarantine --verdict ham",
          "--verdict ham --action move", "--verdict spam --action none --sender-domain common", "explain REF", "explain MESSAGE_ID", "explain QUEUE_ID")
@@ -51,6 +53,8 @@ def rows(n: int, seed: int = 19):
         verdict = rnd.choices(("ham", "spam", "unsure"), (60, 30, 10))[0]
         source = rnd.choices(("milter", "imap", "backfill"), (80, 15, 5))[0]
         domain = DOMAINS[min(int(rnd.paretovariate(1.2)) - 1, len(DOMAINS) - 1)]
+        if i < n // 3 and i % 10 == 0:
+            domain = BURST_DOMAIN  # a campaign in the first ten days, silent since
         action, note = "tag", None
         if source == "milter" and verdict == "spam":
             action = rnd.choice(("reject", "reject", "quarantine", "tag"))
@@ -100,7 +104,7 @@ def page_calls(db: Path, n: int, limit: int) -> dict:
         page(), page(before=deep), page(verdict="spam"), page(verdict="unsure", before=deep), page(action="reject"),
         page(sender_domain=DOMAINS[0]), page(sender_domain=RARE_DOMAIN), page(since="1h"),
         page(since=datetime.now(timezone.utc).isoformat()), page(since="2d"),
-        page(since="2d", verdict="spam"), page(verdict="spam", sender_domain=DOMAINS[3]),
+        page(since="2d", verdict="spam"), page(since="2d", sender_domain=BURST_DOMAIN), page(verdict="spam", sender_domain=DOMAINS[3]),
         page(verdict="unsure", sender_domain=RARE_DOMAIN), page(action="quarantine", verdict="ham"),
         page(verdict="ham", action="move"), page(verdict="spam", action="none", sender_domain=DOMAINS[0]),
         explain(ref_row[0].removeprefix("ref=") if ref_row else "none"), explain(mid.strip("<>")), explain(qid),
