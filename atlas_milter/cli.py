@@ -262,6 +262,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from atlas_milter import history
+    print(history.render_history(history.history(_load_config(args).store.db, limit=args.limit, since=args.since, verdict=args.verdict,
+                                                 action=args.action, sender_domain=args.sender_domain, before=args.before), args.json))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from atlas_milter import history
+    found = history.explain(_load_config(args).store.db, args.key, args.id)
+    print(history.render_explain(found, args.json))
+    if len(found.matches) > 1:
+        raise AtlasError(f"{len(found.matches)} decisions match; pick one with --id ID")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from atlas_milter.classifier import load_model
     from atlas_milter.config import config_as_dict
@@ -499,11 +515,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the IMAP rows written before accounts were part of the key (migration 0004) to account NAME")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("stats", parents=[common], help="totals, top sender domains and latency from a database")
-    p.add_argument("--db", metavar="PATH")
+    reader = argparse.ArgumentParser(add_help=False)  # the commands that read the database
+    reader.add_argument("--db", metavar="PATH")
+    reader.add_argument("--json", action="store_true")
+    p = sub.add_parser("stats", parents=[common, reader], help="totals, top sender domains and latency from a database")
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("history", parents=[common, reader], help="the latest decisions, newest first, a page at a time")
+    p.add_argument("--since", metavar="AGE|DATE", help="30m, 1h, 2d, 1w ago or an ISO date/time (UTC)")
+    for flag, meta in (("--verdict", "V"), ("--action", "A"), ("--sender-domain", "DOMAIN")):
+        p.add_argument(flag, metavar=meta, help=f"only decisions with this {flag[2:].replace('-', ' ')}")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="rows per page (default 50)")
+    p.add_argument("--before", type=int, metavar="ID", help="the decisions older than ID (the next page)")
+    p.set_defaults(func=cmd_history)
+    p = sub.add_parser("explain", parents=[common, reader], help="everything recorded about one decision")
+    p.add_argument("key", nargs="?", metavar="REF|QUEUE_ID|MESSAGE_ID", help="the 550 reply's ref, queue id or Message-ID")
+    p.add_argument("--id", type=int, metavar="ID", help="the decision with this id (picks one of several)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("bench", parents=[common], help="measure the optimised pipeline against the plain path")
     mode = p.add_mutually_exclusive_group()

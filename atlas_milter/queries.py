@@ -171,3 +171,82 @@ def already_learned(db: str | Path, message_id: str, label: str, *, account: str
     """Has `account`'s listener learned this message with this label already?"""
     return bool(_lookup(db, "SELECT 1 FROM learning_events WHERE message_id = ? AND label = ? AND account = ? LIMIT 1",
                         (message_id, label, account)))
+
+
+# -- history and explain: the admin's questions about past decisions ----------------------
+# Pages are keyset-paginated on id, newest first: a page is "the `limit` rows with id below
+# `before`", so rows written while someone pages never shift a page or repeat a row.
+# Every filter is an equality or a range on an indexed column (migration 0005).
+
+HISTORY_COLUMNS = ("id", "created_at", "source", "account", "folder", "uidvalidity", "uid", "queue_id", "message_id",
+                   "sender", "sender_domain", "recipients_count", "subject", "score", "verdict", "action", "reasons")
+_HISTORY_FILTERS = {  # option -> the clause it adds; the value is always a parameter
+    "since": "created_at >= ?",
+    "verdict": "verdict = ?",
+    "action": "action = ?",
+    "sender_domain": "sender_domain = ?",
+    "before": "id < ?",
+}
+# The same expression and WHERE as idx_processed_emails_ref (0005), so the index serves it.
+_REF_MATCH = "instr(note, 'ref=') > 0 AND substr(note, instr(note, 'ref=') + 4) = ?"
+MATCH_LIMIT = 20  # rows `find_decisions` returns at most
+SMALL_RANGE = 2000  # a `since` range of fewer rows is read through the created_at index
+
+
+def _rows(conn: sqlite3.Connection, sql: str, params: tuple) -> list[dict[str, Any]]:
+    cursor = conn.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor]
+
+
+def history_sql(filters: dict[str, Any], limit: int, by_time: bool = False) -> tuple[str, tuple]:
+    """The history query for these filters ({option: value}, None values left out). With
+    `by_time`, it reads the created_at index (the `since` range) and sorts what it finds."""
+    used = [(k, v) for k, v in filters.items() if v is not None]
+    for key, _ in used:
+        if key not in _HISTORY_FILTERS:
+            raise ValueError(f"history: unknown filter {key}")
+    where = " AND ".join(_HISTORY_FILTERS[k] for k, _ in used) or "1"
+    source = "processed_emails INDEXED BY idx_processed_emails_created_at" if by_time else "processed_emails"
+    sql = f"SELECT {', '.join(HISTORY_COLUMNS)} FROM {source} WHERE {where} ORDER BY id DESC LIMIT ?"
+    return sql, (*(v for _, v in used), limit)
+
+
+def history(db_path: str | Path, limit: int = 50, **filters: Any) -> list[dict[str, Any]]:
+    """The latest decisions, newest first: at most `limit` rows matching every filter given
+    (since: an ISO time, created_at >= it; verdict; action; sender_domain; before: an id)."""
+
+    def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+        # SQLite walks the ids down and tests created_at on each row: quick when the range
+        # holds many rows (the newest are in it), a scan of the table when it holds none
+        # (a quiet hour). A range of few rows is read from its index and sorted instead.
+        by_time = filters.get("since") is not None and conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM processed_emails WHERE created_at >= ? LIMIT ?)",
+            (filters["since"], SMALL_RANGE)).fetchone()[0] < SMALL_RANGE
+        return _rows(conn, *history_sql(filters, limit, by_time))
+
+    return _read(db_path, run)
+
+
+def find_sql(key: str) -> tuple[str, tuple]:
+    """One query for the decisions whose reply reference, queue id or Message-ID is `key`."""
+    bare = key.strip().strip("<>")
+    sql = (f"SELECT * FROM processed_emails WHERE id IN ("
+           f"SELECT id FROM processed_emails WHERE {_REF_MATCH} "
+           f"UNION SELECT id FROM processed_emails WHERE queue_id = ? "
+           f"UNION SELECT id FROM processed_emails WHERE message_id IN (?, ?)) ORDER BY id DESC LIMIT ?")
+    return sql, (bare.upper(), key.strip(), f"<{bare}>", bare, MATCH_LIMIT)
+
+
+def find_decisions(db_path: str | Path, key: str) -> list[dict[str, Any]]:
+    """Every column of the decisions (newest first, at most MATCH_LIMIT) found by the
+    reference printed in a 550/451 reply, the MTA queue id, or the Message-ID (with or
+    without <>)."""
+    sql, params = find_sql(key)
+    return _read(db_path, lambda conn: _rows(conn, sql, params))
+
+
+def decision(db_path: str | Path, row_id: int) -> dict[str, Any] | None:
+    """Every column of the decision with this id, or None."""
+    rows = _read(db_path, lambda conn: _rows(conn, "SELECT * FROM processed_emails WHERE id = ?", (row_id,)))
+    return rows[0] if rows else None

@@ -69,7 +69,7 @@ pytestmark = pytest.mark.integration
 
 SAMPLE_HAM = "01-team-meeting.eml"
 SAMPLE_SPAM = "08-pharmacy.eml"
-ALL_MIGRATIONS = "0001_initial, 0002_add_performance_indexes, 0003_imap_lookups, 0004_imap_accounts"
+ALL_MIGRATIONS = "0001_initial, 0002_add_performance_indexes, 0003_imap_lookups, 0004_imap_accounts, 0005_history_lookups"
 SERVICE_USER = "atlas-milter"
 VERDICT_LINE = re.compile(r"^(SPAM|HAM|UNSURE) +\d\.\d{3}  ")
 
@@ -171,7 +171,7 @@ def test_wheel_holds_every_file_of_the_package(release: Release):
     assert package - names == set(), "files of atlas_milter/ missing from the wheel (pyproject.toml package-data)"
     assert {n for n in names if n.startswith("atlas_milter/")} == package
     for needed in ("data/default-model.json.gz", "data/sample/12-broken-mime.eml", "migrations/0003_imap_lookups.sql",
-                   "migrations/0004_imap_accounts.sql",
+                   "migrations/0004_imap_accounts.sql", "migrations/0005_history_lookups.sql",
                    "py.typed"):
         assert f"atlas_milter/{needed}" in names
 
@@ -247,7 +247,7 @@ def test_installed_release_runs_from_anywhere(release: Release, reference: dict,
 
     assert run([exe, "migrate", "--db", "v.db"], cwd=work).stdout == f"applied {ALL_MIGRATIONS}\n"
     status = run([exe, "migrate", "--db", "v.db", "--status"], cwd=work).stdout.splitlines()
-    assert len(status) == len(ALL_MIGRATIONS.split(", ")) == 4 and all(" applied " in line for line in status), status
+    assert len(status) == len(ALL_MIGRATIONS.split(", ")) == 5 and all(" applied " in line for line in status), status
     checked = run([exe, "check-config", "--config", release.src / "conf/atlas-milter.toml"], cwd=work)
     assert json.loads(checked.stdout)["store"]["db"] == "atlas-milter.db"
     assert checked.stderr.startswith(f"model {load_model().version}: spam cutoff ")
