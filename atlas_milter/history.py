@@ -182,6 +182,13 @@ def policy_notes(row: dict[str, Any]) -> str:
     return _REF.sub("", row.get("note") or "").strip(" ;")
 
 
+def cutoffs_text(row: dict[str, Any]) -> str:
+    if row.get("spam_cutoff") is None:
+        return "not recorded (not scored, or decided before cutoffs were recorded)"
+    return (f"spam >= {row['spam_cutoff']:g}, ham < {row['ham_cutoff']:g}"
+            " (the scorer's; a per-recipient rule of the milter may apply its own)")
+
+
 def explain_lines(row: dict[str, Any]) -> list[str]:
     def line(name: str, value: object) -> str:
         return f"{name:14}{terminal_safe(value)}"
@@ -197,7 +204,7 @@ def explain_lines(row: dict[str, Any]) -> list[str]:
         line("recipients", row.get("recipients_count") if row.get("recipients_count") is not None else "-"),
         line("subject", row.get("subject") or ""),
         line("score", f"{score}  verdict {row.get('verdict') or '-'}"),
-        line("cutoffs", "not recorded with the decision"),
+        line("cutoffs", cutoffs_text(row)),
         line("model", row.get("model_version") or "not recorded"),
         line("action", row.get("action") or "-"),
         line("policy", policy_notes(row) or "no note recorded (skips, the deny list, mixed recipients and failures "

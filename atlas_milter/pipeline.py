@@ -370,6 +370,8 @@ class Pipeline:
             "cache_hit": int(verdict.cache_hit),
             "elapsed_ms": round(result.elapsed_ms, 3),
             "error": verdict.error or None,
+            "spam_cutoff": verdict.spam_cutoff or None,
+            "ham_cutoff": verdict.ham_cutoff if verdict.spam_cutoff else None,
             **meta,
         }
         return self.store.add_email_record(row)

@@ -47,6 +47,8 @@ def decide(score: Score, cutoffs: Cutoffs, cache_hit: bool = False) -> Verdict:
         reasons=score.reasons,
         model_version=score.model_version,
         cache_hit=cache_hit,
+        spam_cutoff=cutoffs.spam,
+        ham_cutoff=cutoffs.ham,
     )
 
 

@@ -56,6 +56,8 @@ COLUMNS = (
     "elapsed_ms",
     "error",
     "note",
+    "spam_cutoff",  # the cutoffs the verdict was given with (NULL: not scored, or written before 0006)
+    "ham_cutoff",
     "created_at",  # filled with the current UTC time when missing
 )
 _COLUMN_SET = frozenset(COLUMNS)

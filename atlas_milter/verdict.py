@@ -57,6 +57,10 @@ class Verdict:
     model_version: str = ""
     cache_hit: bool = False
     error: str = ""  # non-empty when the message could not be classified normally
+    # The cutoffs the label was given with (the scorer's in force, before any per-recipient
+    # rule of the milter); 0 when nothing was scored.
+    spam_cutoff: float = 0.0
+    ham_cutoff: float = 0.0
 
     def as_dict(self) -> dict:
         return {
@@ -66,6 +70,7 @@ class Verdict:
             "model_version": self.model_version,
             "cache_hit": self.cache_hit,
             **({"error": self.error} if self.error else {}),
+            **({"spam_cutoff": self.spam_cutoff, "ham_cutoff": self.ham_cutoff} if self.spam_cutoff else {}),
         }
 
 

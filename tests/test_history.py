@@ -246,9 +246,15 @@ def test_a_milter_reject_is_found_by_the_reference_in_its_550_reply(capsys, tmp_
     assert fields["reference"] == ref and fields["recipients"] == "2"
     assert fields["score"].startswith("0.9") and fields["score"].endswith("verdict spam")
     assert fields["model"].startswith("default-")
+    # The cutoffs the verdict was given with (migration 0006): the shipped model's own here.
+    from atlas_milter.classifier import load_model
+
+    shipped = load_model()
+    assert fields["cutoffs"].startswith(f"spam >= {shipped.spam_cutoff:g}, ham < {shipped.ham_cutoff:g}")
     assert re.search(r"reasons       \d+\n +\+\d\.\d{3}  \S", out)
     rc, out, err = run(capsys, "explain", "--id", "2", "--db", db)  # the deny-listed one: the policy says so
     assert rc == 0 and "policy        deny-listed sender" in out
+    assert "cutoffs       not recorded (not scored" in out
     page = history_json(capsys, db, "--action", "reject")
     assert [r["id"] for r in page["rows"]] == [2, 1] and page["next_before"] is None
 
