@@ -13,6 +13,7 @@ The schema and the connection pragmas live in `migrate.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import sqlite_utils
 
@@ -518,37 +519,42 @@ def current_store() -> BulkOperationManager | DirectRecordWriter | None:
 # step relies on them being durable (a folder mark says "learned from, not again after a
 # restart"; a learning event is looked up by the next message), which the queue would delay.
 
-def save_folder_mark(db_path: str | Path, folder: str, uidvalidity: int, last_uid: int, *, account: str) -> None:
-    """Remember that the listener of `account` looked at `folder` up to `last_uid` (never
-    moves back)."""
+
+@contextlib.contextmanager
+def _committed(db_path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A connection of its own whose statements are committed when the block ends (rolled
+    back when it raises), closed after."""
     conn = connect(db_path)
     try:
         with conn:
-            conn.execute(
-                "INSERT INTO imap_folder_marks (account, folder, uidvalidity, last_uid, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, folder, uidvalidity) DO UPDATE SET "
-                "last_uid = max(last_uid, excluded.last_uid), updated_at = excluded.updated_at",
-                (account, folder, uidvalidity, last_uid, now_iso()),
-            )
+            yield conn
     finally:
         conn.close()
+
+
+def save_folder_mark(db_path: str | Path, folder: str, uidvalidity: int, last_uid: int, *, account: str) -> None:
+    """Remember that the listener of `account` looked at `folder` up to `last_uid` (never
+    moves back)."""
+    with _committed(db_path) as conn:
+        conn.execute(
+            "INSERT INTO imap_folder_marks (account, folder, uidvalidity, last_uid, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, folder, uidvalidity) DO UPDATE SET "
+            "last_uid = max(last_uid, excluded.last_uid), updated_at = excluded.updated_at",
+            (account, folder, uidvalidity, last_uid, now_iso()),
+        )
 
 
 def add_learning_event(db_path: str | Path, event: Mapping[str, Any]) -> None:
     """Record that a message the user labelled was learned (see `learning.py`)."""
-    conn = connect(db_path)
-    try:
-        with conn:
-            conn.execute(
-                "INSERT INTO learning_events (created_at, source, account, message_id, sender_domain, label, "
-                "previous_verdict, previous_score, folder, uid, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (now_iso(), event.get("source", "imap"), event.get("account"), event.get("message_id"),
-                 event.get("sender_domain"),
-                 event["label"], event.get("previous_verdict"), event.get("previous_score"),
-                 event.get("folder"), event.get("uid"), event.get("note")),
-            )
-    finally:
-        conn.close()
+    with _committed(db_path) as conn:
+        conn.execute(
+            "INSERT INTO learning_events (created_at, source, account, message_id, sender_domain, label, "
+            "previous_verdict, previous_score, folder, uid, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (now_iso(), event.get("source", "imap"), event.get("account"), event.get("message_id"),
+             event.get("sender_domain"),
+             event["label"], event.get("previous_verdict"), event.get("previous_score"),
+             event.get("folder"), event.get("uid"), event.get("note")),
+        )
 
 
 # Tables whose IMAP rows carry the account (migration 0004_imap_accounts).
@@ -562,17 +568,13 @@ def adopt_unowned_imap_rows(db_path: str | Path, account: str, *, only_if_alone:
     that account's, and only the admin can say (`atlas-milter migrate --legacy-account`)."""
     if not account:
         return 0
-    conn = connect(db_path)
-    try:
-        with conn:
-            if only_if_alone:
-                for table in _ACCOUNT_TABLES:
-                    if conn.execute(f"SELECT 1 FROM {table} WHERE account NOT IN ('', ?) LIMIT 1", (account,)).fetchone():
-                        return 0
-            moved = 0
+    with _committed(db_path) as conn:
+        if only_if_alone:
             for table in _ACCOUNT_TABLES:
-                # processed_emails' unique key includes the account: a row this account also has is left.
-                moved += conn.execute(f"UPDATE OR IGNORE {table} SET account = ? WHERE account = ''", (account,)).rowcount
-            return moved
-    finally:
-        conn.close()
+                if conn.execute(f"SELECT 1 FROM {table} WHERE account NOT IN ('', ?) LIMIT 1", (account,)).fetchone():
+                    return 0
+        moved = 0
+        for table in _ACCOUNT_TABLES:
+            # processed_emails' unique key includes the account: a row this account also has is left.
+            moved += conn.execute(f"UPDATE OR IGNORE {table} SET account = ? WHERE account = ''", (account,)).rowcount
+        return moved
