@@ -60,11 +60,6 @@ def parse_since(text: str, now: datetime | None = None) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _check_db(db: str | Path) -> None:
-    if not Path(db).exists():
-        raise AtlasError(f"{db}: no such database (give --db PATH)")
-
-
 def _reasons(row: dict[str, Any]) -> list[tuple[str, float]]:
     try:
         return [(str(name), float(weight)) for name, weight in json.loads(row.get("reasons") or "[]")]
@@ -96,7 +91,7 @@ class Page:
 def history(db: str | Path, *, limit: int = DEFAULT_LIMIT, since: str | None = None, verdict: str | None = None,
             action: str | None = None, sender_domain: str | None = None, before: int | None = None) -> Page:
     """One page of the latest decisions, newest first (see queries.history)."""
-    _check_db(db)
+    queries.require_database(db)
     if not 1 <= limit <= MAX_LIMIT:
         raise AtlasError(f"--limit {limit}: give 1 to {MAX_LIMIT}")
     rows = queries.history(db, limit=limit, since=parse_since(since) if since else None, verdict=verdict,
@@ -151,7 +146,7 @@ def explain(db: str | Path, key: str | None, row_id: int | None = None) -> Expla
     """The decision(s) recorded for `key` (reply reference, queue id or Message-ID), or the
     one with `row_id`, which also picks among several matches of `key`. None found is an
     AtlasError."""
-    _check_db(db)
+    queries.require_database(db)
     if row_id is not None:
         row = queries.decision(db, row_id)
         matches = [row] if row and (key is None or row in queries.find_decisions(db, key)) else []

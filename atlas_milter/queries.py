@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atlas_milter.errors import AtlasError
 from atlas_milter.migrate import connect_readonly, store_error
+
+
+def require_database(db_path: str | Path) -> None:
+    """A command that only reads: one clear error for a database that is not there (opening
+    it would create an empty one)."""
+    if not Path(db_path).exists():
+        raise AtlasError(f"{db_path}: no such database (give --db PATH)")
 
 
 def _read(db_path: str | Path, fn: Any) -> Any:

@@ -191,11 +191,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from atlas_milter.queries import query_stats
+    from atlas_milter.queries import query_stats, require_database
 
     config = _load_config(args)
-    if not Path(config.store.db).exists():
-        raise AtlasError(f"{config.store.db}: no such database (give --db PATH)")
+    require_database(config.store.db)
     data = query_stats(config.store.db, top=args.top)
     if args.json:
         print(json.dumps(data))
