@@ -71,11 +71,6 @@ def learn_message(model: Model, raw: bytes, is_spam: bool, max_bytes: int,
     return before, learn(model, parsed, is_spam, cutoffs=cutoffs)
 
 
-def save(model: Model, path: str | Path) -> None:
-    """Write the model file atomically (a reader sees the old file or the new, never half)."""
-    save_model(model, path)
-
-
 def learn_and_swap(user: ModelUser, raw: bytes, is_spam: bool, max_bytes: int, path: str | Path) -> Learned:
     """Learn one message into a copy of `user`'s model, save it to `path` and make it the
     model in use. Learns toward the cutoffs in force (the config may override the model's),
@@ -83,6 +78,6 @@ def learn_and_swap(user: ModelUser, raw: bytes, is_spam: bool, max_bytes: int, p
     model = copy.deepcopy(user.model)
     in_force = user.cutoffs
     before, after = learn_message(model, raw, is_spam, max_bytes, (in_force.spam, in_force.ham))
-    save(model, path)
+    save_model(model, path)  # atomic: a reader sees the old file or the new, never half
     user.reload_model(model)
     return Learned(model, before, after)

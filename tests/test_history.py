@@ -16,7 +16,6 @@ import pytest
 
 from atlas_milter import history, queries
 from atlas_milter.cli import main
-from atlas_milter.errors import AtlasError
 from atlas_milter.store import BulkOperationManager
 from scripts import history_bench
 from tests.test_milter_adapter import HAM, SPAM, feed, make_engine

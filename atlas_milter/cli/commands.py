@@ -89,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from atlas_milter import learning
+    from atlas_milter.classifier import save_model
     from atlas_milter.sources import iter_source
 
     if not args.spam and not args.ham:
@@ -103,7 +104,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
             for item in iter_source(spec):
                 _, score = learning.learn_message(model, item.raw, label == "spam", config.classifier.max_bytes)
                 print(f"{item.key}: learned as {label}, now scores {score:.3f}")
-    learning.save(model, target)
+    save_model(model, target)
     print(f"wrote {target} (version {model.version})")
     return 0
 
