@@ -26,7 +26,7 @@ from typing import Any
 from atlas_milter.errors import AtlasError
 
 CAMPAIGN_COPIES = 5
-ALL_ON = {"monitoring": True, "caching": True, "bulk_ops": True, "parallel": True, "streaming": True}
+ALL_ON = {"monitoring": True, "caching": True, "bulk_ops": True, "parallel": True, "streaming": True, "compiled": True}
 ALL_OFF = {name: False for name in ALL_ON}
 _TO_RE = re.compile(rb"(?im)^to:[^\n]*\n(?:[ \t][^\n]*\n)*")
 _MSGID_RE = re.compile(rb"(?im)^message-id:[^\n]*\n(?:[ \t][^\n]*\n)*")

@@ -33,6 +33,7 @@ FEATURE_FLAGS = {
     "ENABLE_BULK_OPS": "bulk_ops",
     "ENABLE_PARALLEL": "parallel",
     "ENABLE_STREAMING": "streaming",
+    "ENABLE_COMPILED": "compiled",
 }
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -318,6 +319,7 @@ class Features:
     bulk_ops: bool = True
     parallel: bool = True
     streaming: bool = True
+    compiled: bool = True  # the classifier's compiled body block, where it is built
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ _worker_max_bytes: int = 0
 def init_worker(model: Model, max_bytes: int) -> None:
     """Pool initializer: keep the model for every later call in this worker process."""
     global _worker_model, _worker_max_bytes
+    model.prepare()
     _worker_model, _worker_max_bytes = model, max_bytes
 
 
@@ -166,6 +167,9 @@ class Pipeline:
         """A scorer for `model` (cutoffs from `classifier`, default this pipeline's config,
         else the model's): its own worker pool and an empty cache. Not in use until `use`."""
         cutoffs = resolve_cutoffs(classifier or self.config.classifier, model)
+        if isinstance(model, Model):
+            model.compiled = self.features.compiled
+            model.prepare()
         cache = configure_cache(self.perf.cache_size, self.perf.cache_ttl) if self.features.caching else None
         return Scorer(model, cutoffs, self._make_pool(model), cache)
 

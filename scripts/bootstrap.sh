@@ -135,10 +135,10 @@ if [ "$lock" = 1 ]; then
 fi
 
 # The stamp records what the venv was built from: its own path (a venv's scripts hard-code it, so
-# a moved checkout needs a new one), pyproject.toml and requirements.lock (editable install: code
-# edits need nothing).
+# a moved checkout needs a new one), pyproject.toml, requirements.lock and the C source of the
+# compiled classifier (editable install: Python edits need nothing, a C edit a rebuild).
 stamp_file=$VENV/.bootstrap-stamp
-want_stamp="$VENV $(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)"
+want_stamp="$VENV $(cat pyproject.toml requirements.lock atlas_milter/_hotpath.c | sha256sum | cut -d' ' -f1)"
 venv_usable() {
     [ -x "$VENV/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cut -d' ' -f1 "$stamp_file")" = "$VENV" ] \
         && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null

@@ -133,13 +133,13 @@ def test_stats_without_database_is_one_line_error(tmp_path):
     assert proc.returncode == 1 and proc.stderr.decode().startswith("Error: ")
 
 
-def test_version_names_the_package_and_the_shipped_model():
+def test_version_names_the_package_the_shipped_model_and_the_classifier():
     from atlas_milter import __version__
-    from atlas_milter.classifier import load_model
+    from atlas_milter.classifier import hot_path, load_model
 
     proc = run("--version")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.decode() == f"atlas-milter {__version__}, shipped model {load_model().version}\n"
+    assert proc.stdout.decode() == f"atlas-milter {__version__}, shipped model {load_model().version}, {hot_path()}\n"
 
 
 def test_version_without_a_readable_model_says_so(tmp_path):

@@ -140,7 +140,9 @@ def release(scratch: Path) -> Release:
     dist = scratch / "dist"
     run([sys.executable, "-m", "build", "--outdir", dist, src], cwd=scratch)
     [sdist], [wheel] = list(dist.glob("*.tar.gz")), list(dist.glob("*.whl"))
-    assert wheel.name == f"atlas_milter-{__version__}-py3-none-any.whl"
+    # a platform wheel: it holds the compiled classifier, built for this Python
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert wheel.name.startswith(f"atlas_milter-{__version__}-{tag}-{tag}-linux_") and wheel.name.endswith(".whl")
     return Release(src, sdist, wheel)
 
 
@@ -153,7 +155,7 @@ def reference(scratch: Path, release: Release) -> dict[str, str]:
     shutil.copytree(release.src / "atlas_milter" / "data" / "sample", work / "sample")
     checkout = [sys.executable, "-m", "atlas_milter"]
     return {
-        "version": f"atlas-milter {__version__}, shipped model {load_model().version}\n",
+        "version": f"atlas-milter {__version__}, shipped model {load_model().version}, classifier: compiled\n",
         "demo": run([*checkout, "demo", "--db", "demo.db"], cwd=work).stdout,
         "classify": run([*checkout, "classify", "--json", "sample"], cwd=work).stdout,
     }
@@ -168,9 +170,12 @@ def verdict_lines(demo_output: str) -> list[str]:
 
 def test_wheel_holds_every_file_of_the_package(release: Release):
     names = set(zipfile.ZipFile(release.wheel).namelist())
+    # and the compiled classifier, built for this Python
     package = {f"atlas_milter/{name}" for name in files_below(release.src / "atlas_milter")}
     assert package - names == set(), "files of atlas_milter/ missing from the wheel (pyproject.toml package-data)"
-    assert {n for n in names if n.startswith("atlas_milter/")} == package
+    compiled = {n for n in names if n.startswith("atlas_milter/_hotpath.") and n.endswith(".so")}
+    assert len(compiled) == 1, f"the wheel holds no compiled classifier: {sorted(names)[:5]}..."
+    assert {n for n in names if n.startswith("atlas_milter/")} == package | compiled
     for needed in ("data/default-model.json.gz", "data/sample/12-broken-mime.eml", "migrations/0003_imap_lookups.sql",
                    "migrations/0004_imap_accounts.sql", "migrations/0005_history_lookups.sql", "migrations/0006_decision_cutoffs.sql",
                    "py.typed"):
@@ -412,7 +417,7 @@ def test_server_install_runs_mail_through_postfix_and_upgrades_in_place(release:
         started = time.monotonic()
         first = run(["make", "install", f"INSTALL_ARGS=--root {root}"], cwd=tree)
         report = [f"first install {time.monotonic() - started:.0f} s: {next(line for line in first.stdout.splitlines() if 'installed atlas-milter' in line)}"]
-        assert f"installed atlas-milter {__version__}, shipped model {model}" in first.stdout
+        assert f"installed atlas-milter {__version__}, shipped model {model}, classifier: compiled" in first.stdout
         venv = root / "opt/atlas-milter"
         assert "home = /usr/bin" in (venv / "pyvenv.cfg").read_text()  # Debian's python3, not pyenv's
         assert os.readlink(root / "usr/local/bin/atlas-milter") == f"{venv}/bin/atlas-milter"

@@ -118,6 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise AtlasError("eval needs --index CSV [--split test], or --ham SRC and --spam SRC")
     config = _load_config(args)
     model = load_model(config.classifier.model or None)
+    model.compiled = config.features.compiled
     cutoffs = resolve_cutoffs(config.classifier, model)
     report = evaluate(model, labelled_items(args.ham or (), args.spam or (), args.index, args.split), cutoffs,
                       config.classifier.max_bytes)

@@ -35,13 +35,13 @@ from atlas_milter.cli.front_doors import (
 def version_line() -> str:
     """`atlas-milter 0.1.0, shipped model default-…`: the package and the model inside it (an
     unreadable model is named in the line, not raised: --version must always answer)."""
-    from atlas_milter.classifier import load_model
+    from atlas_milter.classifier import hot_path, load_model
 
     try:
         model = f"shipped model {load_model().version}"
     except AtlasError as exc:
         model = f"no usable shipped model ({exc})"
-    return f"atlas-milter {__version__}, {model}"
+    return f"atlas-milter {__version__}, {model}, {hot_path()}"
 
 
 class _VersionAction(argparse.Action):

@@ -1,0 +1,744 @@
+/* atlas_milter._hotpath: the compiled body block of the classifier.
+ *
+ * Owns one thing: from a message's lowercased body text (and the few subject / sender-name
+ * tokens the Python side adds), the distinct body features -- words, number shapes and word
+ * pairs exactly as classifier.features() makes them -- looked up in a hash table built once
+ * from the model's weights, summed, counted, and the strongest ones ranked for the reasons.
+ * No Python object is made per word, pair or lookup.
+ *
+ * The pure-Python code in classifier.py is the reference: tests/test_hotpath.py proves both
+ * give the same features, the same reasons and the same score (to 1e-12: the sum is taken
+ * in a different order). Every rule below names the Python it mirrors.
+ *
+ * Table(weights: dict[str, float], function_words, max_words, max_pairs, scan_chars, top)
+ *   .score_body(lowered_text: str, extra: list[str])
+ *       -> (n_words, weight_sum, n_known, strongest_spam, strongest_ham)
+ *   .body_features(lowered_text, extra) -> list[str]   (for the tests)
+ *
+ * The GIL is held throughout: a Table is read-only once built, and calls need no locking.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define FNV_OFFSET 1469598103934665603ULL
+#define FNV_PRIME 1099511628211ULL
+#define MAX_RUN_WORD 25 /* a run of letters and marks longer than this is cut into words */
+
+static inline uint64_t fnv(uint64_t h, const char *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * FNV_PRIME;
+    return h;
+}
+
+static inline size_t slot_of(uint64_t h, size_t mask)
+{
+    h ^= h >> 33; /* murmur3's finaliser: FNV's low bits alone spread poorly */
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    return (size_t)h & mask;
+}
+
+/* ---------------------------------------------------------------- a set of UTF-8 keys */
+
+typedef struct {
+    uint64_t hash;
+    const char *key; /* UTF-8, owned by `name` (or by the keys' bytes objects) */
+    Py_ssize_t len;
+    double weight;
+    PyObject *name; /* borrowed from the Table's `names` list */
+} Entry;
+
+typedef struct {
+    uint32_t tag; /* the hash's top 32 bits: most absent keys are told apart here */
+    int32_t at;   /* index into entries, -1 empty */
+} Slot;
+
+typedef struct {
+    Entry *entries;
+    Py_ssize_t n;
+    Slot *slots;
+    size_t mask;
+} KeySet;
+
+static int keyset_init(KeySet *set, Py_ssize_t capacity)
+{
+    size_t size = 16;
+    while (size < (size_t)capacity * 2 + 1)
+        size <<= 1;
+    set->entries = PyMem_Calloc(capacity ? capacity : 1, sizeof(Entry));
+    set->slots = PyMem_Malloc(size * sizeof(Slot));
+    if (!set->entries || !set->slots)
+        return -1;
+    memset(set->slots, 0xff, size * sizeof(Slot));
+    set->mask = size - 1;
+    set->n = 0;
+    return 0;
+}
+
+static void keyset_free(KeySet *set)
+{
+    PyMem_Free(set->entries);
+    PyMem_Free(set->slots);
+    set->entries = NULL;
+    set->slots = NULL;
+}
+
+static Entry *keyset_find(const KeySet *set, uint64_t h, const char *key, Py_ssize_t len)
+{
+    uint32_t tag = (uint32_t)(h >> 32);
+    for (size_t i = slot_of(h, set->mask);; i = (i + 1) & set->mask) {
+        Slot slot = set->slots[i];
+        if (slot.at < 0)
+            return NULL;
+        if (slot.tag != tag)
+            continue;
+        Entry *e = &set->entries[slot.at];
+        if (e->hash == h && e->len == len && memcmp(e->key, key, (size_t)len) == 0)
+            return e;
+    }
+}
+
+/* Adds the key unless present (capacity was reserved). Returns 1 when added, 0 when present. */
+static int keyset_add(KeySet *set, uint64_t h, const char *key, Py_ssize_t len, double weight, PyObject *name)
+{
+    uint32_t tag = (uint32_t)(h >> 32);
+    size_t i = slot_of(h, set->mask);
+    for (;; i = (i + 1) & set->mask) {
+        Slot slot = set->slots[i];
+        if (slot.at < 0)
+            break;
+        Entry *e = &set->entries[slot.at];
+        if (slot.tag == tag && e->hash == h && e->len == len && memcmp(e->key, key, (size_t)len) == 0)
+            return 0;
+    }
+    Entry *e = &set->entries[set->n];
+    e->hash = h;
+    e->key = key;
+    e->len = len;
+    e->weight = weight;
+    e->name = name;
+    set->slots[i].tag = tag;
+    set->slots[i].at = (int32_t)set->n++;
+    return 1;
+}
+
+/* UTF-8 of a str; lone surrogates (which no strict decoder gives, but a str may hold) are
+ * encoded as their three bytes, the same way encode_cp() below writes them. */
+static PyObject *utf8_bytes(PyObject *str)
+{
+    return PyUnicode_AsEncodedString(str, "utf-8", "surrogatepass");
+}
+
+/* ---------------------------------------------------------------- the Table object */
+
+typedef struct {
+    PyObject_HEAD
+    KeySet weights;
+    KeySet function_words;
+    PyObject *keep; /* list: the names (and UTF-8 bytes of the non-ASCII ones), alive as long as the table */
+    Py_ssize_t max_words, max_pairs, scan_chars, top;
+} Table;
+
+static void Table_dealloc(Table *self)
+{
+    keyset_free(&self->weights);
+    keyset_free(&self->function_words);
+    Py_XDECREF(self->keep);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int add_keys(Table *self, KeySet *set, PyObject *name, double weight)
+{
+    if (!PyUnicode_Check(name)) {
+        PyErr_SetString(PyExc_TypeError, "feature names must be str");
+        return -1;
+    }
+    if (PyList_Append(self->keep, name) < 0)
+        return -1;
+    const char *key;
+    Py_ssize_t len;
+    if (PyUnicode_IS_ASCII(name)) { /* its characters are its UTF-8: no copy */
+        key = (const char *)PyUnicode_DATA(name);
+        len = PyUnicode_GET_LENGTH(name);
+    } else {
+        PyObject *raw = utf8_bytes(name);
+        if (!raw)
+            return -1;
+        if (PyList_Append(self->keep, raw) < 0) {
+            Py_DECREF(raw);
+            return -1;
+        }
+        Py_DECREF(raw); /* kept alive by self->keep */
+        key = PyBytes_AS_STRING(raw);
+        len = PyBytes_GET_SIZE(raw);
+    }
+    keyset_add(set, fnv(FNV_OFFSET, key, len), key, len, weight, name);
+    return 0;
+}
+
+static int Table_init(Table *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"weights", "function_words", "max_words", "max_pairs", "scan_chars", "top", NULL};
+    PyObject *weights, *function_words;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!Onnnn", kwlist, &PyDict_Type, &weights, &function_words,
+                                     &self->max_words, &self->max_pairs, &self->scan_chars, &self->top))
+        return -1;
+    if (self->keep) {
+        PyErr_SetString(PyExc_RuntimeError, "Table is already built");
+        return -1;
+    }
+    if (self->max_words < 0 || self->max_pairs < 0 || self->scan_chars < 0 || self->top < 0) {
+        PyErr_SetString(PyExc_ValueError, "limits must not be negative");
+        return -1;
+    }
+    PyObject *words = PySequence_List(function_words);
+    if (!words)
+        return -1;
+    self->keep = PyList_New(0);
+    if (!self->keep || keyset_init(&self->weights, PyDict_GET_SIZE(weights)) < 0 ||
+        keyset_init(&self->function_words, PyList_GET_SIZE(words)) < 0) {
+        Py_DECREF(words);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(words); i++) {
+        if (add_keys(self, &self->function_words, PyList_GET_ITEM(words, i), 0.0) < 0) {
+            Py_DECREF(words);
+            return -1;
+        }
+    }
+    Py_DECREF(words);
+    PyObject *name, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(weights, &pos, &name, &value)) {
+        double w = PyFloat_AsDouble(value);
+        if (w == -1.0 && PyErr_Occurred())
+            return -1;
+        if (add_keys(self, &self->weights, name, w) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- per-call scratch */
+
+typedef struct {
+    char *buf; /* UTF-8 of every feature of the message, back to back */
+    Py_ssize_t used, size;
+} Bytes;
+
+static int bytes_reserve(Bytes *b, Py_ssize_t more)
+{
+    if (b->used + more <= b->size)
+        return 0;
+    Py_ssize_t size = b->size ? b->size : 16384;
+    while (size < b->used + more)
+        size *= 2;
+    char *grown = PyMem_Realloc(b->buf, (size_t)size);
+    if (!grown) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->buf = grown;
+    b->size = size;
+    return 0;
+}
+
+/* One code point as UTF-8 (surrogates as three bytes, as "surrogatepass" does). Room for 4
+ * bytes must have been reserved. */
+static inline void encode_cp(Bytes *b, Py_UCS4 ch)
+{
+    unsigned char *p = (unsigned char *)b->buf + b->used;
+    if (ch < 0x80) {
+        p[0] = (unsigned char)ch;
+        b->used += 1;
+    } else if (ch < 0x800) {
+        p[0] = (unsigned char)(0xc0 | (ch >> 6));
+        p[1] = (unsigned char)(0x80 | (ch & 0x3f));
+        b->used += 2;
+    } else if (ch < 0x10000) {
+        p[0] = (unsigned char)(0xe0 | (ch >> 12));
+        p[1] = (unsigned char)(0x80 | ((ch >> 6) & 0x3f));
+        p[2] = (unsigned char)(0x80 | (ch & 0x3f));
+        b->used += 3;
+    } else {
+        p[0] = (unsigned char)(0xf0 | (ch >> 18));
+        p[1] = (unsigned char)(0x80 | ((ch >> 12) & 0x3f));
+        p[2] = (unsigned char)(0x80 | ((ch >> 6) & 0x3f));
+        p[3] = (unsigned char)(0x80 | (ch & 0x3f));
+        b->used += 4;
+    }
+}
+
+typedef struct {
+    Py_ssize_t start, len; /* in Bytes.buf */
+} Span;
+
+typedef struct {
+    Bytes bytes;
+    Span *tokens; /* in order, for the pairs */
+    Py_ssize_t n_tokens;
+    KeySet distinct; /* the body features, first appearance first; key points into bytes.buf */
+    Py_ssize_t n_words;
+} Body;
+
+static void body_free(Body *body)
+{
+    PyMem_Free(body->bytes.buf);
+    PyMem_Free(body->tokens);
+    keyset_free(&body->distinct);
+}
+
+/* `[^\W_]` of Python's re for str patterns is exactly Py_UNICODE_ISALNUM; in ASCII that is
+ * [0-9A-Za-z] (looked up in a table: the Unicode database calls cost more than the scan). */
+static inline int is_alnum(Py_UCS4 ch)
+{
+    if (ch < 128)
+        return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || (ch >= 'A' && ch <= 'Z');
+    return Py_UNICODE_ISALNUM(ch);
+}
+static inline int is_alpha(Py_UCS4 ch)
+{
+    if (ch < 128)
+        return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
+    return Py_UNICODE_ISALPHA(ch);
+}
+static inline int is_decimal(Py_UCS4 ch)
+{
+    if (ch < 128)
+        return ch >= '0' && ch <= '9';
+    return Py_UNICODE_ISDECIMAL(ch);
+}
+#define IS_WORD_CHAR(ch) is_alnum(ch)
+/* the marks that may join two runs of letters and digits: ['.$€£-] */
+#define IS_MARK(ch) ((ch) == '\'' || (ch) == '.' || (ch) == '$' || (ch) == 0x20ac || (ch) == 0xa3 || (ch) == '-')
+
+/* One word (code points [start, end) of the text) becomes a token, unless it is a function
+ * word: `w if w.isalpha() else _word_token(w)` for w not in FUNCTION_WORDS, where
+ * _word_token(w) is "n:" + re.sub(r"\d", "9", w)[:12] when w has a digit, else w. */
+static int add_word(const Table *t, Body *body, int kind, const void *data, Py_ssize_t start, Py_ssize_t end)
+{
+    Py_ssize_t n = end - start;
+    if (bytes_reserve(&body->bytes, 4 * n + 8) < 0)
+        return -1;
+    Py_ssize_t at = body->bytes.used;
+    int alpha = 1, digit = 0;
+    for (Py_ssize_t i = start; i < end; i++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        alpha = alpha && is_alpha(ch);
+        digit = digit || is_decimal(ch);
+        encode_cp(&body->bytes, ch);
+    }
+    Py_ssize_t len = body->bytes.used - at;
+    if (keyset_find(&t->function_words, fnv(FNV_OFFSET, body->bytes.buf + at, len), body->bytes.buf + at, len)) {
+        body->bytes.used = at;
+        return 0;
+    }
+    if (!alpha && digit) { /* the number's shape */
+        body->bytes.used = at;
+        body->bytes.buf[body->bytes.used++] = 'n';
+        body->bytes.buf[body->bytes.used++] = ':';
+        for (Py_ssize_t i = start; i < end && i < start + 12; i++) {
+            Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+            encode_cp(&body->bytes, is_decimal(ch) ? (Py_UCS4)'9' : ch);
+        }
+        len = body->bytes.used - at;
+    }
+    body->tokens[body->n_tokens].start = at;
+    body->tokens[body->n_tokens].len = len;
+    body->n_tokens++;
+    return 0;
+}
+
+/* _words(): the runs `[^\W_]+(?:['.$€£-][^\W_]+)*` of text[:scan_chars]; a run of 2 to 25
+ * characters is a word, a longer one is cut as `[^\W_](?:[^\W_]|['.$€£-](?=[^\W_])){1,24}`
+ * cuts it (25 characters at a time, a cut never starting on a mark, a last single character
+ * dropped). At most max_words words. */
+static int split_words(const Table *t, Body *body, PyObject *text)
+{
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    if (n > t->scan_chars)
+        n = t->scan_chars;
+    Py_ssize_t i = 0;
+    while (i < n && body->n_words < t->max_words) {
+        if (!IS_WORD_CHAR(PyUnicode_READ(kind, data, i))) {
+            i++;
+            continue;
+        }
+        Py_ssize_t run = i;
+        for (;;) {
+            while (i < n && IS_WORD_CHAR(PyUnicode_READ(kind, data, i)))
+                i++;
+            if (i + 1 < n && IS_MARK(PyUnicode_READ(kind, data, i)) && IS_WORD_CHAR(PyUnicode_READ(kind, data, i + 1)))
+                i++;
+            else
+                break;
+        }
+        Py_ssize_t run_end = i;
+        if (run_end - run <= MAX_RUN_WORD) {
+            if (run_end - run > 1) {
+                body->n_words++;
+                if (add_word(t, body, kind, data, run, run_end) < 0)
+                    return -1;
+            }
+            continue;
+        }
+        Py_ssize_t p = run;
+        while (p < run_end && body->n_words < t->max_words) {
+            if (!IS_WORD_CHAR(PyUnicode_READ(kind, data, p))) {
+                p++;
+                continue;
+            }
+            Py_ssize_t cut = run_end - p < MAX_RUN_WORD ? run_end - p : MAX_RUN_WORD;
+            if (cut < 2)
+                break;
+            body->n_words++;
+            if (add_word(t, body, kind, data, p, p + cut) < 0)
+                return -1;
+            p += cut;
+        }
+    }
+    return 0;
+}
+
+static void add_distinct(Body *body, Py_ssize_t start, Py_ssize_t len)
+{
+    const char *key = body->bytes.buf + start;
+    keyset_add(&body->distinct, fnv(FNV_OFFSET, key, len), key, len, 0.0, NULL);
+}
+
+/* All the body features of a message: tokens, pairs of the first max_pairs + 1 tokens
+ * (" ".join), then the extra tokens. Keys point into body->bytes.buf, which no longer grows. */
+static int collect_body(const Table *t, Body *body, PyObject *text, PyObject *extra)
+{
+    memset(body, 0, sizeof(*body));
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "text must be str");
+        return -1;
+    }
+    if (!PyList_Check(extra)) {
+        PyErr_SetString(PyExc_TypeError, "extra must be a list of str");
+        return -1;
+    }
+    body->tokens = PyMem_Malloc(((size_t)t->max_words + 1) * sizeof(Span));
+    if (!body->tokens) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (split_words(t, body, text) < 0)
+        return -1;
+    Py_ssize_t n_pairs = body->n_tokens < t->max_pairs + 1 ? body->n_tokens : t->max_pairs + 1;
+    n_pairs = n_pairs > 0 ? n_pairs - 1 : 0;
+    Py_ssize_t extra_bytes = 0, n_extra = PyList_GET_SIZE(extra);
+    PyObject *extra_utf8 = PyList_New(n_extra);
+    if (!extra_utf8)
+        return -1;
+    for (Py_ssize_t i = 0; i < n_extra; i++) {
+        PyObject *item = PyList_GET_ITEM(extra, i);
+        PyObject *raw = PyUnicode_Check(item) ? utf8_bytes(item) : NULL;
+        if (!raw) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "extra must be a list of str");
+            Py_DECREF(extra_utf8);
+            return -1;
+        }
+        PyList_SET_ITEM(extra_utf8, i, raw);
+        extra_bytes += PyBytes_GET_SIZE(raw);
+    }
+    Py_ssize_t pair_bytes = 0;
+    for (Py_ssize_t i = 0; i < n_pairs; i++)
+        pair_bytes += body->tokens[i].len + 1 + body->tokens[i + 1].len;
+    if (bytes_reserve(&body->bytes, pair_bytes + extra_bytes) < 0 ||
+        keyset_init(&body->distinct, body->n_tokens + n_pairs + n_extra) < 0) {
+        Py_DECREF(extra_utf8);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t words_end = body->bytes.used;
+    for (Py_ssize_t i = 0; i < n_pairs; i++) {
+        Span a = body->tokens[i], b = body->tokens[i + 1];
+        char *out = body->bytes.buf + body->bytes.used;
+        memcpy(out, body->bytes.buf + a.start, (size_t)a.len);
+        out[a.len] = ' ';
+        memcpy(out + a.len + 1, body->bytes.buf + b.start, (size_t)b.len);
+        body->bytes.used += a.len + 1 + b.len;
+    }
+    Py_ssize_t extra_start = body->bytes.used;
+    for (Py_ssize_t i = 0; i < n_extra; i++) {
+        PyObject *raw = PyList_GET_ITEM(extra_utf8, i);
+        memcpy(body->bytes.buf + body->bytes.used, PyBytes_AS_STRING(raw), (size_t)PyBytes_GET_SIZE(raw));
+        body->bytes.used += PyBytes_GET_SIZE(raw);
+    }
+    /* the buffer is final: add the keys in the Python order (tokens, pairs, extra) */
+    for (Py_ssize_t i = 0; i < body->n_tokens; i++)
+        add_distinct(body, body->tokens[i].start, body->tokens[i].len);
+    Py_ssize_t at = words_end;
+    for (Py_ssize_t i = 0; i < n_pairs; i++) {
+        Py_ssize_t len = body->tokens[i].len + 1 + body->tokens[i + 1].len;
+        add_distinct(body, at, len);
+        at += len;
+    }
+    at = extra_start;
+    for (Py_ssize_t i = 0; i < n_extra; i++) {
+        Py_ssize_t len = PyBytes_GET_SIZE(PyList_GET_ITEM(extra_utf8, i));
+        add_distinct(body, at, len);
+        at += len;
+    }
+    Py_DECREF(extra_utf8);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- scoring */
+
+typedef struct {
+    double value; /* weight * scale, what the reasons rank by */
+    const Entry *entry;
+} Ranked;
+
+/* Python orders reasons by the tuple (value, name): str order is code point order, which is
+ * the byte order of UTF-8. */
+static int ranked_cmp(const Ranked *a, const Ranked *b)
+{
+    if (a->value != b->value)
+        return a->value < b->value ? -1 : 1;
+    Py_ssize_t n = a->entry->len < b->entry->len ? a->entry->len : b->entry->len;
+    int c = memcmp(a->entry->key, b->entry->key, (size_t)n);
+    if (c)
+        return c;
+    return a->entry->len < b->entry->len ? -1 : (a->entry->len > b->entry->len ? 1 : 0);
+}
+
+/* Keep the `top` best of a stream in `best` (sorted best first); `sign` 1 keeps the largest
+ * (heapq.nlargest), -1 the smallest (heapq.nsmallest). */
+static void keep_best(Ranked *best, Py_ssize_t *n, Py_ssize_t top, Ranked item, int sign)
+{
+    Py_ssize_t i = *n;
+    if (i == top) {
+        if (top == 0 || sign * ranked_cmp(&item, &best[top - 1]) <= 0)
+            return;
+        i = top - 1;
+    } else {
+        (*n)++;
+    }
+    while (i > 0 && sign * ranked_cmp(&item, &best[i - 1]) > 0) {
+        best[i] = best[i - 1];
+        i--;
+    }
+    best[i] = item;
+}
+
+static PyObject *ranked_list(const Ranked *best, Py_ssize_t n)
+{
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        PyObject *item = Py_BuildValue("(dO)", best[i].value, best[i].entry->name);
+        if (!item) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+/* _weigh() for the body block (scale = 1 / sqrt(known + 1), sum of the known weights) and
+ * _top_reasons()' candidates from it: the `top` strongest toward spam and toward ham. */
+static PyObject *Table_score_body(Table *self, PyObject *args)
+{
+    PyObject *text, *extra;
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyList_Type, &extra))
+        return NULL;
+    Body body;
+    if (collect_body(self, &body, text, extra) < 0) {
+        body_free(&body);
+        return NULL;
+    }
+    const Entry **found = PyMem_Malloc(((size_t)body.distinct.n + 1) * sizeof(Entry *));
+    Ranked *spam = PyMem_Malloc(((size_t)self->top + 1) * sizeof(Ranked));
+    Ranked *ham = PyMem_Malloc(((size_t)self->top + 1) * sizeof(Ranked));
+    if (!found || !spam || !ham) {
+        PyMem_Free(found);
+        PyMem_Free(spam);
+        PyMem_Free(ham);
+        body_free(&body);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t known = 0;
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < body.distinct.n; i++) {
+        const Entry *feature = &body.distinct.entries[i];
+        const Entry *e = keyset_find(&self->weights, feature->hash, feature->key, feature->len);
+        if (e) {
+            found[known++] = e;
+            if (e->weight != 0.0) /* sum(filter(None, found)) */
+                total += e->weight;
+        }
+    }
+    double scale = 1.0 / sqrt((double)(known + 1));
+    Py_ssize_t n_spam = 0, n_ham = 0;
+    for (Py_ssize_t i = 0; i < known; i++) {
+        Ranked item = {found[i]->weight * scale, found[i]};
+        if (found[i]->weight > 0.0)
+            keep_best(spam, &n_spam, self->top, item, 1);
+        else if (found[i]->weight < 0.0)
+            keep_best(ham, &n_ham, self->top, item, -1);
+    }
+    PyObject *spam_list = ranked_list(spam, n_spam);
+    PyObject *ham_list = spam_list ? ranked_list(ham, n_ham) : NULL;
+    PyObject *result = NULL;
+    if (spam_list && ham_list)
+        result = Py_BuildValue("(ndnOO)", body.n_words, total, known, spam_list, ham_list);
+    Py_XDECREF(spam_list);
+    Py_XDECREF(ham_list);
+    PyMem_Free(found);
+    PyMem_Free(spam);
+    PyMem_Free(ham);
+    body_free(&body);
+    return result;
+}
+
+static PyObject *Table_body_features(Table *self, PyObject *args)
+{
+    PyObject *text, *extra;
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyList_Type, &extra))
+        return NULL;
+    Body body;
+    if (collect_body(self, &body, text, extra) < 0) {
+        body_free(&body);
+        return NULL;
+    }
+    PyObject *out = PyList_New(body.distinct.n);
+    for (Py_ssize_t i = 0; out && i < body.distinct.n; i++) {
+        const Entry *e = &body.distinct.entries[i];
+        PyObject *s = PyUnicode_DecodeUTF8(e->key, e->len, "surrogatepass");
+        if (!s) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, s);
+    }
+    PyObject *result = out ? Py_BuildValue("(nO)", body.n_words, out) : NULL;
+    Py_XDECREF(out);
+    body_free(&body);
+    return result;
+}
+
+static PyObject *Table_len(Table *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromSsize_t(self->weights.n);
+}
+
+/* _style_counts(): over text[:scan_chars], the counts _body_style() weighs --
+ * len(re.findall(r"[A-Z](?<!\w[A-Z])[A-Z]+(?!\w)")): runs of two or more ASCII capitals
+ *     with no \w (Py_UNICODE_ISALNUM or "_") either side;
+ * text.count("!");
+ * len(re.findall(r"[$€£]\s?\d")): a currency sign, one optional white space, a decimal digit;
+ * text.count("%"). */
+static PyObject *style_counts(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *text;
+    Py_ssize_t scan_chars;
+    if (!PyArg_ParseTuple(args, "Un", &text, &scan_chars))
+        return NULL;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    if (n > scan_chars)
+        n = scan_chars > 0 ? scan_chars : 0;
+    Py_ssize_t caps = 0, exclaims = 0, amounts = 0, percentages = 0;
+    int prev_word = 0; /* is text[i - 1] a \w character */
+    for (Py_ssize_t i = 0; i < n;) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        if (ch >= 'A' && ch <= 'Z') {
+            Py_ssize_t j = i + 1;
+            while (j < n) {
+                Py_UCS4 c = PyUnicode_READ(kind, data, j);
+                if (c < 'A' || c > 'Z')
+                    break;
+                j++;
+            }
+            if (!prev_word && j - i >= 2) {
+                Py_UCS4 after = j < n ? PyUnicode_READ(kind, data, j) : 0;
+                if (j == n || !(is_alnum(after) || after == '_'))
+                    caps++;
+            }
+            prev_word = 1;
+            i = j;
+            continue;
+        }
+        if (ch == '!')
+            exclaims++;
+        else if (ch == '%')
+            percentages++;
+        else if (ch == '$' || ch == 0x20ac || ch == 0xa3) {
+            if (i + 1 < n) {
+                Py_UCS4 next = PyUnicode_READ(kind, data, i + 1);
+                if (is_decimal(next) ||
+                    (Py_UNICODE_ISSPACE(next) && i + 2 < n && is_decimal(PyUnicode_READ(kind, data, i + 2))))
+                    amounts++;
+            }
+        }
+        prev_word = is_alnum(ch) || ch == '_';
+        i++;
+    }
+    return Py_BuildValue("(nnnn)", caps, exclaims, amounts, percentages);
+}
+
+static PyMethodDef module_methods[] = {
+    {"style_counts", style_counts, METH_VARARGS,
+     "style_counts(text, scan_chars) -> (shouted words, '!', money amounts, '%') in text[:scan_chars]"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef Table_methods[] = {
+    {"score_body", (PyCFunction)Table_score_body, METH_VARARGS,
+     "score_body(lowered_text, extra) -> (n_words, weight_sum, n_known, strongest_spam, strongest_ham)"},
+    {"body_features", (PyCFunction)Table_body_features, METH_VARARGS,
+     "body_features(lowered_text, extra) -> (n_words, distinct body features in order of appearance)"},
+    {"size", (PyCFunction)Table_len, METH_NOARGS, "number of weights in the table"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "atlas_milter._hotpath.Table",
+    .tp_doc = "The model's weights as a hash table of UTF-8 keys, and the body block scored against it.",
+    .tp_basicsize = sizeof(Table),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Table_init,
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_methods = Table_methods,
+};
+
+static struct PyModuleDef hotpath_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "atlas_milter._hotpath",
+    .m_doc = "The classifier's body block, compiled (classifier.py is the reference).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__hotpath(void)
+{
+    if (PyType_Ready(&TableType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&hotpath_module);
+    if (!module)
+        return NULL;
+    Py_INCREF(&TableType);
+    if (PyModule_AddObject(module, "Table", (PyObject *)&TableType) < 0) {
+        Py_DECREF(&TableType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

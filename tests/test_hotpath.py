@@ -1,0 +1,183 @@
+"""The compiled body block (atlas_milter/_hotpath.c) against its pure-Python reference in
+classifier.py: the same body features, the same style counts, the same reasons and the same
+score (to 1e-12: the C sums the weights in order of appearance, Python in set order), on
+hypothesis-made text and on every message of the spamassassin and modern corpora.
+
+Where the extension is not built these tests skip, except under ATLAS_REQUIRE_COMPILED=1
+(set by .ci/run), where they fail: CI must test the compiled path that users run."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from atlas_milter import classifier
+from atlas_milter.classifier import (
+    FUNCTION_WORDS,
+    MAX_PAIRS,
+    MAX_WORDS,
+    TOP_REASONS,
+    WORD_SCAN_CHARS,
+    features,
+    learn,
+    load_model,
+)
+from atlas_milter.message import parse_message
+from tests.support.corpus import load_corpus, read_index
+from tests.support.requirements import _unavailable
+
+SCORE_TOLERANCE = 1e-12
+
+
+@pytest.fixture(scope="module")
+def hotpath():
+    if classifier._hotpath is None:
+        _unavailable("the compiled extension atlas_milter._hotpath is not built (pip install . with a C compiler)",
+                     require_env="ATLAS_REQUIRE_COMPILED")
+    return classifier._hotpath
+
+
+@pytest.fixture(scope="module")
+def models(hotpath):
+    """(compiled, pure) copies of the shipped model."""
+    compiled, pure = load_model(), load_model()
+    pure.compiled = False
+    return compiled, pure
+
+
+def reference_body(text: str, extra: list[str]) -> tuple[int, set[str]]:
+    """classifier.features()' body block for a lowercased text, spelled out from its parts."""
+    words = classifier._body_words(text)
+    tokens = [w if w.isalpha() else classifier._word_token(w) for w in words if w not in FUNCTION_WORDS]
+    body = set(tokens)
+    pairs = tokens[: MAX_PAIRS + 1]
+    body.update(map(" ".join, zip(pairs, pairs[1:])))
+    body.update(extra)
+    return len(words), body
+
+
+def assert_same_score(compiled_model, pure_model, msg) -> None:
+    fast, slow = compiled_model.score(msg), pure_model.score(msg)
+    assert abs(fast.score - slow.score) <= SCORE_TOLERANCE, (fast.score, slow.score)
+    assert [name for name, _ in fast.reasons] == [name for name, _ in slow.reasons]
+    # shares are rounded to 4 decimals: a difference of 1e-16 may round the other way
+    assert all(abs(a - b) <= 1.0001e-4 for (_, a), (_, b) in zip(fast.reasons, slow.reasons))
+
+
+# Characters that matter to the word rules: ASCII letters in both cases, digits, the marks
+# that join words ('.$€£-), the underscore (not a word character), other decimal digits
+# (Arabic-Indic), letters of other scripts, numbers that are not decimal (², ½), invisible
+# characters, white space of several kinds.
+WORDISH = st.text(
+    alphabet=st.sampled_from(list("abcxyzABCXYZ0189'.$€£-_ !%\t\n,") + ["é", "ß", "Ж", "ж", "ω", "٣", "²", "½", "\u200b", "İ", "ﬁ", "\u00a0", "中"]),
+    max_size=300,
+)
+ANY_TEXT = st.text(max_size=200)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(WORDISH, ANY_TEXT), st.lists(st.sampled_from(["s:free", "fn:bank", "s:n:99", "s:free"]), max_size=4))
+def test_body_features_match_the_reference(hotpath, text, extra):
+    table = hotpath.Table({}, FUNCTION_WORDS, MAX_WORDS, MAX_PAIRS, WORD_SCAN_CHARS, TOP_REASONS)
+    lowered = text.lower()
+    n_words, found = table.body_features(lowered, extra)
+    expected_words, expected = reference_body(lowered, extra)
+    assert n_words == expected_words
+    assert len(found) == len(set(found)) and set(found) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(WORDISH, ANY_TEXT), st.integers(min_value=0, max_value=320))
+def test_style_counts_match_the_reference(hotpath, text, scan_chars):
+    assert hotpath.style_counts(text, scan_chars) == classifier._style_counts(text, scan_chars)
+
+
+@pytest.mark.parametrize("text", [
+    "word " * (MAX_WORDS + 50),  # more words than are used
+    ("alpha beta gamma delta " * 20000)[: WORD_SCAN_CHARS + 37],  # longer than is scanned
+    "x" * (WORD_SCAN_CHARS - 3) + " tail words here",  # a run cut at the end of the scan
+    "a1b2c3d4e5f6g7h8i9j0" * 7 + "-" + "q" * 51,  # runs longer than a word, cut in 25s
+    "o'neil u.s.a $5.99 €12 £3 re-use -dash- 'quote' a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q.r.s",
+])
+def test_body_features_at_the_limits(hotpath, text):
+    table = hotpath.Table({}, FUNCTION_WORDS, MAX_WORDS, MAX_PAIRS, WORD_SCAN_CHARS, TOP_REASONS)
+    n_words, found = table.body_features(text.lower(), [])
+    assert (n_words, set(found)) == reference_body(text.lower(), [])
+
+
+def test_every_corpus_message_scores_the_same(models, corpus_dir):
+    """Every message of the spamassassin and modern corpora: the same body features as
+    features(), the same score and the same reasons, compiled and pure."""
+    compiled, pure = models
+    table = compiled._compiled_table()
+    checked = 0
+    for folder in (corpus_dir, corpus_dir.parent / "modern"):
+        for _, raw in load_corpus(folder, read_index(folder)):
+            msg = parse_message(raw)
+            body, _ = features(msg)
+            n_words, found = table.body_features(msg.text.lower(), classifier._named_tokens(msg))
+            assert set(found) == body and len(found) == len(body)
+            assert_same_score(compiled, pure, msg)
+            checked += 1
+    assert checked > 6000
+
+
+def test_a_learned_model_scores_the_same_compiled_and_pure(models):
+    """learn() changes the weights in place: the compiled table follows (it is rebuilt for
+    the new version), so both paths still agree after it."""
+    compiled = load_model()
+    pure = load_model()
+    pure.compiled = False
+    msg = parse_message(b"Subject: quarterly figures\n\nThe quarterly figures for the northern region are attached.\n")
+    before = compiled.score(msg).score
+    learn(compiled, msg, is_spam=True)
+    learn(pure, msg, is_spam=True)
+    assert compiled.score(msg).score > before
+    assert_same_score(compiled, pure, msg)
+
+
+def test_a_pickled_model_leaves_its_table_behind_and_builds_its_own(models):
+    compiled, pure = models
+    msg = parse_message(b"Subject: Your order has shipped\n\nTrack your parcel at https://shop.example.com/track\n")
+    compiled.prepare()
+    copy = pickle.loads(pickle.dumps(compiled))
+    assert copy._table is None
+    assert copy.score(msg) == compiled.score(msg)
+    assert_same_score(copy, pure, msg)
+
+
+def test_the_table_refuses_what_is_not_a_model(hotpath):
+    with pytest.raises(TypeError):
+        hotpath.Table({1: 0.5}, FUNCTION_WORDS, MAX_WORDS, MAX_PAIRS, WORD_SCAN_CHARS, TOP_REASONS)
+    with pytest.raises(TypeError):
+        hotpath.Table({"a": "heavy"}, FUNCTION_WORDS, MAX_WORDS, MAX_PAIRS, WORD_SCAN_CHARS, TOP_REASONS)
+    with pytest.raises(ValueError):
+        hotpath.Table({}, FUNCTION_WORDS, -1, MAX_PAIRS, WORD_SCAN_CHARS, TOP_REASONS)
+    table = hotpath.Table({"a\ud800b": 1.0}, FUNCTION_WORDS, MAX_WORDS, MAX_PAIRS, WORD_SCAN_CHARS, TOP_REASONS)
+    assert table.size() == 1
+
+
+def test_enable_compiled_false_scores_with_the_reference(hotpath, tmp_path):
+    """ENABLE_COMPILED=false (the plain path of the benchmark) scores with pure Python."""
+    from atlas_milter.config import load_config
+    from atlas_milter.pipeline import Pipeline
+
+    msg = parse_message(b"Subject: hello\n\nJust checking in about the meeting.\n")
+    for flag, uses_table in (("false", False), ("true", True)):
+        config = load_config(None, overrides={"store.db": str(tmp_path / "v.db"), "statsd.enabled": False},
+                             env={"ENABLE_COMPILED": flag, "ENABLE_PARALLEL": "false"})
+        pipeline = Pipeline(config, with_store=False)
+        try:
+            pipeline.model.score(msg)
+            assert (pipeline.model._table is not None) is uses_table
+        finally:
+            pipeline.close()
+
+
+def test_version_says_which_classifier_runs(hotpath):
+    from atlas_milter.cli import version_line
+
+    assert version_line().endswith("classifier: compiled")
