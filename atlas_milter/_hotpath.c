@@ -1,6 +1,10 @@
-/* atlas_milter._hotpath: the compiled body block of the classifier.
+/* atlas_milter._hotpath: the compiled hot path -- the header block of message.py and the body
+ * block of classifier.py.
  *
- * Owns one thing: from a message's lowercased body text (and the few subject / sender-name
+ * split_headers(head) is message._split_headers_reference() compiled: a simple header block
+ * split into (name, value) pairs.
+ *
+ * The body block: from a message's lowercased body text (and the few subject / sender-name
  * tokens the Python side adds), the distinct body features -- words, number shapes and word
  * pairs exactly as classifier.features() makes them -- looked up in a hash table built once
  * from the model's weights, summed, counted, and the strongest ones ranked for the reasons.
@@ -692,7 +696,98 @@ static PyObject *style_counts(PyObject *Py_UNUSED(module), PyObject *args)
     return Py_BuildValue("(nnnn)", caps, exclaims, amounts, percentages);
 }
 
+/* ---------------------------------------------------------------- the header block */
+
+static PyObject *NEWLINE; /* "\n", joins a value's lines */
+
+/* The header read so far (`name` and the lines of its value) joined and appended as a tuple. */
+static int add_header(PyObject *headers, PyObject **name, PyObject **lines)
+{
+    PyObject *value = PyUnicode_Join(NEWLINE, *lines);
+    PyObject *pair = value ? PyTuple_Pack(2, *name, value) : NULL;
+    int rc = pair ? PyList_Append(headers, pair) : -1;
+    Py_XDECREF(value);
+    Py_XDECREF(pair);
+    Py_CLEAR(*name);
+    Py_CLEAR(*lines);
+    return rc;
+}
+
+/* message._split_headers_reference(): the (name, value) pairs of a header block as compat32
+ * stores them, or None when a line is neither `name:` (name: printable ASCII but ":") nor a
+ * continuation (a space or tab first, after a header). A value loses the blanks after the
+ * colon; each of its lines loses its trailing "\r"s; continuation lines join with "\n". */
+static PyObject *split_headers(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *head;
+    if (!PyArg_ParseTuple(args, "U", &head))
+        return NULL;
+    int kind = PyUnicode_KIND(head);
+    const void *data = PyUnicode_DATA(head);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(head);
+    PyObject *headers = PyList_New(0);
+    PyObject *name = NULL, *lines = NULL;
+    if (!headers)
+        return NULL;
+    for (Py_ssize_t start = 0; start <= n;) { /* head.split("\n") */
+        Py_ssize_t end = start;
+        while (end < n && PyUnicode_READ(kind, data, end) != '\n')
+            end++;
+        Py_UCS4 first = start < end ? PyUnicode_READ(kind, data, start) : 0;
+        Py_ssize_t from;
+        if (first == ' ' || first == '\t') {
+            if (!name)
+                goto not_simple;
+            from = start;
+        } else {
+            Py_ssize_t colon = start;
+            while (colon < end) {
+                Py_UCS4 ch = PyUnicode_READ(kind, data, colon);
+                if (ch < 0x21 || ch > 0x7e || ch == ':')
+                    break;
+                colon++;
+            }
+            if (colon == start || colon == end || PyUnicode_READ(kind, data, colon) != ':')
+                goto not_simple;
+            if (name && add_header(headers, &name, &lines) < 0)
+                goto error;
+            name = PyUnicode_Substring(head, start, colon);
+            lines = PyList_New(0);
+            if (!name || !lines)
+                goto error;
+            from = colon + 1;
+            while (from < end && (PyUnicode_READ(kind, data, from) == ' ' || PyUnicode_READ(kind, data, from) == '\t'))
+                from++;
+        }
+        Py_ssize_t to = end;
+        while (to > from && PyUnicode_READ(kind, data, to - 1) == '\r')
+            to--;
+        PyObject *line = PyUnicode_Substring(head, from, to);
+        if (!line || PyList_Append(lines, line) < 0) {
+            Py_XDECREF(line);
+            goto error;
+        }
+        Py_DECREF(line);
+        start = end + 1;
+    }
+    if (name && add_header(headers, &name, &lines) < 0)
+        goto error;
+    return headers;
+not_simple:
+    Py_XDECREF(name);
+    Py_XDECREF(lines);
+    Py_DECREF(headers);
+    Py_RETURN_NONE;
+error:
+    Py_XDECREF(name);
+    Py_XDECREF(lines);
+    Py_DECREF(headers);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
+    {"split_headers", split_headers, METH_VARARGS,
+     "split_headers(head) -> [(name, value), ...] as compat32 stores them, or None when the block is not simple"},
     {"style_counts", style_counts, METH_VARARGS,
      "style_counts(text, scan_chars) -> (shouted words, '!', money amounts, '%') in text[:scan_chars]"},
     {NULL, NULL, 0, NULL},
@@ -722,7 +817,7 @@ static PyTypeObject TableType = {
 static struct PyModuleDef hotpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "atlas_milter._hotpath",
-    .m_doc = "The classifier's body block, compiled (classifier.py is the reference).",
+    .m_doc = "The hot path compiled: header split (message.py) and body block (classifier.py) -- the Python code is the reference.",
     .m_size = -1,
     .m_methods = module_methods,
 };
@@ -730,6 +825,8 @@ static struct PyModuleDef hotpath_module = {
 PyMODINIT_FUNC PyInit__hotpath(void)
 {
     if (PyType_Ready(&TableType) < 0)
+        return NULL;
+    if (!NEWLINE && !(NEWLINE = PyUnicode_FromString("\n")))
         return NULL;
     PyObject *module = PyModule_Create(&hotpath_module);
     if (!module)

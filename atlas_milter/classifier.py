@@ -186,8 +186,8 @@ def _meta_features(msg: ParsedMessage, text: str, n_words: int, compiled: bool =
     if not subject:
         add("sig:no-subject")
     else:
-        letters = [c for c in subject if c.isalpha()]
-        if len(letters) >= 8 and sum(c.isupper() for c in letters) > 0.7 * len(letters):
+        letters = list(filter(str.isalpha, subject))
+        if len(letters) >= 8 and sum(map(str.isupper, letters)) > 0.7 * len(letters):
             add("sig:subject-shouts")
         if "!" in subject:
             add("sig:subject-exclaims")

@@ -135,7 +135,7 @@ def evaluate(model: Model, items: Iterable[MailItem], cutoffs: Cutoffs, max_byte
     scores: list[tuple[str | None, float]] = []
     started = time.perf_counter()
     for label, raw in batch:
-        scores.append((label, model.score(parse_message(raw, max_bytes)).score))
+        scores.append((label, model.score(parse_message(raw, max_bytes, model.compiled)).score))
     elapsed = time.perf_counter() - started
     quality = summarise(scores, cutoffs)
     return EvalReport(

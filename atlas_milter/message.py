@@ -21,6 +21,11 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 
+try:  # the compiled hot path; without it the pure-Python code below runs
+    from atlas_milter import _hotpath
+except ImportError:  # pragma: no cover - depends on the build
+    _hotpath = None
+
 DEFAULT_MAX_BYTES = 512 * 1024
 MAX_PARTS = 200  # MIME parts walked per message; the rest are counted, not read
 MAX_TEXT_CHARS = 200_000  # decoded text kept per message
@@ -29,7 +34,27 @@ MAX_HEADERS = 500  # headers kept per message
 MAX_HEADER_CHARS = 2000  # of one decoded header value
 MAX_NESTING_MARKERS = 200  # multipart/ and message/rfc822 mentions beyond which MIME is not parsed
 
-_PARSER = BytesParser(policy=compat32)
+class _IndexedMessage(Message):
+    """A compat32 Message whose get() finds a header in an index of first occurrences
+    instead of lowercasing every name on every call (the walk asks a dozen times per part).
+    The index follows the header list as the parser appends to it; parsed messages are not
+    edited afterwards."""
+
+    _index: dict[str, tuple[str, str]] | None = None
+    _indexed = -1
+
+    def get(self, name, failobj=None):
+        headers = self._headers
+        if self._indexed != len(headers):
+            index: dict[str, tuple[str, str]] = {}
+            for pair in headers:
+                index.setdefault(pair[0].lower(), pair)
+            self._index, self._indexed = index, len(headers)
+        pair = self._index.get(name.lower())
+        return failobj if pair is None else self.policy.header_fetch_parse(*pair)
+
+
+_PARSER = BytesParser(_class=_IndexedMessage, policy=compat32)
 _NESTING_MARKERS = (b"multipart/", b"message/rfc822")  # counted in the ASCII-lowercased message
 _HEADER_LINE_RE = re.compile(r"([\041-\071\073-\176]+):")
 _ADDR_RE = re.compile(r"[\w.+'=~!#$%&*/?^`{|}-]+@([\w-]+(?:\.[\w-]+)+)", re.UNICODE)
@@ -239,8 +264,9 @@ def _walk(msg: Message, parsed: ParsedMessage) -> list[str]:
     return texts
 
 
-def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessage:
-    """Parse raw message bytes. Never raises on message content."""
+def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES, compiled: bool = True) -> ParsedMessage:
+    """Parse raw message bytes. Never raises on message content. `compiled`: split the header
+    block with the compiled extension where it is built (ENABLE_COMPILED)."""
     parsed = ParsedMessage(size=len(raw))
     if len(raw) > max_bytes:
         raw = raw[:max_bytes]
@@ -255,7 +281,7 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessa
             # The email package recurses (Python and C frames) per nesting level: bounded
             # by RecursionError on big stacks, a segfault on small thread stacks. Refuse.
             raise RecursionError("MIME nested too deep")
-        msg = _parse_mime(raw)
+        msg = _parse_mime(raw, compiled)
         texts = _fill_from_mime(msg, parsed)
     except (RecursionError, Exception) as exc:  # the email package can fail on hostile structure
         parsed.defects.append(f"unparseable MIME ({type(exc).__name__}); read as plain text")
@@ -270,23 +296,35 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessa
     return parsed
 
 
-def _parse_mime(raw: bytes) -> Message:
+def _parse_mime(raw: bytes, compiled: bool = True) -> Message:
     """compat32 parse. Most mail is a single part with plain header lines: for those the
     header block is split here and the body set as the payload as is, exactly as the
     email package would leave them, without its per-line Python loop; anything unusual
     (multipart, continuation oddities, lines that are not headers) gets the full parse."""
     head_end, body_start = _head_end(raw)
     if head_end < body_start:  # there is a blank line
-        msg = _quick_headers(raw[:head_end].decode("ascii", "surrogateescape"))
+        msg = _quick_headers(raw[:head_end].decode("ascii", "surrogateescape"), compiled)
         if msg is not None and msg.get_content_maintype() not in ("multipart", "message"):
             msg.set_payload(raw[body_start:].decode("ascii", "surrogateescape"))
             return msg
     return _PARSER.parsebytes(raw)
 
 
-def _quick_headers(head: str) -> Message | None:
+def _quick_headers(head: str, compiled: bool = True) -> Message | None:
     """A Message holding the header block's (name, value) pairs as compat32 stores them,
     or None when the block has anything the simple rules do not cover."""
+    split = _hotpath.split_headers if compiled and _hotpath is not None else _split_headers_reference
+    headers = split(head)
+    if headers is None:
+        return None
+    msg = _IndexedMessage()
+    msg._headers = headers
+    return msg
+
+
+def _split_headers_reference(head: str) -> list[tuple[str, str]] | None:
+    """The header block's (name, value) pairs, or None when a line is neither a `name:` line
+    nor a continuation of one (the reference of the compiled _hotpath.split_headers)."""
     headers: list[tuple[str, str]] = []
     for line in head.split("\n"):
         if line[:1] in (" ", "\t"):
@@ -299,9 +337,7 @@ def _quick_headers(head: str) -> Message | None:
         if match is None:
             return None
         headers.append((match.group(1), line[match.end() :].lstrip(" \t").rstrip("\r")))
-    msg = Message()
-    msg._headers = headers
-    return msg
+    return headers
 
 
 def _fill_from_mime(msg: Message, parsed: ParsedMessage) -> list[str]:

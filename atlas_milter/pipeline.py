@@ -79,7 +79,7 @@ class Result:
 def analyse(raw: bytes, model: Model, max_bytes: int) -> Analysis:
     """Parse and score one message. Never raises on message content."""
     t0 = time.perf_counter()
-    parsed = parse_message(raw, max_bytes)
+    parsed = parse_message(raw, max_bytes, model.compiled)
     t1 = time.perf_counter()
     score = model.score(parsed)
     t2 = time.perf_counter()
@@ -124,6 +124,7 @@ class UnavailableModel:
     meta: dict = {"version": "unavailable"}
     version = "unavailable"
     scorable = False  # the pipeline starts no worker pool for it
+    compiled = True
 
     def __init__(self, reason: str) -> None:
         self.reason = reason

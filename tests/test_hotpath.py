@@ -108,15 +108,42 @@ def test_body_features_at_the_limits(hotpath, text):
     assert (n_words, set(found)) == reference_body(text.lower(), [])
 
 
-def test_every_corpus_message_scores_the_same(models, corpus_dir):
-    """Every message of the spamassassin and modern corpora: the same body features as
-    features(), the same score and the same reasons, compiled and pure."""
+HEADER_LINES = st.lists(
+    st.one_of(
+        st.builds(lambda name, value, cr: f"{name}:{value}{cr}",
+                  st.text(alphabet=st.sampled_from(list("Ab-_!~9") + ["é", " ", "\udc80"]), max_size=8),
+                  st.text(alphabet=st.sampled_from(list(" \tab:=?\r") + ["ü", "\udcff"]), max_size=12),
+                  st.sampled_from(["", "\r", "\r\r"])),
+        st.builds(lambda lead, rest: lead + rest, st.sampled_from([" ", "\t"]), st.text(max_size=10)),
+        st.text(max_size=10),
+    ),
+    max_size=8,
+).map("\n".join)
+
+
+@settings(max_examples=600, deadline=None)
+@given(HEADER_LINES)
+def test_header_split_matches_the_reference(hotpath, head):
+    from atlas_milter.message import _split_headers_reference
+
+    assert hotpath.split_headers(head) == _split_headers_reference(head)
+
+
+def test_every_corpus_message_scores_the_same(hotpath, models, corpus_dir):
+    """Every message of the spamassassin and modern corpora: the same header split and
+    parse, the same body features as features(), the same score and the same reasons,
+    compiled and pure."""
+    from atlas_milter.message import _head_end, _split_headers_reference
+
     compiled, pure = models
     table = compiled._compiled_table()
     checked = 0
     for folder in (corpus_dir, corpus_dir.parent / "modern"):
         for _, raw in load_corpus(folder, read_index(folder)):
+            head = raw[: _head_end(raw)[0]].decode("ascii", "surrogateescape")
+            assert hotpath.split_headers(head) == _split_headers_reference(head)
             msg = parse_message(raw)
+            assert msg == parse_message(raw, compiled=False)
             body, _ = features(msg)
             n_words, found = table.body_features(msg.text.lower(), classifier._named_tokens(msg))
             assert set(found) == body and len(found) == len(body)
