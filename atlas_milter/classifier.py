@@ -19,6 +19,7 @@ It knows nothing about caches, threads, databases or protocols.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import heapq
 import hashlib
@@ -74,6 +75,7 @@ _INVISIBLE_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 # with the character set, so the engine skips ahead in C (as \b[A-Z]{2,}\b, three times faster).
 _CAPS_WORD_RE = re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]+(?!\w)")
 _LOOKALIKE_RE = re.compile("[\u0370-\u052f]")  # Greek and Cyrillic
+_C1_CONTROL_RE = re.compile("[\x80-\x9f]")  # what a text decoded with the wrong charset shows
 _LETTER_RUN_RE = re.compile(r"[^\W\d_]{4,}")
 _NAME_DOMAIN_RE = re.compile(r"\b[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,12}\b")
 _SHORT_TLDS = {"uk", "au", "jp", "br", "nz", "za", "cn", "kr", "tw", "in", "il"}
@@ -86,12 +88,19 @@ def hot_path() -> str:
     return "classifier: compiled"
 
 
+@functools.lru_cache(maxsize=8192)  # the same senders and link hosts recur in every message of a campaign
 def _domain_tail(host: str) -> str:
     """The registrable-looking part of a host name: last two labels, three under ccTLD SLDs."""
     labels = [l for l in host.lower().strip(".").split(".") if l]
     if len(labels) >= 3 and labels[-1] in _SHORT_TLDS and len(labels[-2]) <= 3:
         return ".".join(labels[-3:])
     return ".".join(labels[-2:])
+
+
+@functools.lru_cache(maxsize=8192)
+def _url_facts(url: str) -> tuple[str, bool]:
+    """(host, whether the host is a numeric address) of a URL."""
+    return _url_host(url), bool(_IP_URL_RE.match(url.lower().removeprefix("http://").removeprefix("https://")))
 
 
 def _url_host(url: str) -> str:
@@ -193,7 +202,7 @@ def _meta_features(msg: ParsedMessage, text: str, n_words: int, compiled: bool =
             add("sig:subject-exclaims")
         if _MONEY_RE.search(subject):
             add("sig:subject-money")
-        if "\ufffd" in subject or any(0x80 <= ord(c) < 0xA0 for c in subject):
+        if "\ufffd" in subject or _C1_CONTROL_RE.search(subject):
             add("sig:subject-garbled")
 
     if msg.sender_domain:
@@ -216,10 +225,10 @@ def _meta_features(msg: ParsedMessage, text: str, n_words: int, compiled: bool =
 
     hosts: dict[str, None] = {}  # distinct, in order of appearance: the same features in every process
     for url in msg.urls[:200]:
-        host = _url_host(url)
+        host, numeric = _url_facts(url)
         if host:
             hosts[host] = None
-        if _IP_URL_RE.match(url.lower().removeprefix("http://").removeprefix("https://")):
+        if numeric:
             add("sig:url-numeric-host")
     sender_tail = _domain_tail(msg.sender_domain) if msg.sender_domain else ""
     tails = set()
@@ -300,14 +309,12 @@ def _sender_signals(msg: ParsedMessage, add) -> None:
     sender_tail = _domain_tail(msg.sender_domain) if msg.sender_domain else ""
     if msg.sender.split("@", 1)[0] in ("mailer-daemon", "postmaster"):
         add("sig:from-mailer-daemon")
-    names = set()
+    names = {name for name, _ in msg.headers}
     signers = set()
-    for name, value in msg.headers:
-        names.add(name)
-        if name == "dkim-signature":
-            match = _DKIM_DOMAIN_RE.search(str(value)[:MAX_HEADER_CHARS].replace("\n", " "))
-            if match:
-                signers.add(_domain_tail(match.group(1)))
+    for value in (value for name, value in msg.headers if name == "dkim-signature"):
+        match = _DKIM_DOMAIN_RE.search(str(value)[:MAX_HEADER_CHARS].replace("\n", " "))
+        if match:
+            signers.add(_domain_tail(match.group(1)))
     if "list-unsubscribe" in names and "list-unsubscribe-post" in names:
         add("sig:one-click-unsubscribe")
     if signers:
@@ -441,9 +448,12 @@ def _candidates(names: list[str], weights: list, scale: float, toward_spam: bool
 
 def _top_reasons(candidates: list[tuple[float, str]], toward_spam: bool) -> tuple[tuple[str, float], ...]:
     """The features that pushed hardest toward the verdict's side, with their share of the margin."""
-    top = heapq.nlargest(TOP_REASONS, candidates) if toward_spam else heapq.nsmallest(TOP_REASONS, candidates)
+    if len(candidates) > 8 * TOP_REASONS:  # the reference path: every feature of the message
+        top = heapq.nlargest(TOP_REASONS, candidates) if toward_spam else heapq.nsmallest(TOP_REASONS, candidates)
+    else:  # the same (names are distinct, so no two candidates tie), faster for a few
+        top = sorted(candidates, reverse=toward_spam)[:TOP_REASONS]
     # Interned: the same few thousand feature names recur in every cached verdict.
-    return tuple((sys.intern(name), round(w, 4)) for w, name in top)
+    return tuple([(sys.intern(name), round(w, 4)) for w, name in top])
 
 
 def _stamp_version(model: Model) -> None:
