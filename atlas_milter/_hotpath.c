@@ -38,6 +38,15 @@ static inline uint64_t fnv(uint64_t h, const char *s, Py_ssize_t n)
     return h;
 }
 
+/* memcmp(a, b, n) == 0 for the short keys here, without a call into libc */
+static inline int same_bytes(const char *a, const char *b, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (a[i] != b[i])
+            return 0;
+    return 1;
+}
+
 static inline size_t slot_of(uint64_t h, size_t mask)
 {
     h ^= h >> 33; /* murmur3's finaliser: FNV's low bits alone spread poorly */
@@ -101,7 +110,7 @@ static Entry *keyset_find(const KeySet *set, uint64_t h, const char *key, Py_ssi
         if (slot.tag != tag)
             continue;
         Entry *e = &set->entries[slot.at];
-        if (e->hash == h && e->len == len && memcmp(e->key, key, (size_t)len) == 0)
+        if (e->hash == h && e->len == len && same_bytes(e->key, key, len))
             return e;
     }
 }
@@ -116,7 +125,7 @@ static int keyset_add(KeySet *set, uint64_t h, const char *key, Py_ssize_t len, 
         if (slot.at < 0)
             break;
         Entry *e = &set->entries[slot.at];
-        if (slot.tag == tag && e->hash == h && e->len == len && memcmp(e->key, key, (size_t)len) == 0)
+        if (slot.tag == tag && e->hash == h && e->len == len && same_bytes(e->key, key, len))
             return 0;
     }
     Entry *e = &set->entries[set->n];

@@ -276,8 +276,8 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES, compiled: bool
         raw = raw.replace(b"\x00", b" ")
         parsed.defects.append("NUL bytes")
     try:
-        lowered = raw.lower()
-        if sum(map(lowered.count, _NESTING_MARKERS)) > MAX_NESTING_MARKERS:
+        # each marker holds a "/": counting those first spares most messages a lowercased copy
+        if raw.count(b"/") > MAX_NESTING_MARKERS and sum(map(raw.lower().count, _NESTING_MARKERS)) > MAX_NESTING_MARKERS:
             # The email package recurses (Python and C frames) per nesting level: bounded
             # by RecursionError on big stacks, a segfault on small thread stacks. Refuse.
             raise RecursionError("MIME nested too deep")
