@@ -19,7 +19,8 @@ reference_milter.py): ref-noop (pymilter doing nothing but answer end-of-message
 ref-parse (buffer, compat32 parse, add one header). They show what any pymilter milter
 costs inside Postfix on the machine of the run. unix and inet run atlas-milter on its default
 transport (the protocol loop); unix-libmilter and inet-libmilter on libmilter's threads
-([milter] transport = "libmilter"), to compare the two in one run.
+([milter] transport = "libmilter"), to compare the two in one run. unix-pure and inet-pure run
+it with ENABLE_COMPILED=false: the pure-Python classifier, the yardstick of the compiled one.
 
 Two rates per round: accepted (the clients' time to get their replies) and relayed (from
 the first message sent until the queue is empty, delivery included). Postfix alone accepts
@@ -172,8 +173,8 @@ def main() -> int:
                     else:
                         transport = 'transport = "libmilter"\n' if mode.endswith("-libmilter") else ""
                         milter = MilterProcess(work, lib, config_text=cfg.replace("[milter]\n", "[milter]\n" + transport, 1),
-                                               name=f"milter-{mode}-{rnd}",
-                                               prelude=args.prelude).start()
+                                               name=f"milter-{mode}-{rnd}", prelude=args.prelude,
+                                               env={"ENABLE_COMPILED": "false"} if mode.endswith("-pure") else None).start()
                     pf.set_milter(post)
                     run_load(pf.host, pf.smtp_port, messages[:50], args.clients)  # warm the milter
                     wait_queue_empty(pf.queue_dir)

@@ -223,20 +223,30 @@ def test_online_bench_runs_bogofilter_as_the_yardstick(tmp_path):
     assert result["one_minus_auc_pct_second_half"] < 5  # it learnt the two vocabularies
 
 
-def test_eval_speed_times_both_sides_on_the_same_test_split(tmp_path):
+def test_eval_speed_times_every_side_on_the_same_test_split(tmp_path):
+    """bogofilter, the compiled and the pure-Python classifier, and a --before checkout
+    (this one again, as a stand-in), in the same rounds."""
     from tests.support.requirements import require_binary
 
     require_binary("bogofilter")
     folder = write_corpus(tmp_path, "a", HAM_A, SPAM_A, 10)
-    proc = run_script("scripts/eval_speed.py", "--index", str(folder / "index.csv"), "--rounds", "2", "--json")
+    proc = run_script("scripts/eval_speed.py", "--index", str(folder / "index.csv"), "--rounds", "2", "--json",
+                      "--before", str(REPO))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["messages"] == 12  # every fourth of 2 templates x 2 labels x 10
-    assert len(result["atlas_msgs_per_s"]) == len(result["bogofilter_msgs_per_s"]) == 2
-    assert all(v > 0 for v in result["atlas_msgs_per_s"] + result["bogofilter_msgs_per_s"])
-    # With two rounds the ratio of the medians is a mediant of the two rounds' ratios: between them.
-    low, high = result["ratio_range"]
-    assert low - 0.001 <= result["ratio_of_medians"] <= high + 0.001
+    assert len(result["bogofilter_msgs_per_s"]) == 2 and all(v > 0 for v in result["bogofilter_msgs_per_s"])
+    for side in ("compiled", "pure", "before"):
+        assert len(result[side]["msgs_per_s"]) == 2 and all(v > 0 for v in result[side]["msgs_per_s"])
+        # With two rounds the ratio of the medians is a mediant of the two rounds' ratios: between them.
+        low, high = result[side]["ratio_range"]
+        assert low - 0.001 <= result[side]["ratio_of_medians"] <= high + 0.001
+
+
+def test_eval_speed_refuses_a_before_tree_without_the_package(tmp_path):
+    proc = run_script("scripts/eval_speed.py", "--before", str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"Error: --before {tmp_path} holds no atlas_milter package"
 
 
 def test_eval_speed_gives_one_error_line_for_a_missing_index(tmp_path):
