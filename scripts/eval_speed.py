@@ -57,12 +57,13 @@ def bogofilter_rate(binary: str, wordlist: str, paths: list[str]) -> float:
     return len(paths) / elapsed
 
 
-def atlas_rate(index: Path, model: str | None, env: dict[str, str] | None = None) -> float:
-    """The msgs_per_s that `atlas-milter eval --json` reports for the test split."""
+def atlas_rate(index: Path, model: str | None, env: dict[str, str] | None = None, tree: Path = REPO) -> float:
+    """The msgs_per_s that `atlas-milter eval --json` reports for the test split, run in
+    `tree` (`python -m` imports the atlas_milter of its working directory first)."""
     cmd = [sys.executable, "-m", "atlas_milter", "eval", "--index", str(index), "--split", "test", "--json"]
     if model:
         cmd += ["--model", model]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=tree)
     if proc.returncode != 0:
         raise SystemExit(f"Error: atlas-milter eval failed: {proc.stderr.strip()[:300]}")
     return float(json.loads(proc.stdout)["msgs_per_s"])
@@ -98,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if not test:
         print(f"Error: {args.index} has no test split", file=sys.stderr)
         return 1
-    sides = {"compiled": {}, "pure": {"ENABLE_COMPILED": "false"}}  # atlas sides: extra environment
+    # atlas sides: (extra environment, checkout)
+    sides = {"compiled": ({}, REPO), "pure": ({"ENABLE_COMPILED": "false"}, REPO)}
     if args.before:
-        sides["before"] = {"PYTHONPATH": str(args.before.resolve())}
+        sides["before"] = ({}, args.before.resolve())
     rates: dict[str, list[float]] = {name: [] for name in ("bogofilter", *sides)}
     with tempfile.TemporaryDirectory(prefix="atlas-speed-") as wordlist:
         for label, flag in (("spam", "-s"), ("ham", "-n")):
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "bogofilter":
                     rates[name].append(bogofilter_rate(binary, wordlist, test))
                 else:
-                    rates[name].append(atlas_rate(args.index, args.model, sides[name]))
+                    rates[name].append(atlas_rate(args.index.resolve(), args.model, *sides[name]))
     bogo = rates["bogofilter"]
     result: dict = {"messages": len(test), "bogofilter_msgs_per_s": [round(v, 1) for v in bogo]}
     for name in sides:

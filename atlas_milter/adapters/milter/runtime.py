@@ -196,6 +196,7 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
     old_mask = block_signals()
     libmilter.limit_malloc_arenas()  # before the store writer and libmilter's threads (cmd_milter may have started /performance)
     pipeline, model_error = make_pipeline(config)
+    libmilter.release_free_heap()
     # Again: starting a worker pool starts multiprocessing's resource tracker, which unblocks
     # SIGINT and SIGTERM in this thread when done; the reload thread must not inherit that.
     block_signals()
@@ -203,7 +204,12 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
         log.error("milter: %s; every message gets on_error=%s until the model is fixed", model_error, mc.on_error)
     engine = MilterEngine(config, pipeline, model_error)
     engine.metrics.set_gauge(GAUGE_RELOAD_FAILING, 0)
-    start_reload_thread(lambda: engine.reload(read_config or (lambda: config)))
+
+    def reload() -> None:
+        engine.reload(read_config or (lambda: config))
+        libmilter.release_free_heap()  # the old model and the new one's file
+
+    start_reload_thread(reload)
     try:
         if mc.transport == "loop":
             _serve_loop(engine, sock)
