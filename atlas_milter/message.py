@@ -378,7 +378,9 @@ def _head_end(raw: bytes) -> tuple[int, int]:
     """(end of the header block, start of the body): the first blank line, LF or CRLF;
     the span of the first match of rb"\r?\n\r?\n", found with two (memchr-fast) bytes.find."""
     lf = raw.find(b"\n\n")
-    crlf = raw.find(b"\n\r\n")
+    # only a CRLF blank line before the LF one counts: search no further (on LF mail this
+    # spares a scan of the whole message for a needle that is not there)
+    crlf = raw.find(b"\n\r\n", 0, lf + 2) if lf >= 0 else raw.find(b"\n\r\n")
     if crlf >= 0 and (lf < 0 or crlf < lf):
         at, end = crlf, crlf + 3
     elif lf >= 0:

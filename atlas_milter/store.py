@@ -98,10 +98,11 @@ def normalise_record(record: dict[str, Any]) -> dict[str, Any]:
     """The row to insert for `record`: every column present, JSON for `reasons`, values of
     types SQLite stores. Raises ValueError for an unknown key or an unstorable value, here
     in the caller's thread, so a bad record can never block the writer."""
-    unknown = set(record) - _COLUMN_SET
+    unknown = record.keys() - _COLUMN_SET
     if unknown:
         raise ValueError(f"record: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(COLUMNS)})")
-    row = {column: record.get(column) for column in COLUMNS}
+    row = dict.fromkeys(COLUMNS)  # every column, in order
+    row.update(record)
     if row["reasons"] is not None and not isinstance(row["reasons"], str):
         try:
             row["reasons"] = json.dumps(row["reasons"])
@@ -120,7 +121,10 @@ def normalise_record(record: dict[str, Any]) -> dict[str, Any]:
         row["folder"] = row["folder"] or ""
         row["uidvalidity"] = row["uidvalidity"] or 0
     for column, value in row.items():
-        if value is None or isinstance(value, float):
+        kind = type(value)
+        if value is None or kind is float or (kind is str and value.isascii()):  # most values: nothing to check
+            continue
+        if isinstance(value, float):
             continue
         if isinstance(value, int):  # bool included
             if not _INT64[0] <= value <= _INT64[1]:
