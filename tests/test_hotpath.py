@@ -208,3 +208,29 @@ def test_version_says_which_classifier_runs(hotpath):
     from atlas_milter.cli import version_line
 
     assert version_line().endswith("classifier: compiled")
+
+
+def test_without_the_extension_the_reference_classifies_the_same(hotpath, tmp_path):
+    """Where the extension could not be built (no compiler at install), the package still
+    imports, --version says so, and the pure-Python reference gives the same verdicts."""
+    import json
+    import subprocess
+    import sys
+    from importlib import resources
+
+    sample = resources.files("atlas_milter").joinpath("data", "sample")
+    hide = "import sys; sys.modules['atlas_milter._hotpath'] = None; from atlas_milter.cli import main; "
+
+    def run(argv: list[str], without: bool) -> str:
+        code = (hide if without else "from atlas_milter.cli import main; ") + f"import sys; sys.exit(main({argv!r}))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "classifier: pure Python (the compiled extension atlas_milter._hotpath is not built)" in run(["--version"], True)
+    argv = ["classify", "--json", str(sample)]
+    pure = [json.loads(line) for line in run(argv, True).splitlines()]
+    compiled = [json.loads(line) for line in run(argv, False).splitlines()]
+    assert len(pure) == len(compiled) >= 10
+    for a, b in zip(pure, compiled):
+        assert a["verdict"] == b["verdict"] and abs(a["score"] - b["score"]) <= SCORE_TOLERANCE
