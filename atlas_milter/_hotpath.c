@@ -562,18 +562,27 @@ static PyObject *ranked_list(const Ranked *best, Py_ssize_t n)
     return out;
 }
 
+/* The body of the message in (lowered_text, extra); on failure nothing is left to free. */
+static int body_from_args(const Table *self, PyObject *args, Body *body)
+{
+    PyObject *text, *extra;
+    memset(body, 0, sizeof(*body));
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyList_Type, &extra))
+        return -1;
+    if (collect_body(self, body, text, extra) < 0) {
+        body_free(body);
+        return -1;
+    }
+    return 0;
+}
+
 /* _weigh() for the body block (scale = 1 / sqrt(known + 1), sum of the known weights) and
  * _top_reasons()' candidates from it: the `top` strongest toward spam and toward ham. */
 static PyObject *Table_score_body(Table *self, PyObject *args)
 {
-    PyObject *text, *extra;
-    if (!PyArg_ParseTuple(args, "UO!", &text, &PyList_Type, &extra))
-        return NULL;
     Body body;
-    if (collect_body(self, &body, text, extra) < 0) {
-        body_free(&body);
+    if (body_from_args(self, args, &body) < 0)
         return NULL;
-    }
     const Entry **found = PyMem_Malloc(((size_t)body.distinct.n + 1) * sizeof(Entry *));
     Ranked *spam = PyMem_Malloc(((size_t)self->top + 1) * sizeof(Ranked));
     Ranked *ham = PyMem_Malloc(((size_t)self->top + 1) * sizeof(Ranked));
@@ -620,14 +629,9 @@ static PyObject *Table_score_body(Table *self, PyObject *args)
 
 static PyObject *Table_body_features(Table *self, PyObject *args)
 {
-    PyObject *text, *extra;
-    if (!PyArg_ParseTuple(args, "UO!", &text, &PyList_Type, &extra))
-        return NULL;
     Body body;
-    if (collect_body(self, &body, text, extra) < 0) {
-        body_free(&body);
+    if (body_from_args(self, args, &body) < 0)
         return NULL;
-    }
     PyObject *out = PyList_New(body.distinct.n);
     for (Py_ssize_t i = 0; out && i < body.distinct.n; i++) {
         const Entry *e = &body.distinct.entries[i];
