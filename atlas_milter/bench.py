@@ -33,8 +33,13 @@ _MSGID_RE = re.compile(rb"(?im)^message-id:[^\n]*\n(?:[ \t][^\n]*\n)*")
 
 
 def find_corpus(explicit: str | None = None) -> Path:
-    candidates = [explicit, os.environ.get("ATLAS_CORPUS"), "../shared/corpus/spamassassin"]
-    for candidate in candidates:
+    """The corpus folder: `explicit` (an error when it holds no index.csv), else $ATLAS_CORPUS,
+    else ../shared/corpus/spamassassin."""
+    if explicit:
+        if (Path(explicit) / "index.csv").is_file():
+            return Path(explicit)
+        raise AtlasError(f"no corpus at {explicit}: --corpus names the folder holding index.csv")
+    for candidate in (os.environ.get("ATLAS_CORPUS"), "../shared/corpus/spamassassin"):
         if candidate and (Path(candidate) / "index.csv").is_file():
             return Path(candidate)
     raise AtlasError("shared corpus not found: pass --corpus DIR (the folder holding index.csv) or set ATLAS_CORPUS")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +243,28 @@ def test_eval_speed_times_every_side_on_the_same_test_split(tmp_path):
         # With two rounds the ratio of the medians is a mediant of the two rounds' ratios: between them.
         low, high = result[side]["ratio_range"]
         assert low - 0.001 <= result[side]["ratio_of_medians"] <= high + 0.001
+
+
+def test_maildir_backfill_bench_times_plain_and_optimised_backfills(tmp_path):
+    """Every side backfills every message of the Maildir it builds, in every round."""
+    folder = write_corpus(tmp_path, "a", HAM_A, SPAM_A, 6)
+    proc = run_script("scripts/maildir_backfill_bench.py", "--corpus", str(folder), "--workdir", str(tmp_path / "w"),
+                      "--rounds", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["messages"] == 24 and len(os.listdir(tmp_path / "w" / "distinct" / "cur")) == 24
+    assert {side: len(v) for side, v in result["seconds"].items()} == {"plain": 2, "optimised": 2, "optimised-pure": 2}
+    for side in ("plain", "optimised", "optimised-pure"):
+        db = sqlite3.connect(tmp_path / "w" / f"distinct-{side}.db")
+        assert db.execute("SELECT count(*) FROM processed_emails WHERE action = 'dry-run'").fetchone()[0] == 24
+        db.close()
+    assert len(result["optimised"]["speedup_per_round"]) == 2
+
+
+def test_maildir_backfill_bench_gives_one_error_line_without_a_corpus(tmp_path):
+    proc = run_script("scripts/maildir_backfill_bench.py", "--corpus", str(tmp_path), "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"Error: no corpus at {tmp_path}: --corpus names the folder holding index.csv"
 
 
 def test_eval_speed_refuses_a_before_tree_without_the_package(tmp_path):
