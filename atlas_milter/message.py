@@ -21,6 +21,8 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 
+from atlas_milter import mime
+
 try:  # the compiled hot path; without it the pure-Python code below runs
     from atlas_milter import _hotpath
 except ImportError:  # pragma: no cover - depends on the build
@@ -265,8 +267,9 @@ def _walk(msg: Message, parsed: ParsedMessage) -> list[str]:
 
 
 def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES, compiled: bool = True) -> ParsedMessage:
-    """Parse raw message bytes. Never raises on message content. `compiled`: split the header
-    block with the compiled extension where it is built (ENABLE_COMPILED)."""
+    """Parse raw message bytes. Never raises on message content. `compiled` (ENABLE_COMPILED):
+    split the header block with the compiled extension where it is built, and build the MIME
+    tree with mime.py; else the email package's own parser (the reference)."""
     parsed = ParsedMessage(size=len(raw))
     if len(raw) > max_bytes:
         raw = raw[:max_bytes]
@@ -299,13 +302,18 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES, compiled: bool
 def _parse_mime(raw: bytes, compiled: bool = True) -> Message:
     """compat32 parse. Most mail is a single part with plain header lines: for those the
     header block is split here and the body set as the payload as is, exactly as the
-    email package would leave them, without its per-line Python loop; anything unusual
-    (multipart, continuation oddities, lines that are not headers) gets the full parse."""
+    email package would leave them, without its per-line Python loop; anything else
+    (multipart, continuation oddities, lines that are not headers) gets the FeedParser's
+    tree, from mime.py when `compiled`, else from the email package."""
     head_end, body_start = _head_end(raw)
     if head_end < body_start:  # there is a blank line
         msg = _quick_headers(raw[:head_end].decode("ascii", "surrogateescape"), compiled)
         if msg is not None and msg.get_content_maintype() not in ("multipart", "message"):
             msg.set_payload(raw[body_start:].decode("ascii", "surrogateescape"))
+            return msg
+    if compiled:  # the FeedParser's tree, built faster (mime.py); None where only the FeedParser will do
+        msg = mime.parse(raw.decode("ascii", "surrogateescape"), _IndexedMessage)
+        if msg is not None:
             return msg
     return _PARSER.parsebytes(raw)
 
