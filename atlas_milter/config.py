@@ -319,7 +319,7 @@ class Features:
     bulk_ops: bool = True
     parallel: bool = True
     streaming: bool = True
-    compiled: bool = True  # the classifier's compiled body block, where it is built
+    compiled: bool = True  # the hot path: the compiled classifier (where built) and mime.py
 
 
 @dataclass(frozen=True)
