@@ -14,6 +14,10 @@ deliberately not features: they describe where and when the training mail happen
 collected, not whether it is spam, and a model that leans on them loses its recall on
 mail from anywhere else.
 
+Scoring runs the body block (words, pairs, their weights, the strongest for the reasons)
+in the compiled extension `_hotpath` when it is built and `Model.compiled` (ENABLE_COMPILED)
+is on; the Python code here is its reference, and tests/test_hotpath.py keeps them equal.
+
 It knows nothing about caches, threads, databases or protocols.
 """
 
@@ -33,13 +37,13 @@ from importlib import resources
 from pathlib import Path
 
 from atlas_milter.errors import ModelError
+from atlas_milter.message import MAX_HEADER_CHARS, ParsedMessage
+from atlas_milter.verdict import Score
 
 try:  # the compiled body block; without it (no C compiler at install) the pure-Python reference runs
     from atlas_milter import _hotpath
 except ImportError:  # pragma: no cover - depends on the build
     _hotpath = None
-from atlas_milter.message import MAX_HEADER_CHARS, ParsedMessage
-from atlas_milter.verdict import Score
 
 MODEL_FORMAT = "atlas-milter-model"
 MODEL_FORMAT_VERSION = 1

@@ -36,6 +36,7 @@ MAX_HEADERS = 500  # headers kept per message
 MAX_HEADER_CHARS = 2000  # of one decoded header value
 MAX_NESTING_MARKERS = 200  # multipart/ and message/rfc822 mentions beyond which MIME is not parsed
 
+
 class _IndexedMessage(Message):
     """A compat32 Message whose get() finds a header in an index of first occurrences
     instead of lowercasing every name on every call (the walk asks a dozen times per part).
