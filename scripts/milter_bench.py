@@ -12,6 +12,7 @@ JSON when it stops. Needs root (Postfix) and the corpus.
     python -m scripts.milter_bench --classify thread        # or inline / pool
     python -m scripts.milter_bench --corpus-check            # all 6,046 messages, grep the log
     python -m scripts.milter_bench --modes none,ref-noop,ref-parse,unix   # with the yardsticks
+    python -m scripts.milter_bench --modes none,unix,ref-noop --stub-classifier   # the milter's own cost
 
 Modes: none (Postfix alone), unix and inet (atlas-milter on either socket), and the two
 reference milters of shared/docs/performance-notes.md on a unix socket (scripts/
@@ -54,6 +55,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "spamassassin"
 RCPT = "someone@remote.test"  # relayed to smtp-sink
+
+
+# Run in the milter process (--stub-classifier): every message gets a fixed ham score without
+# being parsed or scored, so a run measures the milter's own cost (protocol, fingerprint, cache,
+# record, headers) beside the real one.
+STUB_CLASSIFIER = """
+import atlas_milter.pipeline as _pipeline
+from atlas_milter.verdict import Score as _Score
+_STUB = _pipeline.Analysis(_Score(score=0.1, reasons=(("stub", -1.0),), model_version="stub"))
+_pipeline.analyse = lambda raw, model, max_bytes: _STUB
+"""
 
 
 class ReferenceMilter(MilterProcess):
@@ -118,8 +130,12 @@ def main() -> int:
                     help="push every corpus message through Postfix + milter and count unhandled exceptions")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--prelude", default="", help="Python run in the milter process first (experiments)")
+    ap.add_argument("--stub-classifier", action="store_true",
+                    help="atlas-milter with classification stubbed out (STUB_CLASSIFIER): what the milter costs without it")
     ap.add_argument("--milter-config", default="", help="more [milter] lines for atlas-milter, e.g. 'max_in_flight = 32'")
     args = ap.parse_args()
+    if args.stub_classifier:
+        args.prelude = STUB_CLASSIFIER + "\n" + args.prelude
 
     corpus = Path(args.corpus)
     if args.corpus_check:

@@ -1,6 +1,7 @@
 """The pipeline chains the stages the same way on the optimised and the plain path."""
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,24 @@ def test_reload_model_clears_the_cache(tmp_path):
     finally:
         pipeline.close()
     assert not again.verdict.cache_hit
+
+
+def test_the_milter_benchs_classifier_stub_scores_nothing(tmp_path):
+    """scripts/milter_bench.py --stub-classifier runs STUB_CLASSIFIER in the milter: every
+    message then gets its fixed ham score, unparsed and unscored, through the same pipeline."""
+    import subprocess
+    import sys
+
+    from scripts.milter_bench import STUB_CLASSIFIER
+
+    code = STUB_CLASSIFIER + (
+        "\nfrom atlas_milter.config import load_config\nfrom atlas_milter.pipeline import Pipeline\n"
+        f"config = load_config(None, overrides={{'store.db': {str(tmp_path / 'v.db')!r}, 'statsd.enabled': False}}, "
+        "env={'ENABLE_PARALLEL': 'false'})\n"
+        "p = Pipeline(config)\n"
+        "r = p.classify(b'Subject: FREE cash prize!!!\\n\\nClick here to claim your prize now!\\n')\n"
+        "print(r.verdict.score, r.verdict.verdict, r.verdict.model_version)\np.close()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0.1", "ham", "stub"]
