@@ -395,9 +395,8 @@ class Model:
         # The same sums in the same order of operations as _weigh, the body block compiled.
         text = msg.text.lower()
         n_words, body_sum, body_known, toward_spam_body, toward_ham_body = table.score_body(text, _named_tokens(msg))
-        meta_names = list(_meta_features(msg, text, n_words, compiled=True))
-        meta_found = list(map(self.weights.get, meta_names))
-        meta_scale = META_BLOCK_WEIGHT / math.sqrt(len(meta_found) - meta_found.count(None) + 1)
+        meta_names, meta_found, meta_scale = _weigh_block(
+            self.weights, _meta_features(msg, text, n_words, compiled=True), META_BLOCK_WEIGHT)
         margin = self.bias
         margin += 1.0 / math.sqrt(body_known + 1) * body_sum
         margin += meta_scale * sum(filter(None, meta_found))
@@ -532,16 +531,21 @@ def _weigh(weights: dict[str, float], bias: float, feats: FeatureSets) -> tuple[
     """The margin of a message, and per block its (feature names, weights or None for
     unknown features, scale): each block's known weights summed and normalised to unit
     length, the structure block weighted by META_BLOCK_WEIGHT."""
-    get = weights.get
     margin = bias
     blocks = []
     for block, factor in zip(feats, (1.0, META_BLOCK_WEIGHT)):
-        names = list(block)
-        found = list(map(get, names))
-        scale = factor / math.sqrt(len(found) - found.count(None) + 1)
+        names, found, scale = _weigh_block(weights, block, factor)
         margin += scale * sum(filter(None, found))
         blocks.append((names, found, scale))
     return margin, blocks
+
+
+def _weigh_block(weights: dict[str, float], block: set[str], factor: float) -> tuple[list[str], list, float]:
+    """One block's (feature names, weights or None for unknown features, scale): the scale
+    normalises the known weights' sum to unit length, times `factor`."""
+    names = list(block)
+    found = list(map(weights.get, names))
+    return names, found, factor / math.sqrt(len(found) - found.count(None) + 1)
 
 
 def _margin(weights: dict[str, float], bias: float, feats: FeatureSets) -> float:
