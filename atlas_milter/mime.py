@@ -115,10 +115,10 @@ class _Reader:
         end, count = start, len(lines)
         if not eof:
             end = count
-        if self.blank_ends:
+        elif self.blank_ends:
             while end < count and not self.at_false_eof(lines[end]):
                 end += 1
-        else:  # only boundaries end it: look at the lines that start with "--"
+        else:  # at_false_eof's boundary case, spelled out: this loop walks every body line
             while end < count:
                 line = lines[end]
                 if line[:2] == "--" and any(match(line) for match in eof):
