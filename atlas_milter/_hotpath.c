@@ -29,6 +29,7 @@
 
 #define FNV_OFFSET 1469598103934665603ULL
 #define FNV_PRIME 1099511628211ULL
+#define PREFETCH_AHEAD 8 /* features between a table slot's prefetch and its entry's, and its use */
 #define MAX_RUN_WORD 25 /* a run of letters and marks longer than this is cut into words */
 
 static inline uint64_t fnv(uint64_t h, const char *s, Py_ssize_t n)
@@ -57,13 +58,18 @@ static inline size_t slot_of(uint64_t h, size_t mask)
 
 /* ---------------------------------------------------------------- a set of UTF-8 keys */
 
+#define INLINE_KEY 28 /* keys this long or shorter are copied into their entry */
+
+/* One cache line: a lookup that finds the slot reads one more line, key included. */
 typedef struct {
     uint64_t hash;
-    const char *key; /* UTF-8, owned by `name` (or by the keys' bytes objects) */
-    Py_ssize_t len;
     double weight;
-    PyObject *name; /* borrowed from the Table's `names` list */
+    PyObject *name; /* borrowed from the Table's `keep` list */
+    const char *key; /* UTF-8: `inline_key`, or owned by `name` (or by the keys' bytes objects) */
+    int32_t len;
+    char inline_key[INLINE_KEY];
 } Entry;
+_Static_assert(sizeof(void *) != 8 || sizeof(Entry) == 64, "an Entry is one cache line");
 
 typedef struct {
     uint32_t tag; /* the hash's top 32 bits: most absent keys are told apart here */
@@ -71,7 +77,8 @@ typedef struct {
 } Slot;
 
 typedef struct {
-    Entry *entries;
+    Entry *entries; /* aligned to a cache line, in `memory` */
+    void *memory;
     Py_ssize_t n;
     Slot *slots;
     size_t mask;
@@ -82,9 +89,10 @@ static int keyset_init(KeySet *set, Py_ssize_t capacity)
     size_t size = 16;
     while (size < (size_t)capacity * 2 + 1)
         size <<= 1;
-    set->entries = PyMem_Calloc(capacity ? capacity : 1, sizeof(Entry));
+    set->memory = PyMem_Malloc(((size_t)(capacity ? capacity : 1) + 1) * sizeof(Entry));
+    set->entries = (Entry *)(((uintptr_t)set->memory + 63) & ~(uintptr_t)63);
     set->slots = PyMem_Malloc(size * sizeof(Slot));
-    if (!set->entries || !set->slots)
+    if (!set->memory || !set->slots)
         return -1;
     memset(set->slots, 0xff, size * sizeof(Slot));
     set->mask = size - 1;
@@ -94,8 +102,9 @@ static int keyset_init(KeySet *set, Py_ssize_t capacity)
 
 static void keyset_free(KeySet *set)
 {
-    PyMem_Free(set->entries);
+    PyMem_Free(set->memory);
     PyMem_Free(set->slots);
+    set->memory = NULL;
     set->entries = NULL;
     set->slots = NULL;
 }
@@ -130,8 +139,12 @@ static int keyset_add(KeySet *set, uint64_t h, const char *key, Py_ssize_t len, 
     }
     Entry *e = &set->entries[set->n];
     e->hash = h;
+    if (len <= INLINE_KEY) {
+        memcpy(e->inline_key, key, (size_t)len);
+        key = e->inline_key;
+    }
     e->key = key;
-    e->len = len;
+    e->len = (int32_t)len;
     e->weight = weight;
     e->name = name;
     set->slots[i].tag = tag;
@@ -290,6 +303,7 @@ static inline void encode_cp(Bytes *b, Py_UCS4 ch)
 
 typedef struct {
     Py_ssize_t start, len; /* in Bytes.buf */
+    uint64_t hash; /* fnv() of those bytes */
 } Span;
 
 typedef struct {
@@ -348,7 +362,8 @@ static int add_word(const Table *t, Body *body, int kind, const void *data, Py_s
         encode_cp(&body->bytes, ch);
     }
     Py_ssize_t len = body->bytes.used - at;
-    if (keyset_find(&t->function_words, fnv(FNV_OFFSET, body->bytes.buf + at, len), body->bytes.buf + at, len)) {
+    uint64_t h = fnv(FNV_OFFSET, body->bytes.buf + at, len);
+    if (keyset_find(&t->function_words, h, body->bytes.buf + at, len)) {
         body->bytes.used = at;
         return 0;
     }
@@ -361,9 +376,11 @@ static int add_word(const Table *t, Body *body, int kind, const void *data, Py_s
             encode_cp(&body->bytes, is_decimal(ch) ? (Py_UCS4)'9' : ch);
         }
         len = body->bytes.used - at;
+        h = fnv(FNV_OFFSET, body->bytes.buf + at, len);
     }
     body->tokens[body->n_tokens].start = at;
     body->tokens[body->n_tokens].len = len;
+    body->tokens[body->n_tokens].hash = h;
     body->n_tokens++;
     return 0;
 }
@@ -421,10 +438,9 @@ static int split_words(const Table *t, Body *body, PyObject *text)
     return 0;
 }
 
-static void add_distinct(Body *body, Py_ssize_t start, Py_ssize_t len)
+static void add_distinct(Body *body, uint64_t h, Py_ssize_t start, Py_ssize_t len)
 {
-    const char *key = body->bytes.buf + start;
-    keyset_add(&body->distinct, fnv(FNV_OFFSET, key, len), key, len, 0.0, NULL);
+    keyset_add(&body->distinct, h, body->bytes.buf + start, len, 0.0, NULL);
 }
 
 /* All the body features of a message: tokens, pairs of the first max_pairs + 1 tokens
@@ -492,17 +508,20 @@ static int collect_body(const Table *t, Body *body, PyObject *text, PyObject *ex
     }
     /* the buffer is final: add the keys in the Python order (tokens, pairs, extra) */
     for (Py_ssize_t i = 0; i < body->n_tokens; i++)
-        add_distinct(body, body->tokens[i].start, body->tokens[i].len);
+        add_distinct(body, body->tokens[i].hash, body->tokens[i].start, body->tokens[i].len);
     Py_ssize_t at = words_end;
     for (Py_ssize_t i = 0; i < n_pairs; i++) {
-        Py_ssize_t len = body->tokens[i].len + 1 + body->tokens[i + 1].len;
-        add_distinct(body, at, len);
+        Span b = body->tokens[i + 1];
+        /* FNV runs byte by byte: the pair's hash goes on from its first token's */
+        uint64_t h = fnv(fnv(body->tokens[i].hash, " ", 1), body->bytes.buf + b.start, b.len);
+        Py_ssize_t len = body->tokens[i].len + 1 + b.len;
+        add_distinct(body, h, at, len);
         at += len;
     }
     at = extra_start;
     for (Py_ssize_t i = 0; i < n_extra; i++) {
         Py_ssize_t len = PyBytes_GET_SIZE(PyList_GET_ITEM(extra_utf8, i));
-        add_distinct(body, at, len);
+        add_distinct(body, fnv(FNV_OFFSET, body->bytes.buf + at, len), at, len);
         at += len;
     }
     Py_DECREF(extra_utf8);
@@ -595,9 +614,20 @@ static PyObject *Table_score_body(Table *self, PyObject *args)
     }
     Py_ssize_t known = 0;
     double total = 0.0;
+    const KeySet *weights = &self->weights;
+    const Entry *features = body.distinct.entries;
     for (Py_ssize_t i = 0; i < body.distinct.n; i++) {
-        const Entry *feature = &body.distinct.entries[i];
-        const Entry *e = keyset_find(&self->weights, feature->hash, feature->key, feature->len);
+        /* The table is megabytes: fetch the slot a few features ahead, and the entry of
+         * the slot fetched before, so the misses overlap instead of following each other. */
+        if (i + 2 * PREFETCH_AHEAD < body.distinct.n)
+            __builtin_prefetch(&weights->slots[slot_of(features[i + 2 * PREFETCH_AHEAD].hash, weights->mask)]);
+        if (i + PREFETCH_AHEAD < body.distinct.n) {
+            Slot ahead = weights->slots[slot_of(features[i + PREFETCH_AHEAD].hash, weights->mask)];
+            if (ahead.at >= 0)
+                __builtin_prefetch(&weights->entries[ahead.at]);
+        }
+        const Entry *feature = &features[i];
+        const Entry *e = keyset_find(weights, feature->hash, feature->key, feature->len);
         if (e) {
             found[known++] = e;
             if (e->weight != 0.0) /* sum(filter(None, found)) */
@@ -798,9 +828,280 @@ error:
     return NULL;
 }
 
+/* ---------------------------------------------------------------- URLs in text */
+
+/* [^\s"'<>()\[\]{}\\^`|] of Python's re for str patterns (\s is Py_UNICODE_ISSPACE) */
+static inline int is_url_char(Py_UCS4 ch)
+{
+    if (ch >= 128)
+        return !Py_UNICODE_ISSPACE(ch);
+    if (ch <= ' ')
+        return !((ch >= 9 && ch <= 13) || (ch >= 28 && ch <= 32));
+    return !strchr("\"'<>()[]{}\\^`|", (int)ch);
+}
+
+/* (?i:s) of Python's re: s, S and U+017F LATIN SMALL LETTER LONG S. (?i:t), (?i:p) and
+ * (?i:w) match only their two ASCII cases. */
+#define IS_S(ch) ((ch) == 's' || (ch) == 'S' || (ch) == 0x17f)
+#define IS_CI(ch, lower) ((ch) == (lower) || (ch) == (lower) - 32)
+
+/* message._URL_RE.findall(text):
+ *   [hHwW](?<!\w[hHwW])(?:(?<=[hH])(?i:ttps?://)|(?<=[wW])(?i:ww\.))[^\s"'<>()\[\]{}\\^`|]{2,300}
+ * an h or w with no \w before it, "ttp" "s"? "://" after an h or "ww." after a w, then 2 to
+ * 300 URL characters (greedy); the search goes on after a match, or one character further. */
+static PyObject *find_urls(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *text;
+    if (!PyArg_ParseTuple(args, "U", &text))
+        return NULL;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    PyObject *urls = PyList_New(0);
+    if (!urls)
+        return NULL;
+#define AT(k) ((k) < n ? PyUnicode_READ(kind, data, (k)) : 0)
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 ch = PyUnicode_READ(kind, data, i);
+        int h = IS_CI(ch, 'h'), w = IS_CI(ch, 'w');
+        if (!h && !w)
+            continue;
+        if (i > 0) {
+            Py_UCS4 before = PyUnicode_READ(kind, data, i - 1);
+            if (is_alnum(before) || before == '_')
+                continue;
+        }
+        Py_ssize_t j = i + 1;
+        if (h) {
+            if (!(IS_CI(AT(j), 't') && IS_CI(AT(j + 1), 't') && IS_CI(AT(j + 2), 'p')))
+                continue;
+            j += 3;
+            if (IS_S(AT(j)))
+                j++;
+            if (!(AT(j) == ':' && AT(j + 1) == '/' && AT(j + 2) == '/'))
+                continue;
+            j += 3;
+        } else {
+            if (!(IS_CI(AT(j), 'w') && IS_CI(AT(j + 1), 'w') && AT(j + 2) == '.'))
+                continue;
+            j += 3;
+        }
+        Py_ssize_t end = j;
+        while (end < n && end - j < 300 && is_url_char(PyUnicode_READ(kind, data, end)))
+            end++;
+        if (end - j < 2)
+            continue;
+        PyObject *url = PyUnicode_Substring(text, i, end);
+        if (!url || PyList_Append(urls, url) < 0) {
+            Py_XDECREF(url);
+            Py_DECREF(urls);
+            return NULL;
+        }
+        Py_DECREF(url);
+        i = end - 1; /* the loop's i++ resumes the search at the match's end */
+    }
+#undef AT
+    return urls;
+}
+
+/* ---------------------------------------------------------------- HTML to text */
+
+typedef struct {
+    Py_UCS4 *at;
+    Py_ssize_t n, size;
+} Ucs4;
+
+static int ucs4_put(Ucs4 *out, const Py_UCS4 *from, Py_ssize_t n)
+{
+    if (out->n + n > out->size) {
+        Py_ssize_t size = out->size ? out->size : 4096;
+        while (size < out->n + n)
+            size *= 2;
+        Py_UCS4 *grown = PyMem_Realloc(out->at, (size_t)size * sizeof(Py_UCS4));
+        if (!grown) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        out->at = grown;
+        out->size = size;
+    }
+    memcpy(out->at + out->n, from, (size_t)n * sizeof(Py_UCS4));
+    out->n += n;
+    return 0;
+}
+
+static const Py_UCS4 SPACE = ' ';
+
+static inline int is_word(Py_UCS4 ch) { return is_alnum(ch) || ch == '_'; }
+
+/* Whether ch matches the ASCII letter `lower` under re.IGNORECASE for str patterns: its two
+ * cases, and for i also U+0130 and U+0131, for s also U+017F (re's extra case pairs). */
+static inline int ci_letter(Py_UCS4 ch, Py_UCS4 lower)
+{
+    if (ch == lower || ch == lower - 32)
+        return 1;
+    if (lower == 'i')
+        return ch == 0x130 || ch == 0x131;
+    if (lower == 's')
+        return ch == 0x17f;
+    return 0;
+}
+
+/* s[at:] starts with `word` under re.IGNORECASE */
+static int ci_word(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t at, const char *word)
+{
+    for (Py_ssize_t k = 0; word[k]; k++)
+        if (at + k >= n || !ci_letter(s[at + k], (Py_UCS4)word[k]))
+            return 0;
+    return 1;
+}
+
+/* The end of a match of (?is)<(script|style)\b.*?</\1\s*>|<!--.*?--> at s[at] (a '<'), or -1:
+ * the first closing tag whose name equals the opening one's letter for letter after
+ * Py_UNICODE_TOLOWER (how re compares a backreference under IGNORECASE). */
+static Py_ssize_t script_style_end(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t at)
+{
+    Py_ssize_t name_len = 0;
+    if (ci_word(s, n, at + 1, "script"))
+        name_len = 6;
+    else if (ci_word(s, n, at + 1, "style"))
+        name_len = 5;
+    if (name_len && !(at + 1 + name_len < n && is_word(s[at + 1 + name_len]))) {
+        const Py_UCS4 *name = s + at + 1;
+        for (Py_ssize_t j = at + 1 + name_len; j + 1 < n; j++) {
+            if (s[j] != '<' || s[j + 1] != '/' || j + 2 + name_len > n)
+                continue;
+            Py_ssize_t k = 0;
+            while (k < name_len && Py_UNICODE_TOLOWER(s[j + 2 + k]) == Py_UNICODE_TOLOWER(name[k]))
+                k++;
+            if (k < name_len)
+                continue;
+            Py_ssize_t e = j + 2 + name_len;
+            while (e < n && Py_UNICODE_ISSPACE(s[e]))
+                e++;
+            if (e < n && s[e] == '>')
+                return e + 1;
+        }
+    }
+    if (at + 3 < n && s[at + 1] == '!' && s[at + 2] == '-' && s[at + 3] == '-')
+        for (Py_ssize_t j = at + 4; j + 2 < n; j++)
+            if (s[j] == '-' && s[j + 1] == '-' && s[j + 2] == '>')
+                return j + 3;
+    return -1;
+}
+
+/* _HREF_RE's group at s[at], or -1 (*start set to where the group begins):
+ *   [hHsSſ](?<!\w[hHsSſ])(?:(?<=[hH])(?i:ref)|(?<=[sSſ])(?i:rc))\s*=\s*["']?\s*([^"'\s>]{1,300}) */
+static Py_ssize_t href_end(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t at, Py_ssize_t *start)
+{
+    Py_UCS4 ch = s[at];
+    Py_ssize_t j;
+    if (ch == 'h' || ch == 'H')
+        j = ci_word(s, n, at + 1, "ref") ? at + 4 : -1;
+    else if (ch == 's' || ch == 'S' || ch == 0x17f)
+        j = ci_word(s, n, at + 1, "rc") ? at + 3 : -1;
+    else
+        return -1;
+    if (j < 0 || (at > 0 && is_word(s[at - 1])))
+        return -1;
+    while (j < n && Py_UNICODE_ISSPACE(s[j]))
+        j++;
+    if (j >= n || s[j] != '=')
+        return -1;
+    j++;
+    while (j < n && Py_UNICODE_ISSPACE(s[j]))
+        j++;
+    if (j < n && (s[j] == '"' || s[j] == '\''))
+        j++;
+    while (j < n && Py_UNICODE_ISSPACE(s[j]))
+        j++;
+    Py_ssize_t end = j;
+    while (end < n && end - j < 300 && s[end] != '"' && s[end] != '\'' && s[end] != '>' && !Py_UNICODE_ISSPACE(s[end]))
+        end++;
+    *start = j;
+    return end > j ? end : -1;
+}
+
+/* message.html_to_text() before html.unescape():
+ *   links = _HREF_RE.findall(markup); images = len(_IMG_RE.findall(markup))  ((?i)<img\b)
+ *   text = _TAG_RE.sub(" ", _SCRIPT_STYLE_RE.sub(" ", markup))                ((?s)<[^>]{0,4000}>)
+ * -> (text, links, images) */
+static PyObject *html_parts(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *markup;
+    if (!PyArg_ParseTuple(args, "U", &markup))
+        return NULL;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(markup);
+    Py_UCS4 *s = PyUnicode_AsUCS4Copy(markup);
+    if (!s)
+        return NULL;
+    PyObject *links = PyList_New(0), *result = NULL;
+    Ucs4 pass = {0}, text = {0};
+    Py_ssize_t images = 0;
+    if (!links)
+        goto done;
+    /* the two findall scans at once: a link's group may hold an <img, which still counts */
+    for (Py_ssize_t i = 0, links_from = 0; i < n; i++) {
+        Py_ssize_t start, end;
+        if (s[i] == '<') {
+            if (ci_word(s, n, i + 1, "img") && !(i + 4 < n && is_word(s[i + 4])))
+                images++;
+        } else if (i >= links_from && (end = href_end(s, n, i, &start)) >= 0) {
+            PyObject *link = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, s + start, end - start);
+            if (!link || PyList_Append(links, link) < 0) {
+                Py_XDECREF(link);
+                goto done;
+            }
+            Py_DECREF(link);
+            links_from = end;
+        }
+    }
+    Py_ssize_t copied = 0; /* pass 1: scripts, styles and comments become one space */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t end;
+        if (s[i] == '<' && (end = script_style_end(s, n, i)) >= 0) {
+            if (ucs4_put(&pass, s + copied, i - copied) < 0 || ucs4_put(&pass, &SPACE, 1) < 0)
+                goto done;
+            copied = end;
+            i = end - 1;
+        }
+    }
+    if (ucs4_put(&pass, s + copied, n - copied) < 0)
+        goto done;
+    copied = 0; /* pass 2: tags become one space */
+    for (Py_ssize_t i = 0; i < pass.n; i++) {
+        if (pass.at[i] != '<')
+            continue;
+        Py_ssize_t j = i + 1;
+        while (j < pass.n && j - i - 1 < 4000 && pass.at[j] != '>')
+            j++;
+        if (j < pass.n && pass.at[j] == '>') {
+            if (ucs4_put(&text, pass.at + copied, i - copied) < 0 || ucs4_put(&text, &SPACE, 1) < 0)
+                goto done;
+            copied = j + 1;
+            i = j;
+        }
+    }
+    if (ucs4_put(&text, pass.at + copied, pass.n - copied) < 0)
+        goto done;
+    PyObject *out = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, text.at ? text.at : s, text.n);
+    if (out) {
+        result = Py_BuildValue("(NOn)", out, links, images);
+    }
+done:
+    Py_XDECREF(links);
+    PyMem_Free(s);
+    PyMem_Free(pass.at);
+    PyMem_Free(text.at);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"split_headers", split_headers, METH_VARARGS,
      "split_headers(head) -> [(name, value), ...] as compat32 stores them, or None when the block is not simple"},
+    {"find_urls", find_urls, METH_VARARGS, "find_urls(text) -> message._URL_RE.findall(text)"},
+    {"html_parts", html_parts, METH_VARARGS,
+     "html_parts(markup) -> (text with tags, scripts, styles and comments as spaces, links, <img> count)"},
     {"style_counts", style_counts, METH_VARARGS,
      "style_counts(text, scan_chars) -> (shouted words, '!', money amounts, '%') in text[:scan_chars]"},
     {NULL, NULL, 0, NULL},

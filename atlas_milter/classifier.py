@@ -74,7 +74,7 @@ _SHORTENERS = frozenset({
 })
 _DKIM_DOMAIN_RE = re.compile(r"(?:^|;)\s*d\s*=\s*([A-Za-z0-9.-]+)")
 # Zero-width and soft-hyphen characters: invisible, used to break words up or pad previews.
-_INVISIBLE_RE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
 # A shouted word: two or more ASCII capitals with no letter either side; written to start
 # with the character set, so the engine skips ahead in C (as \b[A-Z]{2,}\b, three times faster).
 _CAPS_WORD_RE = re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]+(?!\w)")
@@ -335,7 +335,7 @@ def _text_tricks(subject: str, text: str, add) -> None:
     letters with look-alikes from Cyrillic or Greek."""
     if text.isascii() and subject.isascii():  # most mail: every character looked for is outside ASCII
         return
-    if _INVISIBLE_RE.search(subject) or _INVISIBLE_RE.search(text, 0, WORD_SCAN_CHARS):
+    if _has_invisible(subject, len(subject)) or _has_invisible(text, WORD_SCAN_CHARS):
         add("sig:invisible-characters")
     head = subject + " " + text[: WORD_SCAN_CHARS // 3]
     if head.isascii() or not _LOOKALIKE_RE.search(head):
@@ -344,6 +344,12 @@ def _text_tricks(subject: str, text: str, add) -> None:
         if not word.isascii() and _mixes_scripts(word):
             add("sig:mixed-script-word")
             break
+
+
+def _has_invisible(text: str, end: int) -> bool:
+    """Whether text[:end] holds an invisible character (what re.search("[" + _INVISIBLE + "]")
+    finds), looked for one character at a time with str.find: several times faster."""
+    return any(text.find(ch, 0, end) >= 0 for ch in _INVISIBLE)
 
 
 def _mixes_scripts(word: str) -> bool:

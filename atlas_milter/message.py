@@ -38,23 +38,46 @@ MAX_NESTING_MARKERS = 200  # multipart/ and message/rfc822 mentions beyond which
 
 
 class _IndexedMessage(Message):
-    """A compat32 Message whose get() finds a header in an index of first occurrences
-    instead of lowercasing every name on every call (the walk asks a dozen times per part).
+    """A compat32 Message whose get() and `in` find a header in an index of first occurrences
+    instead of lowercasing every name on every call (the walk asks a dozen times per part),
+    and which works out its content type once.
     The index follows the header list as the parser appends to it; parsed messages are not
     edited afterwards."""
 
     _index: dict[str, tuple[str, str]] | None = None
     _indexed = -1
+    _ctype = ""
+    _ctype_key: tuple | None = None
 
-    def get(self, name, failobj=None):
+    def _header_index(self) -> dict[str, tuple[str, str]]:
         headers = self._headers
         if self._indexed != len(headers):
             index: dict[str, tuple[str, str]] = {}
             for pair in headers:
                 index.setdefault(pair[0].lower(), pair)
             self._index, self._indexed = index, len(headers)
-        pair = self._index.get(name.lower())
-        return failobj if pair is None else self.policy.header_fetch_parse(*pair)
+        return self._index
+
+    def __contains__(self, name):
+        return name.lower() in self._header_index()
+
+    def get(self, name, failobj=None):
+        pair = self._header_index().get(name.lower())
+        if pair is None:
+            return failobj
+        value = pair[1]
+        # compat32's header_fetch_parse returns an ASCII str as it is (only surrogates make a Header)
+        return value if value.__class__ is str and value.isascii() else self.policy.header_fetch_parse(*pair)
+
+    def get_content_type(self):
+        """Message.get_content_type(), worked out once per header list and default type."""
+        key = (len(self._headers), self._default_type)
+        if self._ctype_key != key:
+            self._ctype, self._ctype_key = super().get_content_type(), key
+        return self._ctype
+
+    def get_content_maintype(self):
+        return self.get_content_type().partition("/")[0]
 
 
 _PARSER = BytesParser(_class=_IndexedMessage, policy=compat32)
@@ -139,8 +162,8 @@ def decode_header_value(value: object) -> str:
     """Decode RFC 2047 encoded words, tolerating unknown charsets and garbage."""
     value = str(value) if not isinstance(value, str) else value
     value = _str_from_surrogates(value)
-    if "=?" not in value:
-        return _WS_RE.sub(" ", value).strip()
+    if "=?" not in value:  # str.split() splits on what \s matches: the same as _WS_RE.sub(" ", value).strip()
+        return " ".join(value.split())
     try:
         parts = decode_header(value)
     except Exception:  # email.errors.HeaderParseError and friends on hostile input
@@ -173,14 +196,16 @@ def _domain_of(address_field: str) -> tuple[str, str, str]:
     return addr[:254], name[:200], domain[:253]
 
 
-def html_to_text(markup: str) -> tuple[str, list[str], int]:
-    """Text, link targets and the number of <img> tags of an HTML body (fast, regex based)."""
-    links = _HREF_RE.findall(markup)
-    images = len(_IMG_RE.findall(markup))
-    markup = _SCRIPT_STYLE_RE.sub(" ", markup)
-    text = _TAG_RE.sub(" ", markup)
-    text = html.unescape(text)
-    return text, links, images
+def html_to_text(markup: str, compiled: bool = False) -> tuple[str, list[str], int]:
+    """Text, link targets and the number of <img> tags of an HTML body (fast, regex based;
+    `compiled`: the regexes' work done by the compiled extension, where it is built)."""
+    if compiled and _hotpath is not None:
+        text, links, images = _hotpath.html_parts(markup)
+    else:
+        links = _HREF_RE.findall(markup)
+        images = len(_IMG_RE.findall(markup))
+        text = _TAG_RE.sub(" ", _SCRIPT_STYLE_RE.sub(" ", markup))
+    return html.unescape(text), links, images
 
 
 def _strip_mbox_from(raw: bytes) -> bytes:
@@ -221,7 +246,7 @@ def _read_part_text(part: Message, parsed: ParsedMessage) -> str:
     return _to_text(payload.replace(b"\x00", b" "), charset)
 
 
-def _walk(msg: Message, parsed: ParsedMessage) -> list[str]:
+def _walk(msg: Message, parsed: ParsedMessage, compiled: bool) -> list[str]:
     texts: list[str] = []
     stack = [msg]
     seen = 0
@@ -252,7 +277,7 @@ def _walk(msg: Message, parsed: ParsedMessage) -> list[str]:
             continue
         if ctype == "text/html":
             markup = _read_part_text(part, parsed)
-            text, links, images = html_to_text(markup)
+            text, links, images = html_to_text(markup, compiled)
             parsed.html_parts += 1
             parsed.image_tags += images
             parsed.urls.extend(links)
@@ -269,8 +294,9 @@ def _walk(msg: Message, parsed: ParsedMessage) -> list[str]:
 
 def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES, compiled: bool = True) -> ParsedMessage:
     """Parse raw message bytes. Never raises on message content. `compiled` (ENABLE_COMPILED):
-    split the header block with the compiled extension where it is built, and build the MIME
-    tree with mime.py; else the email package's own parser (the reference)."""
+    split the header block, strip HTML and find the text's URLs with the compiled extension
+    where it is built, and build the MIME tree with mime.py; else the email package's own
+    parser and the regexes (the reference)."""
     parsed = ParsedMessage(size=len(raw))
     if len(raw) > max_bytes:
         raw = raw[:max_bytes]
@@ -286,7 +312,7 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES, compiled: bool
             # by RecursionError on big stacks, a segfault on small thread stacks. Refuse.
             raise RecursionError("MIME nested too deep")
         msg = _parse_mime(raw, compiled)
-        texts = _fill_from_mime(msg, parsed)
+        texts = _fill_from_mime(msg, parsed, compiled)
     except (RecursionError, Exception) as exc:  # the email package can fail on hostile structure
         parsed.defects.append(f"unparseable MIME ({type(exc).__name__}); read as plain text")
         head, _, body = raw.partition(b"\n\n")
@@ -296,7 +322,7 @@ def parse_message(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES, compiled: bool
         text = text[:MAX_TEXT_CHARS]
         parsed.truncated = True
     parsed.text = text
-    parsed.urls.extend(_URL_RE.findall(text))
+    parsed.urls.extend(_hotpath.find_urls(text) if compiled and _hotpath is not None else _URL_RE.findall(text))
     return parsed
 
 
@@ -349,9 +375,9 @@ def _split_headers_reference(head: str) -> list[tuple[str, str]] | None:
     return headers
 
 
-def _fill_from_mime(msg: Message, parsed: ParsedMessage) -> list[str]:
+def _fill_from_mime(msg: Message, parsed: ParsedMessage, compiled: bool) -> list[str]:
     # raw (name, value) pairs, in order; decoded when asked for (most never are)
-    headers = parsed.headers = [(str(name).lower(), value) for name, value in msg._headers[:MAX_HEADERS]]
+    headers = parsed.headers = [(name.lower(), value) for name, value in msg._headers[:MAX_HEADERS]]
     parsed._first = dict(reversed(headers))
     if len(msg._headers) > MAX_HEADERS:
         parsed.defects.append("too many headers")
@@ -362,7 +388,7 @@ def _fill_from_mime(msg: Message, parsed: ParsedMessage) -> list[str]:
     parsed.message_id = parsed.header("message-id")[:300]
     if msg.defects:
         parsed.defects.extend(type(d).__name__ for d in msg.defects[:5])
-    return _walk(msg, parsed)
+    return _walk(msg, parsed, compiled)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from atlas_milter import classifier
 from atlas_milter.classifier import (
     Model,
     features,
@@ -118,6 +119,16 @@ def test_hidden_characters_and_look_alike_letters():
     assert "sig:mixed-script-word" in meta_of("Subject: P\u0430yPal account\n\nverify now\n")
     plain = meta_of("Subject: \u041f\u0440\u0438\u0432\u0435\u0442 hello\n\n\u0434\u0440\u0443\u0433 friend caf\u00e9\n")
     assert not {"sig:invisible-characters", "sig:mixed-script-word"} & plain
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab \n") + list(classifier._INVISIBLE) + ["\u200e", "é", "中"]), max_size=40),
+       st.integers(min_value=0, max_value=45))
+def test_invisible_characters_are_found_as_the_character_class_finds_them(text, end):
+    import re
+
+    expected = re.compile("[" + classifier._INVISIBLE + "]").search(text, 0, end) is not None
+    assert classifier._has_invisible(text, end) is expected
 
 
 def test_links_shorteners_and_a_display_name_naming_another_domain():

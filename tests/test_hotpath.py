@@ -108,6 +108,73 @@ def test_body_features_at_the_limits(hotpath, text):
     assert (n_words, set(found)) == reference_body(text.lower(), [])
 
 
+# What the URL rule looks at: h/w in both cases, the rest of "https://" and "www." (with the
+# long s that (?i:s) matches), word characters before them, the characters that end a URL
+# (quotes, brackets, Unicode white space) and other text.
+URLISH = st.lists(
+    st.one_of(
+        st.sampled_from(["http://", "https://", "HTTPS://", "hTtPſ://", "www.", "WwW.", "ww.", "http:/", "htp://"]),
+        st.text(alphabet=st.sampled_from(list("ab.-_/:9xhwH\"'<>()[]{}\\^`| \t\n") + ["é", "\u00a0", "\u2028", "\x1c", "中", "٣"]),
+                max_size=12),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.one_of(URLISH, ANY_TEXT))
+def test_url_finding_matches_the_reference(hotpath, text):
+    from atlas_milter.message import _URL_RE
+
+    assert hotpath.find_urls(text) == _URL_RE.findall(text)
+
+
+@pytest.mark.parametrize("text", [
+    "see http://" + "a" * 400 + " and www.x",  # a URL longer than 300 characters is cut there
+    "xhttp://no.example _www.no.example éwww.no.example (https://yes.example/a?b=c) www.ok",
+    "http://a", "http://", "www.a", "https://ab", "a\u00a0www.example.com\u2028end",
+])
+def test_url_finding_at_the_edges(hotpath, text):
+    from atlas_milter.message import _URL_RE
+
+    assert hotpath.find_urls(text) == _URL_RE.findall(text)
+
+
+# What the HTML rules look at: tags, scripts, styles and comments (closed, unclosed, in other
+# cases, with the letters re's IGNORECASE adds: İ ı ſ), href= and src= in their spellings,
+# quotes, white space of several kinds, and text between.
+HTMLISH = st.lists(
+    st.one_of(
+        st.sampled_from(["<", ">", "</", "<script>", "</script>", "</SCRIPT >", "<style type=x>", "</style\n>",
+                         "<scrİpt>", "</scrıpt>", "</script\u2028>", "<ſtyle>", "</ſtyle>", "<scripts>", "<!--", "-->",
+                         "<img", "<IMG src=a.png>", "<İmg", "<img_", "href=", "HREF = '", "src=\"", "ſrc=", "xhref=",
+                         "&amp;", "<p>", "<a href=\"http://x.example/?a=b\">"]),
+        st.text(alphabet=st.sampled_from(list("ab =\"'<>/-!\t\n") + ["é", "\u00a0", "中"]), max_size=8),
+    ),
+    max_size=16,
+).map("".join)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.one_of(HTMLISH, ANY_TEXT))
+def test_html_stripping_matches_the_reference(hotpath, markup):
+    from atlas_milter.message import html_to_text
+
+    assert html_to_text(markup, compiled=True) == html_to_text(markup, compiled=False)
+
+
+@pytest.mark.parametrize("markup", [
+    "<a href=" + "x" * 400 + ">link</a>",  # a link longer than 300 characters is cut there
+    "<" + "x" * 4001 + "> <" + "y" * 4000 + ">",  # a tag longer than 4000 characters is not one
+    "<script>never closed <b>bold</b>", "<!-- never closed <b>bold</b>", "<!--> a --> b",
+    "<a href=x<img src=y.png>>", "<img><img/><imgx><img\u00a0",
+])
+def test_html_stripping_at_the_edges(hotpath, markup):
+    from atlas_milter.message import html_to_text
+
+    assert html_to_text(markup, compiled=True) == html_to_text(markup, compiled=False)
+
+
 HEADER_LINES = st.lists(
     st.one_of(
         st.builds(lambda name, value, cr: f"{name}:{value}{cr}",
