@@ -313,12 +313,13 @@ def _sender_signals(msg: ParsedMessage, add) -> None:
     sender_tail = _domain_tail(msg.sender_domain) if msg.sender_domain else ""
     if msg.sender.split("@", 1)[0] in ("mailer-daemon", "postmaster"):
         add("sig:from-mailer-daemon")
-    names = {name for name, _ in msg.headers}
+    names = msg._first  # every header name, lowercased
     signers = set()
-    for value in (value for name, value in msg.headers if name == "dkim-signature"):
-        match = _DKIM_DOMAIN_RE.search(str(value)[:MAX_HEADER_CHARS].replace("\n", " "))
-        if match:
-            signers.add(_domain_tail(match.group(1)))
+    if "dkim-signature" in names:
+        for value in (value for name, value in msg.headers if name == "dkim-signature"):
+            match = _DKIM_DOMAIN_RE.search(str(value)[:MAX_HEADER_CHARS].replace("\n", " "))
+            if match:
+                signers.add(_domain_tail(match.group(1)))
     if "list-unsubscribe" in names and "list-unsubscribe-post" in names:
         add("sig:one-click-unsubscribe")
     if signers:

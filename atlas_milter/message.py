@@ -146,6 +146,8 @@ def _to_text(data: bytes, charset: str | None) -> str:
 
 def _str_from_surrogates(value: str) -> str:
     """compat32 keeps non-ASCII header bytes as surrogate escapes: turn them back into text."""
+    if value.isascii():
+        return value
     try:
         value.encode("ascii")
         return value
@@ -222,6 +224,23 @@ def _may_have_param(part: Message, header: str, param: str) -> bool:
     return value is not None and param in str(value).lower()
 
 
+def _content_charset(part: Message) -> str | None:
+    """part.get_content_charset(): it depends on the Content-Type value alone, and the same
+    few values recur in every mailbox, so the email package's parameter parsing (~10 µs) is
+    done once per distinct plain value."""
+    value = part.get("content-type")
+    if value.__class__ is str:
+        return _charset_of_content_type(value)
+    return part.get_content_charset()
+
+
+@functools.lru_cache(maxsize=1024)
+def _charset_of_content_type(value: str) -> str | None:
+    holder = Message()
+    holder._headers = [("Content-Type", value)]
+    return holder.get_content_charset()
+
+
 def _read_part_text(part: Message, parsed: ParsedMessage) -> str:
     try:
         payload = part.get_payload(decode=True)
@@ -235,7 +254,7 @@ def _read_part_text(part: Message, parsed: ParsedMessage) -> str:
         payload = payload[:MAX_PART_BYTES]
         parsed.truncated = True
     try:
-        charset = part.get_content_charset() if _may_have_param(part, "content-type", "charset") else None
+        charset = _content_charset(part) if _may_have_param(part, "content-type", "charset") else None
     except Exception:
         charset = None
     if charset:
