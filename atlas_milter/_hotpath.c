@@ -956,10 +956,61 @@ static int ci_word(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t at, const char *wo
     return 1;
 }
 
+/* A closer looked for: "-->" (len 0) or "</" + a name, lowered, + \s* + ">"; and where the
+ * last search for it started, where it found it (-1: nowhere) and where that match ended. A
+ * closer found after one start is the first after every later start up to it, and none
+ * found means none after any later start: so each closer's searches take linear time in
+ * all, where re's lazy .*? scans to the end again for every unclosed opener. */
+typedef struct {
+    Py_UCS4 name[6];
+    Py_ssize_t len, from, found, end;
+} Closer;
+
+#define MAX_CLOSERS 9 /* "-->", and the lowered spellings of script (4) and style (2) */
+
+static Py_ssize_t find_closer(const Py_UCS4 *s, Py_ssize_t n, const Closer *c, Py_ssize_t start, Py_ssize_t *end)
+{
+    for (Py_ssize_t j = start; j + 1 < n; j++) {
+        if (c->len == 0) {
+            if (s[j] == '-' && j + 2 < n && s[j + 1] == '-' && s[j + 2] == '>') {
+                *end = j + 3;
+                return j;
+            }
+            continue;
+        }
+        if (s[j] != '<' || s[j + 1] != '/' || j + 2 + c->len > n)
+            continue;
+        Py_ssize_t k = 0;
+        while (k < c->len && Py_UNICODE_TOLOWER(s[j + 2 + k]) == c->name[k])
+            k++;
+        if (k < c->len)
+            continue;
+        Py_ssize_t e = j + 2 + c->len;
+        while (e < n && Py_UNICODE_ISSPACE(s[e]))
+            e++;
+        if (e < n && s[e] == '>') {
+            *end = e + 1;
+            return j;
+        }
+    }
+    return -1;
+}
+
+/* The end of the closer's first match at or after `start`, or -1 (see Closer). */
+static Py_ssize_t closer_end(const Py_UCS4 *s, Py_ssize_t n, Closer *c, Py_ssize_t start)
+{
+    if (!(c->from >= 0 && start >= c->from && (c->found < 0 || start <= c->found))) {
+        c->found = find_closer(s, n, c, start, &c->end);
+        c->from = start;
+    }
+    return c->found < 0 ? -1 : c->end;
+}
+
 /* The end of a match of (?is)<(script|style)\b.*?</\1\s*>|<!--.*?--> at s[at] (a '<'), or -1:
  * the first closing tag whose name equals the opening one's letter for letter after
- * Py_UNICODE_TOLOWER (how re compares a backreference under IGNORECASE). */
-static Py_ssize_t script_style_end(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t at)
+ * Py_UNICODE_TOLOWER (how re compares a backreference under IGNORECASE). `closers` holds
+ * the searches so far (closers[0] is "-->"). */
+static Py_ssize_t script_style_end(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t at, Closer *closers, int *n_closers)
 {
     Py_ssize_t name_len = 0;
     if (ci_word(s, n, at + 1, "script"))
@@ -967,26 +1018,21 @@ static Py_ssize_t script_style_end(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t at
     else if (ci_word(s, n, at + 1, "style"))
         name_len = 5;
     if (name_len && !(at + 1 + name_len < n && is_word(s[at + 1 + name_len]))) {
-        const Py_UCS4 *name = s + at + 1;
-        for (Py_ssize_t j = at + 1 + name_len; j + 1 < n; j++) {
-            if (s[j] != '<' || s[j + 1] != '/' || j + 2 + name_len > n)
-                continue;
-            Py_ssize_t k = 0;
-            while (k < name_len && Py_UNICODE_TOLOWER(s[j + 2 + k]) == Py_UNICODE_TOLOWER(name[k]))
-                k++;
-            if (k < name_len)
-                continue;
-            Py_ssize_t e = j + 2 + name_len;
-            while (e < n && Py_UNICODE_ISSPACE(s[e]))
-                e++;
-            if (e < n && s[e] == '>')
-                return e + 1;
+        Closer wanted = {{0}, name_len, -1, -1, -1};
+        for (Py_ssize_t k = 0; k < name_len; k++)
+            wanted.name[k] = Py_UNICODE_TOLOWER(s[at + 1 + k]);
+        Closer *c = NULL;
+        for (int i = 1; i < *n_closers && !c; i++)
+            if (closers[i].len == name_len && !memcmp(closers[i].name, wanted.name, sizeof wanted.name))
+                c = &closers[i];
+        if (!c && *n_closers < MAX_CLOSERS) {
+            c = &closers[(*n_closers)++];
+            *c = wanted;
         }
+        return closer_end(s, n, c ? c : &wanted, at + 1 + name_len);
     }
     if (at + 3 < n && s[at + 1] == '!' && s[at + 2] == '-' && s[at + 3] == '-')
-        for (Py_ssize_t j = at + 4; j + 2 < n; j++)
-            if (s[j] == '-' && s[j + 1] == '-' && s[j + 2] == '>')
-                return j + 3;
+        return closer_end(s, n, &closers[0], at + 4);
     return -1;
 }
 
@@ -1056,10 +1102,12 @@ static PyObject *html_parts(PyObject *Py_UNUSED(module), PyObject *args)
             links_from = end;
         }
     }
+    Closer closers[MAX_CLOSERS] = {{{0}, 0, -1, -1, -1}}; /* [0]: "-->" */
+    int n_closers = 1;
     Py_ssize_t copied = 0; /* pass 1: scripts, styles and comments become one space */
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t end;
-        if (s[i] == '<' && (end = script_style_end(s, n, i)) >= 0) {
+        if (s[i] == '<' && (end = script_style_end(s, n, i, closers, &n_closers)) >= 0) {
             if (ucs4_put(&pass, s + copied, i - copied) < 0 || ucs4_put(&pass, &SPACE, 1) < 0)
                 goto done;
             copied = end;
@@ -1068,18 +1116,23 @@ static PyObject *html_parts(PyObject *Py_UNUSED(module), PyObject *args)
     }
     if (ucs4_put(&pass, s + copied, n - copied) < 0)
         goto done;
-    copied = 0; /* pass 2: tags become one space */
-    for (Py_ssize_t i = 0; i < pass.n; i++) {
+    copied = 0; /* pass 2: tags become one space; a '<' starts one when the next '>' is at
+                 * most 4000 characters on (found once per '>', not per '<') */
+    for (Py_ssize_t i = 0, close = -1; i < pass.n; i++) {
         if (pass.at[i] != '<')
             continue;
-        Py_ssize_t j = i + 1;
-        while (j < pass.n && j - i - 1 < 4000 && pass.at[j] != '>')
-            j++;
-        if (j < pass.n && pass.at[j] == '>') {
+        if (close <= i) {
+            close = i + 1;
+            while (close < pass.n && pass.at[close] != '>')
+                close++;
+            if (close == pass.n)
+                break; /* no '>' after this '<', nor after any later one */
+        }
+        if (close - i - 1 <= 4000) {
             if (ucs4_put(&text, pass.at + copied, i - copied) < 0 || ucs4_put(&text, &SPACE, 1) < 0)
                 goto done;
-            copied = j + 1;
-            i = j;
+            copied = close + 1;
+            i = close;
         }
     }
     if (ucs4_put(&text, pass.at + copied, pass.n - copied) < 0)
