@@ -171,7 +171,7 @@ class MilterConfig:
     on_busy: str = "tempfail"  # too much work in flight: tempfail (back-pressure) | accept (unchecked)
     reject_text: str = "Message rejected as spam (ref {ref})"
     tempfail_text: str = "Message deferred, try again later (ref {ref})"
-    classify: str = "inline"  # inline (on the protocol loop's thread) | thread (deadline enforced) | pool (processes)
+    classify: str = "inline"  # inline (on the end-of-message thread) | thread (deadline enforced) | pool (processes)
     max_in_flight: int = 32  # messages classified at once; beyond this: on_busy
     max_buffered_mb: int = 256  # message bytes held across all connections; beyond this: on_busy
     skip_authenticated: bool = True  # {auth_authen} set: a submission from our own user, not scored

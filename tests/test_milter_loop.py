@@ -16,7 +16,7 @@ import Milter
 import pytest
 
 from atlas_milter.adapters import milter as am
-from atlas_milter.adapters.milter.loop import MAX_PACKET, LoopServer, Session, packet
+from atlas_milter.adapters.milter.loop import MAX_PACKET, LoopServer, packet
 from tests.test_milter_adapter import HAM, SPAM, make_engine
 
 ALL_ACTIONS = 0x1FF
@@ -91,17 +91,14 @@ class MTA:
             return False
 
 
-@pytest.fixture(params=[4, 0], ids=["eom-on-threads", "eom-on-the-loop"])
-def loop(tmp_path, request):
+@pytest.fixture
+def loop(tmp_path):
     """start(...) runs a LoopServer on tmp_path/m.sock and returns (path, engine, server,
     thread); `classify_delay` makes every classification that much slower, `listener_type`
-    replaces the listening socket's class, the rest are [milter] settings. Every test runs
-    with end of message on 4 worker threads ([milter] classify = "thread" or "pool") and on
-    the loop's own thread (0 workers: classify = "inline"), unless it asks for `workers`."""
+    replaces the listening socket's class, the rest are [milter] settings."""
     made = []
 
-    def start(workers=None, classify_delay=0.0, listener_type=socket.socket, **milter):
-        workers = request.param if workers is None else workers
+    def start(workers=4, classify_delay=0.0, listener_type=socket.socket, **milter):
         engine = make_engine(tmp_path, **milter)
         if classify_delay:
             original = engine.pipeline.classify
@@ -218,9 +215,8 @@ def test_malformed_packets_end_the_connection_and_nothing_else(loop, bad):
     assert other.message(HAM)[-1][0] == b"a"
 
 
-@pytest.mark.parametrize("workers", [2, 0])
-def test_stop_answers_the_message_in_progress_then_returns(loop, workers):
-    path, _, server, thread = loop(workers=workers, classify_delay=0.5)
+def test_stop_answers_the_message_in_progress_then_returns(loop):
+    path, _, server, thread = loop(workers=2, classify_delay=0.5)
     mta = MTA(path)
     mta.negotiate()
     done = []
@@ -255,53 +251,6 @@ def test_a_message_that_waits_for_a_thread_gets_the_busy_action(loop):
     assert engine.metrics.get_counters()["milter.error.busy"] == 2
 
 
-def test_on_the_loop_a_failing_end_of_message_ends_that_connection_only(loop, monkeypatch):
-    """End of message on the loop's thread (classify = "inline"): a failure in the packet
-    layer at end of message closes that connection (the MTA applies its default action)
-    and the loop goes on serving the others."""
-    path, *_ = loop(workers=0)
-    original = Session.end_of_message
-    calls = []
-
-    def end_of_message(self, data, busy=""):
-        calls.append(busy)
-        if len(calls) == 1:
-            raise RuntimeError("broken end of message")
-        return original(self, data, busy)
-
-    monkeypatch.setattr(Session, "end_of_message", end_of_message)
-    failing, other = MTA(path), MTA(path)
-    failing.negotiate()
-    other.negotiate()
-    with pytest.raises(ConnectionError):
-        failing.message(HAM)
-    assert other.message(HAM)[-1][0] == b"a"
-    assert len(calls) == 2
-
-
-@pytest.mark.parametrize("mode, on_the_loop", [("inline", True), ("thread", False), ("pool", False)])
-def test_end_of_message_runs_on_the_loop_only_for_inline_classification(tmp_path, monkeypatch, mode, on_the_loop):
-    """runtime: classify = "inline" gives the loop 0 end-of-message threads; thread and pool,
-    whose end of message waits for its verdict, a fixed set."""
-    from atlas_milter.adapters.milter import runtime
-
-    made = []
-
-    class Recorder(LoopServer):
-        def __init__(self, *args, workers, **kwargs):
-            made.append(workers)
-            raise SystemExit  # recorded; nothing to serve
-
-    monkeypatch.setattr(runtime, "LoopServer", Recorder)
-    engine = make_engine(tmp_path, classify=mode)
-    try:
-        with pytest.raises(SystemExit):
-            runtime._serve_loop(engine, runtime.parse_socket(f"unix:{tmp_path / 'm.sock'}"))
-    finally:
-        engine.close()
-    assert (made == [0]) if on_the_loop else (len(made) == 1 and made[0] > 0)
-
-
 class FlakyListener(socket.socket):
     """A listening socket whose first accepts fail as when the process is out of file descriptors."""
 
@@ -315,7 +264,6 @@ class FlakyListener(socket.socket):
 
 
 def test_accept_failures_are_logged_once_and_serving_goes_on(loop, caplog):
-    FlakyListener.failures = 3  # the class counts down, and the fixture runs this test twice
     path, *_ = loop(workers=1, listener_type=FlakyListener)
     mta = MTA(path)
     mta.negotiate()

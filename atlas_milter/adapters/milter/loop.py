@@ -19,21 +19,11 @@ with a new connection following; the replies continue/accept/reject/tempfail/dis
 reply codes, and the header changes and quarantine AtlasMilter asks for. A no-reply step
 the MTA did not agree to is answered with continue, as libmilter does. Packets larger than
 MAX_PACKET or malformed ones end the connection (the MTA then applies its default action);
-a connection silent for `idle_timeout` seconds is closed.
+a connection silent for `idle_timeout` seconds is closed. An end of message that finds
+every worker taken and waits longer than `busy_wait` gets the milter's busy action.
 
-Where end of message runs: with `[milter] classify = "inline"` (the default) on the loop's
-own thread. Inline classification is CPU work under the GIL, which no other thread of the
-process could overlap anyway; handed to a worker thread it made a GIL convoy instead: every
-send and recv of the loop let a worker take the GIL, and the loop waited up to the 5 ms
-switch interval to get it back while all connections stood still. Measured through Postfix
-(scripts/milter_bench.py, 16 clients, three 3-round runs each, interleaved), accepted rate
-÷ Postfix alone 0.65-0.68 on worker threads, 0.75-0.80 on the loop; relayed 0.71-0.76 and
-0.81-0.83. With "thread" or "pool", whose end of message waits (on a deadline or on a
-worker process), it runs on a fixed set of worker threads; an end of message that finds
-every one taken and waits longer than `busy_wait` gets the milter's busy action.
-
-Must not: block the loop on anything but the sockets and inline end-of-message work, or
-answer a message before its end-of-message work is done.
+Must not: block the loop on anything but the sockets (end of message runs on the worker
+pool), or answer a message before its end-of-message work is done.
 """
 
 from __future__ import annotations
@@ -271,7 +261,7 @@ class Session:
         return packet(b"O", reply)
 
     def end_of_message(self, data: bytes, busy: str = "") -> bytes:
-        """On a worker or the loop: end of message (a last body chunk first, if the MTA sent one with
+        """On a worker: end of message (a last body chunk first, if the MTA sent one with
         it), then the header changes and the reply. `busy`: why the milter's busy action
         applies instead (the message waited too long for a thread)."""
         m = self.milter
@@ -284,8 +274,7 @@ class Session:
 
 
 class LoopServer:
-    """The accept/read/write loop over all connections, and the worker pool for end of message
-    (`workers` threads; 0: end of message runs on the loop's own thread)."""
+    """The accept/read/write loop over all connections, and the worker pool for end of message."""
 
     def __init__(self, listener: socket.socket, factory: Callable[[], Milter.Base], workers: int,
                  idle_timeout: float, nodelay: bool = False, busy_wait: float = 0.05) -> None:
@@ -428,13 +417,6 @@ class LoopServer:
                     if cmd == b"Q":
                         session.milter.close()
                         session.closing = True
-                    elif cmd == b"E" and not self.workers:  # classify = "inline": here, see the module's docstring
-                        reply = self._eom_reply(session, data, "")
-                        if reply is None:
-                            self._send(session, b"".join(out))
-                            self._drop(session)
-                            return
-                        out.append(reply)
                     elif cmd == b"E":
                         session.busy = True
                         # Timed only when every thread is taken by an earlier one: a free thread may
@@ -472,17 +454,13 @@ class LoopServer:
                     self._in_flight -= 1
 
     def _end_of_message(self, session: Session, data: bytes, busy: str) -> None:
-        self.finished.append((session, self._eom_reply(session, data, busy)))
-        self._wake()
-
-    @staticmethod
-    def _eom_reply(session: Session, data: bytes, busy: str) -> bytes | None:
-        """The end-of-message packets, or None when the connection must end."""
         try:
-            return session.end_of_message(data, busy)
+            out: bytes | None = session.end_of_message(data, busy)
         except Exception as exc:  # noqa: BLE001 - AtlasMilter.eom catches its own; this is the packet layer
             log.error("milter: end of message failed: %s: %s", type(exc).__name__, exc, exc_info=True)
-            return None
+            out = None
+        self.finished.append((session, out))
+        self._wake()
 
     def _send(self, session: Session, data: bytes) -> None:
         if not data or session not in self.sessions:

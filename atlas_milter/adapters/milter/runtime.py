@@ -147,10 +147,7 @@ def _serve_loop(engine: MilterEngine, sock: SocketSpec) -> None:
     listener = _listen(sock)
     if sock.kind == "unix":
         _own_socket(sock, engine.config.milter)
-    # inline: end of message on the loop's thread (no GIL convoy, see loop.py); thread and
-    # pool wait for their verdict, on a worker thread each
-    workers = 0 if engine.mode == "inline" else engine.max_in_flight + 4
-    server = LoopServer(listener, functools.partial(AtlasMilter, engine), workers=workers,
+    server = LoopServer(listener, functools.partial(AtlasMilter, engine), workers=engine.max_in_flight + 4,
                         idle_timeout=LIBMILTER_TIMEOUT, nodelay=sock.kind != "unix", busy_wait=BUSY_WAIT)
 
     def stop(why: str) -> None:
