@@ -1,5 +1,5 @@
-/* atlas_milter._hotpath: the compiled hot path -- the header block of message.py and the body
- * block of classifier.py.
+/* atlas_milter._hotpath: the compiled hot path -- the header block, URL scan and HTML walk of
+ * message.py and the body block of classifier.py.
  *
  * split_headers(head) is message._split_headers_reference() compiled: a simple header block
  * split into (name, value) pairs.
@@ -9,6 +9,11 @@
  * pairs exactly as classifier.features() makes them -- looked up in a hash table built once
  * from the model's weights, summed, counted, and the strongest ones ranked for the reasons.
  * No Python object is made per word, pair or lookup.
+ *
+ * find_urls(text) is message._URL_RE.findall(text); html_parts(markup) is what
+ * message.html_to_text() does before html.unescape(): link targets, <img> count, and the
+ * text with scripts, styles, comments and tags as spaces, as message.py's regular
+ * expressions define them, in linear time.
  *
  * The pure-Python code in classifier.py is the reference: tests/test_hotpath.py proves both
  * give the same features, the same reasons and the same score (to 1e-12: the sum is taken

@@ -205,8 +205,9 @@ def _domain_of(address_field: str) -> tuple[str, str, str]:
 
 
 def html_to_text(markup: str, compiled: bool = False) -> tuple[str, list[str], int]:
-    """Text, link targets and the number of <img> tags of an HTML body (fast, regex based;
-    `compiled`: the regexes' work done by the compiled extension, where it is built)."""
+    """Text, link targets and the number of <img> tags of an HTML body, as the regular
+    expressions above define them, in linear time (`compiled`: by the compiled extension,
+    where it is built)."""
     if compiled and _hotpath is not None:
         text, links, images = _hotpath.html_parts(markup)
     else:

@@ -1,7 +1,8 @@
-"""The compiled body block (atlas_milter/_hotpath.c) against its pure-Python reference in
-classifier.py: the same body features, the same style counts, the same reasons and the same
-score (to 1e-12: the C sums the weights in order of appearance, Python in set order), on
-hypothesis-made text and on every message of the spamassassin and modern corpora.
+"""The compiled hot path (atlas_milter/_hotpath.c) against its references: the body block
+against classifier.py (the same body features, style counts, reasons and score, to 1e-12:
+the C sums the weights in order of appearance, Python in set order), the header split, URL
+scan and HTML walk against message.py's code and regular expressions; on hypothesis-made
+text and on every message of the spamassassin and modern corpora.
 
 Where the extension is not built these tests skip, except under ATLAS_REQUIRE_COMPILED=1
 (set by .ci/run), where they fail: CI must test the compiled path that users run."""
