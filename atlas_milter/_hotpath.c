@@ -918,6 +918,8 @@ typedef struct {
 
 static int ucs4_put(Ucs4 *out, const Py_UCS4 *from, Py_ssize_t n)
 {
+    if (n == 0)
+        return 0;
     if (out->n + n > out->size) {
         Py_ssize_t size = out->size ? out->size : 4096;
         while (size < out->n + n)
