@@ -346,6 +346,22 @@ static inline int is_decimal(Py_UCS4 ch)
         return ch >= '0' && ch <= '9';
     return Py_UNICODE_ISDECIMAL(ch);
 }
+/* \w of Python's re for str patterns */
+static inline int is_word(Py_UCS4 ch) { return is_alnum(ch) || ch == '_'; }
+
+/* Whether ch matches the ASCII letter `lower` under re.IGNORECASE for str patterns: its two
+ * cases, and for i also U+0130 and U+0131, for s also U+017F (re's extra case pairs). */
+static inline int ci_letter(Py_UCS4 ch, Py_UCS4 lower)
+{
+    if (ch == lower || ch == lower - 32)
+        return 1;
+    if (lower == 'i')
+        return ch == 0x130 || ch == 0x131;
+    if (lower == 's')
+        return ch == 0x17f;
+    return 0;
+}
+
 #define IS_WORD_CHAR(ch) is_alnum(ch)
 /* the marks that may join two runs of letters and digits: ['.$€£-] */
 #define IS_MARK(ch) ((ch) == '\'' || (ch) == '.' || (ch) == '$' || (ch) == 0x20ac || (ch) == 0xa3 || (ch) == '-')
@@ -719,7 +735,7 @@ static PyObject *style_counts(PyObject *Py_UNUSED(module), PyObject *args)
             }
             if (!prev_word && j - i >= 2) {
                 Py_UCS4 after = j < n ? PyUnicode_READ(kind, data, j) : 0;
-                if (j == n || !(is_alnum(after) || after == '_'))
+                if (j == n || !is_word(after))
                     caps++;
             }
             prev_word = 1;
@@ -738,7 +754,7 @@ static PyObject *style_counts(PyObject *Py_UNUSED(module), PyObject *args)
                     amounts++;
             }
         }
-        prev_word = is_alnum(ch) || ch == '_';
+        prev_word = is_word(ch);
         i++;
     }
     return Py_BuildValue("(nnnn)", caps, exclaims, amounts, percentages);
@@ -845,11 +861,6 @@ static inline int is_url_char(Py_UCS4 ch)
     return !strchr("\"'<>()[]{}\\^`|", (int)ch);
 }
 
-/* (?i:s) of Python's re: s, S and U+017F LATIN SMALL LETTER LONG S. (?i:t), (?i:p) and
- * (?i:w) match only their two ASCII cases. */
-#define IS_S(ch) ((ch) == 's' || (ch) == 'S' || (ch) == 0x17f)
-#define IS_CI(ch, lower) ((ch) == (lower) || (ch) == (lower) - 32)
-
 /* message._URL_RE.findall(text):
  *   [hHwW](?<!\w[hHwW])(?:(?<=[hH])(?i:ttps?://)|(?<=[wW])(?i:ww\.))[^\s"'<>()\[\]{}\\^`|]{2,300}
  * an h or w with no \w before it, "ttp" "s"? "://" after an h or "ww." after a w, then 2 to
@@ -868,26 +879,26 @@ static PyObject *find_urls(PyObject *Py_UNUSED(module), PyObject *args)
 #define AT(k) ((k) < n ? PyUnicode_READ(kind, data, (k)) : 0)
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_UCS4 ch = PyUnicode_READ(kind, data, i);
-        int h = IS_CI(ch, 'h'), w = IS_CI(ch, 'w');
+        int h = ci_letter(ch, 'h'), w = ci_letter(ch, 'w');
         if (!h && !w)
             continue;
         if (i > 0) {
             Py_UCS4 before = PyUnicode_READ(kind, data, i - 1);
-            if (is_alnum(before) || before == '_')
+            if (is_word(before))
                 continue;
         }
         Py_ssize_t j = i + 1;
         if (h) {
-            if (!(IS_CI(AT(j), 't') && IS_CI(AT(j + 1), 't') && IS_CI(AT(j + 2), 'p')))
+            if (!(ci_letter(AT(j), 't') && ci_letter(AT(j + 1), 't') && ci_letter(AT(j + 2), 'p')))
                 continue;
             j += 3;
-            if (IS_S(AT(j)))
+            if (ci_letter(AT(j), 's'))
                 j++;
             if (!(AT(j) == ':' && AT(j + 1) == '/' && AT(j + 2) == '/'))
                 continue;
             j += 3;
         } else {
-            if (!(IS_CI(AT(j), 'w') && IS_CI(AT(j + 1), 'w') && AT(j + 2) == '.'))
+            if (!(ci_letter(AT(j), 'w') && ci_letter(AT(j + 1), 'w') && AT(j + 2) == '.'))
                 continue;
             j += 3;
         }
@@ -938,21 +949,6 @@ static int ucs4_put(Ucs4 *out, const Py_UCS4 *from, Py_ssize_t n)
 }
 
 static const Py_UCS4 SPACE = ' ';
-
-static inline int is_word(Py_UCS4 ch) { return is_alnum(ch) || ch == '_'; }
-
-/* Whether ch matches the ASCII letter `lower` under re.IGNORECASE for str patterns: its two
- * cases, and for i also U+0130 and U+0131, for s also U+017F (re's extra case pairs). */
-static inline int ci_letter(Py_UCS4 ch, Py_UCS4 lower)
-{
-    if (ch == lower || ch == lower - 32)
-        return 1;
-    if (lower == 'i')
-        return ch == 0x130 || ch == 0x131;
-    if (lower == 's')
-        return ch == 0x17f;
-    return 0;
-}
 
 /* s[at:] starts with `word` under re.IGNORECASE */
 static int ci_word(const Py_UCS4 *s, Py_ssize_t n, Py_ssize_t at, const char *word)

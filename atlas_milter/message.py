@@ -76,9 +76,6 @@ class _IndexedMessage(Message):
             self._ctype, self._ctype_key = super().get_content_type(), key
         return self._ctype
 
-    def get_content_maintype(self):
-        return self.get_content_type().partition("/")[0]
-
 
 _PARSER = BytesParser(_class=_IndexedMessage, policy=compat32)
 _NESTING_MARKERS = (b"multipart/", b"message/rfc822")  # counted in the ASCII-lowercased message
@@ -100,7 +97,6 @@ _OPENER_RE = re.compile(r"(?i)<(?:(script|style)\b|!--)")  # where a _SCRIPT_STY
 MAX_TAG_CHARS = 4000
 _HREF_RE = re.compile(r"""[hHsS\u017f](?<!\w[hHsS\u017f])(?:(?<=[hH])(?i:ref)|(?<=[sS\u017f])(?i:rc))\s*=\s*["']?\s*([^"'\s>]{1,300})""")
 _IMG_RE = re.compile(r"(?i)<img\b")
-_WS_RE = re.compile(r"\s+")
 
 
 @dataclass(slots=True)
@@ -170,19 +166,25 @@ def decode_header_value(value: object) -> str:
     """Decode RFC 2047 encoded words, tolerating unknown charsets and garbage."""
     value = str(value) if not isinstance(value, str) else value
     value = _str_from_surrogates(value)
-    if "=?" not in value:  # str.split() splits on what \s matches: the same as _WS_RE.sub(" ", value).strip()
-        return " ".join(value.split())
+    if "=?" not in value:
+        return _squeeze_white_space(value)
     try:
         parts = decode_header(value)
     except Exception:  # email.errors.HeaderParseError and friends on hostile input
-        return _WS_RE.sub(" ", value).strip()
+        return _squeeze_white_space(value)
     out = []
     for chunk, charset in parts:
         if isinstance(chunk, bytes):
             out.append(_to_text(chunk, charset))
         else:
             out.append(chunk)
-    return _WS_RE.sub(" ", "".join(out)).strip()
+    return _squeeze_white_space("".join(out))
+
+
+def _squeeze_white_space(text: str) -> str:
+    r"""Runs of white space as one space, none at either end: re.sub(r"\s+", " ", text).strip(),
+    as str.split() splits on exactly what \s matches."""
+    return " ".join(text.split())
 
 
 def _domain_of(address_field: str) -> tuple[str, str, str]:
