@@ -134,6 +134,9 @@ class HttpConfig:
 
     listen: str = ""  # HOST:PORT, e.g. 127.0.0.1:8080 ([::1]:8080 for IPv6); "" = off
     token: str = ""  # required to bind a non-loopback address: clients send Authorization: Bearer TOKEN or ?token=TOKEN
+    token_file: str = ""  # the token from a file instead (or ATLAS_HTTP_TOKEN, or the systemd credential http-token)
+    auth_header: str = ""  # e.g. "X-Remote-User": a reverse proxy on loopback authenticated the user and names them here
+    show_bodies: bool = False  # the console may show a held message's body
 
     def __post_init__(self) -> None:
         if self.listen:
@@ -146,6 +149,24 @@ class HttpConfig:
         if not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ConfigError(f"config: [http] listen: {self.listen!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
         return host, int(port)
+
+
+QUARANTINE_MTAS = ("postfix", "sendmail")
+
+
+@dataclass(frozen=True)
+class QuarantineConfig:
+    """[quarantine]: where the milter's `quarantine` action holds mail (atlas_milter/mta_queue.py)."""
+
+    mta: str = "postfix"  # postfix (the hold queue) | sendmail (its quarantine)
+    postfix_config: str = ""  # postqueue/postsuper/postcat -c DIR; "" = Postfix's default
+    sendmail_config: str = ""  # sendmail -C FILE; "" = Sendmail's default
+    sendmail_queue: str = "/var/spool/mqueue"  # Sendmail's QueueDirectory (its quarantined hf files are deleted here)
+    command_prefix: tuple[str, ...] = ()  # e.g. ["sudo", "-n"]: releasing and deleting are root's
+
+    def __post_init__(self) -> None:
+        if self.mta not in QUARANTINE_MTAS:
+            raise ConfigError(f"config: [quarantine] mta: {self.mta!r} is not one of {', '.join(QUARANTINE_MTAS)}")
 
 
 MILTER_ACTIONS = ("tag", "reject", "quarantine", "discard", "tempfail", "accept")
@@ -333,6 +354,7 @@ class Config:
     milter: MilterConfig = field(default_factory=MilterConfig)
     imap: ImapConfig = field(default_factory=ImapConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):

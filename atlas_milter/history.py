@@ -60,7 +60,7 @@ def parse_since(text: str, now: datetime | None = None) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _reasons(row: dict[str, Any]) -> list[tuple[str, float]]:
+def reasons_of(row: dict[str, Any]) -> list[tuple[str, float]]:
     try:
         return [(str(name), float(weight)) for name, weight in json.loads(row.get("reasons") or "[]")]
     except (TypeError, ValueError):
@@ -98,7 +98,7 @@ def history(db: str | Path, *, limit: int = DEFAULT_LIMIT, since: str | None = N
                            action=action, sender_domain=sender_domain.lower() if sender_domain else None,
                            before=before)
     for row in rows:
-        row["reasons"] = _reasons(row)
+        row["reasons"] = reasons_of(row)
     return Page(rows, rows[-1]["id"] if len(rows) == limit else None)
 
 
@@ -160,7 +160,7 @@ def explain(db: str | Path, key: str | None, row_id: int | None = None) -> Expla
         raise AtlasError(f"no decision recorded for {terminal_safe(label)} "
                          "(looked for a reply reference, a queue id and a Message-ID)")
     for row in matches:
-        row["reasons"] = _reasons(row)
+        row["reasons"] = reasons_of(row)
         row["ref"] = reference(row)
     return Explained(label, matches)
 

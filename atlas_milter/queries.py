@@ -258,3 +258,36 @@ def decision(db_path: str | Path, row_id: int) -> dict[str, Any] | None:
     """Every column of the decision with this id, or None."""
     rows = _read(db_path, lambda conn: _rows(conn, "SELECT * FROM processed_emails WHERE id = ?", (row_id,)))
     return rows[0] if rows else None
+
+
+# -- the quarantine: which decision held a message, and what admins did since -------------
+
+def holding_decisions(db_path: str | Path, queue_ids: list[str], action: str) -> dict[str, dict[str, Any]]:
+    """{queue id: every column of the latest decision with that queue id and `action`}
+    (the decision that put the message on hold). Queue ids are reused over months: the
+    latest is the one that held the message now in the queue."""
+    if not queue_ids or not Path(db_path).exists():
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+
+    def run(conn: sqlite3.Connection) -> None:
+        for queue_id in dict.fromkeys(queue_ids):
+            rows = _rows(conn, "SELECT * FROM processed_emails WHERE queue_id = ? AND action = ? ORDER BY id DESC LIMIT 1",
+                         (queue_id, action))
+            if rows:
+                found[queue_id] = rows[0]
+
+    _read(db_path, run)
+    return found
+
+
+def quarantine_actions(db_path: str | Path, limit: int = 20, queue_id: str | None = None) -> list[dict[str, Any]]:
+    """The latest admin actions on held messages, newest first (all, or one queue id's)."""
+    if not Path(db_path).exists():
+        return []
+    where, params = ("WHERE queue_id = ?", (queue_id, limit)) if queue_id else ("", (limit,))
+    sql = f"SELECT * FROM quarantine_actions {where} ORDER BY id DESC LIMIT ?"
+    try:
+        return _read(db_path, lambda conn: _rows(conn, sql, params))
+    except AtlasError:  # the table comes with migration 0007: nothing recorded before it
+        return []

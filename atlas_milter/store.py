@@ -582,3 +582,14 @@ def adopt_unowned_imap_rows(db_path: str | Path, account: str, *, only_if_alone:
             # processed_emails' unique key includes the account: a row this account also has is left.
             moved += conn.execute(f"UPDATE OR IGNORE {table} SET account = ? WHERE account = ''", (account,)).rowcount
         return moved
+
+
+def add_quarantine_action(db_path: str | Path, event: Mapping[str, Any]) -> None:
+    """Record what an admin did to a held message (see `quarantine.py`)."""
+    with _committed(db_path) as conn:
+        conn.execute(
+            "INSERT INTO quarantine_actions (created_at, actor, action, queue_id, decision_id, outcome, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (now_iso(), event["actor"], event["action"], event["queue_id"], event.get("decision_id"),
+             event["outcome"], event.get("detail")),
+        )

@@ -1,10 +1,11 @@
 """The commands that work on mail, models and the database: classify, train, learn, eval,
-demo, migrate, stats, history, explain, check-config, bench. Each parses nothing itself and
+demo, migrate, stats, history, explain, quarantine, check-config, bench. Each parses nothing itself and
 makes one library call."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -225,6 +226,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(history.render_explain(found, args.json))
     if len(found.matches) > 1:
         raise AtlasError(f"{len(found.matches)} decisions match; pick one with --id ID")
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from atlas_milter import quarantine
+
+    config = _load_config(args, **{"quarantine.postfix_config": args.postfix_config})
+    if args.what != "list" and not args.key:
+        raise AtlasError(f"quarantine {args.what} needs the queue id (see `atlas-milter quarantine list`)")
+    if args.learn_ham and args.what != "release":
+        raise AtlasError("--learn-ham goes with `quarantine release ID`")
+    queue = quarantine.hold_queue(config)
+    if args.what == "list":
+        print(quarantine.render_entries(quarantine.entries(config, queue), args.json))
+    elif args.what == "show":
+        print(quarantine.render_shown(quarantine.show(config, queue, args.key, args.body), args.json))
+    else:
+        actor = quarantine.local_actor()
+        if args.what == "delete":
+            outcome = quarantine.delete(config, queue, args.key, actor)
+        elif args.learn_ham:
+            outcome = quarantine.release_and_learn(config, queue, args.key, actor)
+        else:
+            outcome = quarantine.release(config, queue, args.key, actor)
+        print(json.dumps(dataclasses.asdict(outcome)) if args.json else f"{outcome.queue_id}: {outcome.detail}")
+        if outcome.action == quarantine.RELEASE_LEARN:
+            print("a running milter uses the updated model after a reload (systemctl reload atlas-milter)",
+                  file=sys.stderr)
     return 0
 
 

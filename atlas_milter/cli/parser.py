@@ -20,6 +20,7 @@ from atlas_milter.cli.commands import (
     cmd_stats,
     cmd_history,
     cmd_explain,
+    cmd_quarantine,
     cmd_check_config,
     cmd_bench,
 )
@@ -128,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", nargs="?", metavar="REF|QUEUE_ID|MESSAGE_ID", help="the 550 reply's ref, queue id or Message-ID")
     p.add_argument("--id", type=int, metavar="ID", help="the decision with this id (picks one of several)")
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("quarantine", parents=[common, reader], help="the messages the milter put on hold: list, show, release, delete")
+    p.add_argument("what", choices=("list", "show", "release", "delete"), help="list | show ID | release ID [--learn-ham] | delete ID")
+    p.add_argument("key", nargs="?", metavar="ID", help="the queue id, or the reference the decision names")
+    p.add_argument("--learn-ham", action="store_true", help="release: also learn the message as ham")
+    p.add_argument("--body", action="store_true", help="show: print the body too")
+    p.add_argument("--postfix-config", metavar="DIR", help="a Postfix instance's config directory (postsuper -c DIR)")
+    p.set_defaults(func=cmd_quarantine)
 
     p = sub.add_parser("bench", parents=[common], help="measure the optimised pipeline against the plain path")
     mode = p.add_mutually_exclusive_group()
