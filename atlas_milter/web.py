@@ -1,8 +1,8 @@
-"""Owns the live performance view of a daemon: `/performance` (one self-contained HTML
-page: no external assets, inline CSS and a few lines of inline JS that poll the JSON every
-2 s and draw SVG sparklines) and `/performance.json` (messages/s, verdict counts, per-stage
-p50/p95/p99, cache hit rate, pool and writer queue depths, errors, uptime, model version,
-and a ring of samples of the last minutes).
+"""Owns a daemon's HTTP server and who may use it: the live performance view
+(`/performance`, the page of performance_page.py, and `/performance.json`: messages/s,
+verdict counts, per-stage p50/p95/p99, cache hit rate, pool and writer queue depths,
+errors, uptime, model version, and a ring of samples of the last minutes), and the admin's
+console pages of console.py when the daemon gives one.
 
 Reads `PerformanceMetrics` and the store's counters; must not touch the hot path, write
 anything, or decide anything about mail. Stdlib only (`http.server`).
@@ -13,15 +13,15 @@ ring every `sample_interval` seconds. Both are started with SIGTERM/SIGINT/SIGHU
 reload signal SIGUSR1 blocked, so those signals keep reaching the thread the daemon expects
 (libmilter's sigwait thread, the milter's reload thread, or the main thread).
 
-Access: loopback by default. Binding any other address needs a token (`[http] token`);
-with a token every request must carry `Authorization: Bearer TOKEN` or `?token=TOKEN`.
-Without one, the Host header must name a loopback host (a DNS-rebinding page in a
-browser cannot read the figures).
+Access: loopback by default. Binding any other address needs a token (`[http] token_file`);
+with a token every request must carry `Authorization: Bearer TOKEN`, `?token=TOKEN` or the
+session cookie a console page sets. Without one, the Host header must name a loopback host
+(a DNS-rebinding page in a browser cannot read the figures). The console always needs the
+token or a reverse proxy's `auth_header`, and its POSTs a CSRF token (`_console_caller`).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -33,8 +33,9 @@ import time
 from collections import deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from atlas_milter import __version__
 from atlas_milter.errors import AtlasError
@@ -48,12 +49,15 @@ from atlas_milter.monitor import (
     STAGE_TOTAL,
     PerformanceMetrics,
 )
+from atlas_milter.performance_page import HISTORY_POINTS, PAGE, PAGE_CSP, SAMPLE_INTERVAL
 from atlas_milter.signals import RELOAD_SIGNAL, STOP_SIGNALS, blocked
 
 log = logging.getLogger(__name__)
 
-SAMPLE_INTERVAL = 5.0  # seconds between history points
-HISTORY_POINTS = 120  # 10 minutes at the default interval
+TOKEN_ENV = "ATLAS_HTTP_TOKEN"
+TOKEN_CREDENTIAL = "http-token"
+SESSION_COOKIE = "atlas_console"
+MAX_FORM_BYTES = 4096
 RATE_WINDOW = 60.0  # seconds over which messages_per_s is measured
 
 
@@ -236,6 +240,32 @@ class PerformanceServer:
         self.close()
 
 
+def read_token(http: Any, env: Mapping[str, str] | None = None) -> str:
+    """The [http] token: `token`, else the file `token_file`, else ATLAS_HTTP_TOKEN, else
+    the systemd credential http-token; "" when none is given."""
+    env = os.environ if env is None else env
+    if http.token:
+        return http.token
+    if http.token_file:
+        try:
+            token = Path(http.token_file).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise AtlasError(f"[http] token_file {http.token_file}: {exc.strerror or exc}") from None
+        if not token:
+            raise AtlasError(f"[http] token_file {http.token_file} is empty")
+        return token
+    if env.get(TOKEN_ENV):
+        return env[TOKEN_ENV].strip()
+    if env.get("CREDENTIALS_DIRECTORY"):
+        try:
+            return (Path(env["CREDENTIALS_DIRECTORY"]) / TOKEN_CREDENTIAL).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            raise AtlasError(f"systemd credential {TOKEN_CREDENTIAL}: {exc.strerror or exc}") from None
+    return ""
+
+
 def start_http_server(
     address: str,
     port: int,
@@ -243,18 +273,29 @@ def start_http_server(
     token: str = "",
     sample_interval: float = SAMPLE_INTERVAL,
     history_points: int = HISTORY_POINTS,
+    console: Any = None,
+    auth_header: str = "",
 ) -> PerformanceServer:
     """Serve /performance and /performance.json on address:port (port 0: any free port)
     from daemon threads; returns at once. `info()` gives the snapshot (see
-    `performance_info`). AtlasError for a non-loopback address without `token`, or when
-    the address cannot be bound."""
+    `performance_info`); `console` (a console.Console) adds the admin's pages, which need
+    `token` or a reverse proxy's `auth_header`. AtlasError for a non-loopback address
+    without `token`, `auth_header` on a non-loopback address, or when the address cannot
+    be bound."""
     address = address or "127.0.0.1"
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     if not token and not is_loopback(address):
-        raise AtlasError(f"--http {where}: a non-loopback address needs a token ([http] token)")
+        raise AtlasError(f"--http {where}: a non-loopback address needs a token ([http] token_file)")
+    if auth_header and not is_loopback(address):
+        raise AtlasError(f"--http {where}: [http] auth_header trusts a reverse proxy on this host; "
+                         "bind to loopback (127.0.0.1 or ::1) so only the proxy can send it")
     history = History(info, sample_interval, history_points)
     history.sample()  # the baseline: charts and messages/s have a first point at once
-    handler = type("Handler", (_Handler,), {"info": staticmethod(info), "history": history, "token": token})
+    secret = os.urandom(32)  # signs the session cookie and the CSRF tokens of this run
+    handler = type("Handler", (_Handler,), {
+        "info": staticmethod(info), "history": history, "token": token, "console": console,
+        "auth_header": auth_header, "secret": secret,
+        "session": _sign(secret, "session", token) if token else ""})
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True})
     try:
@@ -275,10 +316,18 @@ def start_http_server(
     return server
 
 
+def _sign(secret: bytes, purpose: str, value: str) -> str:
+    return hmac.new(secret, f"{purpose}\0{value}".encode(), hashlib.sha256).hexdigest()
+
+
 class _Handler(BaseHTTPRequestHandler):
     info: Callable[[], dict[str, Any]]
     history: History
     token: str
+    console: Any  # console.Console or None
+    auth_header: str
+    secret: bytes
+    session: str  # the session cookie's value: signed from the token, valid for this run
     server_version = "atlas-milter"
     sys_version = ""
     protocol_version = "HTTP/1.1"
@@ -289,8 +338,83 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802
         self._respond(head=True)
 
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(min(length, MAX_FORM_BYTES)).decode("utf-8", "replace")) if length > 0 else {}
+        if length > MAX_FORM_BYTES:
+            self.close_connection = True
+        if self.console is None or not self.console.handles(url.path):
+            self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8", False)
+            return
+        caller = self._console_caller(url, head=False, post=True)
+        if caller is None:
+            return
+        if caller.csrf and not self._same_origin_form(form, caller.csrf):
+            self._send(HTTPStatus.FORBIDDEN, b"cross-site request refused (reload the page and try again)\n",
+                       "text/plain; charset=utf-8", False)
+            return
+        self._send_page(self.console.post(url.path, caller), head=False)
+
+    # -- the console's access rules ------------------------------------------------------------
+    # Every console page and action needs the token (Authorization: Bearer, or once as
+    # ?token= which sets a session cookie and is then dropped from the URL) or the reverse
+    # proxy's auth header. A request authenticated by something the browser adds on its
+    # own (the cookie, the proxy's header) must send its CSRF token with a POST.
+
+    def _cookie(self) -> str:
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == SESSION_COOKIE:
+                return value
+        return ""
+
+    def _console_caller(self, url: Any, head: bool, post: bool = False) -> Any:
+        from atlas_milter.console import Caller
+
+        client = self.client_address[0]
+        auth = self.headers.get("Authorization", "")
+        if self.token and auth[:7].lower() == "bearer ":
+            if hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
+                return Caller(f"token from {client}", "")
+        elif self.token and self.session and hmac.compare_digest(self._cookie().encode(), self.session.encode()):
+            return Caller(f"token from {client}", _sign(self.secret, "csrf", self.session))
+        elif self.token and not post and "token" in (q := parse_qs(url.query)):
+            if hmac.compare_digest(q["token"][0].encode(), self.token.encode()):
+                rest = urlencode([(k, v) for k, vs in q.items() if k != "token" for v in vs])
+                self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", head, {
+                    "Location": url.path + (f"?{rest}" if rest else ""),
+                    "Set-Cookie": f"{SESSION_COOKIE}={self.session}; HttpOnly; SameSite=Strict; Path=/"})
+                return None
+        elif self.auth_header and (user := (self.headers.get(self.auth_header) or "").strip()):
+            return Caller(f"{user[:120]} (via {self.auth_header})", _sign(self.secret, "csrf", "proxy:" + user))
+        if not self.token and not self.auth_header:
+            self._send(HTTPStatus.FORBIDDEN, b"the console needs [http] token_file (or auth_header behind a proxy)\n",
+                       "text/plain; charset=utf-8", head)
+        else:
+            self._send(HTTPStatus.UNAUTHORIZED, b"token required: open the page once with ?token=TOKEN\n",
+                       "text/plain; charset=utf-8", head, {"WWW-Authenticate": 'Bearer realm="atlas-milter"'})
+        return None
+
+    def _same_origin_form(self, form: dict[str, list[str]], csrf: str) -> bool:
+        given = (form.get("csrf") or [""])[0]
+        if not hmac.compare_digest(given.encode(), csrf.encode()):
+            return False
+        if (self.headers.get("Sec-Fetch-Site") or "same-origin") not in ("same-origin", "none"):
+            return False
+        origin = self.headers.get("Origin")
+        return origin is None or urlsplit(origin).netloc == (self.headers.get("Host") or "")
+
+    def _send_page(self, page: Any, head: bool) -> None:
+        self._send(HTTPStatus(page.status), page.body, page.content_type, head, page.headers)
+
     def _respond(self, head: bool) -> None:
         url = urlsplit(self.path)
+        if self.console is not None and self.console.handles(url.path):
+            caller = self._console_caller(url, head)
+            if caller is not None:
+                self._send_page(self.console.get(url.path, parse_qs(url.query), caller), head)
+            return
         if not self._allowed(url.query):
             return
         if url.path in ("/", ""):
@@ -323,11 +447,15 @@ class _Handler(BaseHTTPRequestHandler):
                 given = auth[7:].strip()
             elif "token" in (q := parse_qs(query)):
                 given = q["token"][0]
+            elif self.session and self._cookie():  # the console's session cookie
+                given = self.token if hmac.compare_digest(self._cookie().encode(), self.session.encode()) else ""
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 self._send(HTTPStatus.UNAUTHORIZED, b"token required\n", "text/plain; charset=utf-8", False,
                            {"WWW-Authenticate": 'Bearer realm="atlas-milter"'})
                 return False
             return True
+        if self.auth_header and (self.headers.get(self.auth_header) or "").strip():
+            return True  # the reverse proxy authenticated the user
         host = (self.headers.get("Host") or "").strip()
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
         if not is_loopback_literal(name):  # a Host header is never resolved: the client chose it
@@ -353,167 +481,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         log.debug("http: %s %s", self.address_string(), format % args)
-
-
-# --- the page ---------------------------------------------------------------------------
-# Static: every figure is put in place by the script with textContent / SVG attributes,
-# never as markup, so nothing the JSON carries can become HTML. The CSP allows exactly
-# this script and this style (by hash) and fetches to this origin.
-
-_STYLE = """
-:root { --fg:#1d2330; --muted:#667085; --line:#2f6fde; --bad:#c8362d; --ok:#16803c; --card:#fff; --bg:#f3f5f9; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg); background: var(--bg); }
-header { display: flex; flex-wrap: wrap; gap: .4em 1.4em; align-items: baseline; padding: 14px 22px; background: #1d2330; color: #fff; }
-header h1 { font-size: 19px; margin: 0; font-weight: 600; }
-header span { color: #c9d1e0; font-size: 13px; }
-#state { margin-left: auto; font-weight: 600; }
-#state[data-state="live"] { color: #7ee2a0; } #state[data-state="stale"] { color: #ff9b8f; }
-main { padding: 16px 22px; max-width: 1250px; }
-.tiles { display: grid; grid-template-columns: repeat(auto-fill, minmax(215px, 1fr)); gap: 12px; }
-.tile { background: var(--card); border-radius: 8px; padding: 10px 14px 8px; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
-.tile h2 { margin: 0; font-size: 12px; font-weight: 600; text-transform: uppercase; letter-spacing: .04em; color: var(--muted); }
-.tile .v { font-size: 30px; font-weight: 650; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.tile .sub { font-size: 12px; color: var(--muted); min-height: 1.4em; }
-.tile.bad .v { color: var(--bad); }
-svg.spark { display: block; width: 100%; height: 34px; }
-svg.spark polyline { fill: none; stroke: var(--line); stroke-width: 1.6; vector-effect: non-scaling-stroke; }
-svg.spark polygon { fill: rgba(47,111,222,.12); stroke: none; }
-.tile.bad svg.spark polyline { stroke: var(--bad); }
-.verdicts { display: flex; height: 10px; border-radius: 5px; overflow: hidden; margin: 8px 0 4px; background: #e4e8ef; }
-.verdicts i { display: block; }
-.k-spam { background: #c8362d; } .k-unsure { background: #e0a526; } .k-ham { background: #16803c; } .k-other { background: #8a94a6; }
-table { border-collapse: collapse; width: 100%; margin-top: 16px; background: var(--card); border-radius: 8px; overflow: hidden; box-shadow: 0 1px 2px rgba(0,0,0,.08); }
-th, td { padding: 6px 12px; text-align: right; font-variant-numeric: tabular-nums; border-bottom: 1px solid #edf0f5; }
-th:first-child, td:first-child { text-align: left; }
-th { font-size: 12px; text-transform: uppercase; color: var(--muted); font-weight: 600; background: #fafbfd; }
-td.err { color: var(--bad); font-weight: 600; }
-p.note { color: var(--muted); font-size: 12px; }
-"""
-
-_SCRIPT = """
-"use strict";
-const $ = (id) => document.getElementById(id);
-const token = new URLSearchParams(location.search).get("token");
-const SVGNS = "http://www.w3.org/2000/svg";
-function num(x, digits) {
-  if (x === null || x === undefined || Number.isNaN(x)) return "\\u2013";
-  if (digits === undefined) digits = Math.abs(x) >= 100 || Number.isInteger(x) ? 0 : Math.abs(x) >= 10 ? 1 : 2;
-  return x.toFixed(digits);
-}
-function count(n) { return n >= 1e6 ? (n / 1e6).toFixed(2) + "M" : String(Math.round(n)); }
-function pct(x) { return x === null || x === undefined ? "\\u2013" : (x * 100).toFixed(1) + " %"; }
-function dur(s) {
-  s = Math.floor(s); const d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600), m = Math.floor(s % 3600 / 60);
-  return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m + "m " + (s % 60) + "s";
-}
-function set(id, text) { const el = $(id); if (el.textContent !== text) el.textContent = text; }
-function spark(id, values) {
-  const svg = $(id); while (svg.firstChild) svg.removeChild(svg.firstChild);
-  const v = values.map((x) => (x === null || x === undefined ? 0 : x));
-  if (v.length < 2) return;
-  const max = Math.max(...v, 1e-9), W = 100, H = 30, step = W / (v.length - 1);
-  const pts = v.map((x, i) => (i * step).toFixed(2) + "," + (H - 1 - (x / max) * (H - 3)).toFixed(2));
-  const area = document.createElementNS(SVGNS, "polygon");
-  area.setAttribute("points", "0," + H + " " + pts.join(" ") + " " + W + "," + H);
-  const line = document.createElementNS(SVGNS, "polyline");
-  line.setAttribute("points", pts.join(" "));
-  svg.appendChild(area); svg.appendChild(line);
-}
-function render(d) {
-  const h = d.history.points, col = (k) => h.map((p) => p[k]);
-  set("model", d.model_version || "\\u2013"); set("version", "atlas-milter " + d.version);
-  set("uptime", "up " + dur(d.uptime_s));
-  set("rate", num(d.messages_per_s)); set("rate-sub", "avg " + num(d.messages_per_s_avg) + " /s since start");
-  set("messages", count(d.messages)); spark("rate-chart", col("messages_per_s"));
-  const order = ["spam", "unsure", "ham"];
-  const kinds = Object.keys(d.verdicts).sort((a, b) => (order.indexOf(a) + 1 || 9) - (order.indexOf(b) + 1 || 9)), total = kinds.reduce((a, k) => a + d.verdicts[k], 0);
-  set("verdict-spam", count(d.verdicts.spam || 0)); set("verdict-unsure", count(d.verdicts.unsure || 0));
-  set("verdict-ham", count(d.verdicts.ham || 0));
-  const bar = $("verdict-bar"); while (bar.firstChild) bar.removeChild(bar.firstChild);
-  for (const k of kinds) {
-    const i = document.createElement("i"); i.className = ["spam", "unsure", "ham"].includes(k) ? "k-" + k : "k-other";
-    i.style.width = (total ? 100 * d.verdicts[k] / total : 0) + "%"; i.title = k + " " + d.verdicts[k]; bar.appendChild(i);
-  }
-  set("cache", pct(d.cache.hit_rate)); set("cache-sub", count(d.cache.hits) + " hits, " + count(d.cache.misses) + " misses");
-  spark("cache-chart", col("cache_hit_rate"));
-  set("p95", num((d.stages.total || {}).p95)); spark("p95-chart", col("p95_ms"));
-  set("p95-sub", "p50 " + num((d.stages.total || {}).p50) + " \\u00b7 p99 " + num((d.stages.total || {}).p99) + " ms");
-  set("queue", count(d.writer_queue_depth)); spark("queue-chart", col("writer_queue_depth"));
-  set("queue-sub", d.store ? count(d.store.written) + " written, " + count(d.store.dropped) + " dropped" : "no store");
-  set("inflight", count(d.pool_in_flight)); spark("inflight-chart", col("pool_in_flight"));
-  set("errors", count(d.errors)); spark("errors-chart", col("errors"));
-  $("errors-tile").classList.toggle("bad", d.errors > 0);
-  const names = Object.keys(d.errors_by_name);
-  set("errors-sub", names.length ? names.map((n) => n + " " + d.errors_by_name[n]).join(", ") : "none");
-  const body = $("stages"); while (body.firstChild) body.removeChild(body.firstChild);
-  for (const [name, s] of Object.entries(d.stages)) {
-    const tr = document.createElement("tr"); tr.dataset.stage = name;
-    const cells = [name, count(s.count), num(s.p50), num(s.p95), num(s.p99), num(s.mean), num(s.max), count(s.errors)];
-    cells.forEach((c, i) => { const td = document.createElement("td"); td.textContent = c; if (i === 7 && s.errors) td.className = "err"; tr.appendChild(td); });
-    body.appendChild(tr);
-  }
-  set("updated", new Date(d.generated_at * 1000).toLocaleTimeString());
-  set("points", String(h.length)); set("interval", String(d.history.interval_s));
-}
-async function poll() {
-  try {
-    const r = await fetch("performance.json", { cache: "no-store", headers: token ? { Authorization: "Bearer " + token } : {} });
-    if (!r.ok) throw new Error("HTTP " + r.status);
-    render(await r.json());
-    $("state").dataset.state = "live"; set("state", "\\u25cf live");
-  } catch (e) {
-    $("state").dataset.state = "stale"; set("state", "\\u25cf stale: " + e.message);
-  } finally {
-    setTimeout(poll, 2000);
-  }
-}
-poll();
-"""
-
-
-def _tile(key: str, title: str, chart: bool = True, sub: str = "") -> str:
-    spark = f'<svg class="spark" id="{key}-chart" viewBox="0 0 100 30" preserveAspectRatio="none"></svg>' if chart else ""
-    return (f'<section class="tile" id="{key}-tile"><h2>{title}</h2><div class="v" id="{key}">\u2013</div>'
-            f'<div class="sub" id="{key}-sub">{sub}</div>{spark}</section>')
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
-_BODY = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>atlas-milter performance</title><style>{_STYLE}</style></head>
-<body>
-<header><h1>atlas-milter &middot; performance</h1><span id="version">atlas-milter</span>
-<span>model <b id="model">&ndash;</b></span><span id="uptime"></span><span>updated <b id="updated">&ndash;</b></span>
-<span id="state" data-state="loading">&#9679; loading</span></header>
-<main>
-<noscript><p class="note">This page needs JavaScript; the same figures are at <a href="performance.json">performance.json</a>.</p></noscript>
-<div class="tiles">
-{_tile("rate", "Messages / s (last minute)")}
-<section class="tile" id="verdicts-tile"><h2>Messages &amp; verdicts</h2><div class="v" id="messages">&ndash;</div>
-<div class="verdicts" id="verdict-bar"></div>
-<div class="sub">spam <b id="verdict-spam">&ndash;</b> &middot;
-unsure <b id="verdict-unsure">&ndash;</b> &middot; ham <b id="verdict-ham">&ndash;</b></div></section>
-{_tile("p95", "Latency p95 (ms)")}
-{_tile("cache", "Cache hit rate")}
-{_tile("queue", "Writer queue depth")}
-{_tile("inflight", "Pool in flight")}
-{_tile("errors", "Errors")}
-</div>
-<table><thead><tr><th>stage</th><th>count</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>mean ms</th><th>max ms</th><th>errors</th></tr></thead>
-<tbody id="stages"></tbody></table>
-<p class="note">Charts: the last <span id="points">{HISTORY_POINTS}</span> samples, one every <span id="interval">{SAMPLE_INTERVAL:g}</span> s. Percentiles over the last 4096 messages per stage.
-Raw figures: <a href="performance.json">performance.json</a>.</p>
-</main>
-<script>{_SCRIPT}</script>
-</body></html>
-"""
-
-PAGE = _BODY.encode()
-PAGE_CSP = (
-    f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; "
-    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)

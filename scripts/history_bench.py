@@ -10,14 +10,16 @@ reads, so it does not pay the bulk writer's per-flush work): 30 days of mail, ne
 verdicts 60% ham, 30% spam, 10% unsure; sender domains drawn from 5,000 with a long tail,
 and one campaign domain with every 10th message of the first ten days and none since;
 80% milter, 15% IMAP, 5% backfill; rejects carry a reply reference in the note as the
-milter writes it. Each page is then read through `atlas_milter.history` (the call the CLI
-makes, read-only connection included) --runs times; the median and the slowest run are
-printed in milliseconds, with a JSON line at the end.
+milter writes it. Each page is then read --runs times through `atlas_milter.history` (the
+call the CLI makes, read-only connection included) and over HTTP from the console (a real
+server on loopback: /history.json with the same filters, /history?q=KEY for a search); the
+median and the slowest run are printed in milliseconds, with a JSON line at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import random
 import sqlite3
@@ -26,11 +28,15 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import urlencode
 
-from atlas_milter import history
+from atlas_milter import history, web
+from atlas_milter.config import load_config
+from atlas_milter.console import Console
 from atlas_milter.migrate import apply_migrations
 
 BAR_MS = 100.0
+TOKEN = "history-bench"
 DAYS = 30
 DOMAINS = [f"sender{i}.example" for i in range(5000)]
 RARE_DOMAIN = DOMAINS[-1]
@@ -83,14 +89,8 @@ def build(db: Path, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def page_calls(db: Path, n: int, limit: int) -> dict:
-    """Each benchmarked page as a call (the CLI's own library calls)."""
-    def page(**filters):
-        return lambda: history.history(db, limit=limit, **filters)
-
-    def explain(key):
-        return lambda: history.explain(db, key)
-
+def page_specs(db: Path, n: int) -> dict:
+    """Each benchmarked page: ("history", filters) or ("explain", key)."""
     conn = sqlite3.connect(db)
     try:
         ref_row = conn.execute("SELECT note FROM processed_emails WHERE note LIKE 'ref=%' ORDER BY id LIMIT 1 "
@@ -99,17 +99,46 @@ def page_calls(db: Path, n: int, limit: int) -> dict:
                                 "AND id > ? ORDER BY id LIMIT 1", (n // 3,)).fetchone()
     finally:
         conn.close()
-    deep = n - 200 * limit
-    calls = dict(zip(PAGES, (
-        page(), page(before=deep), page(verdict="spam"), page(verdict="unsure", before=deep), page(action="reject"),
-        page(sender_domain=DOMAINS[0]), page(sender_domain=RARE_DOMAIN), page(since="1h"),
-        page(since=datetime.now(timezone.utc).isoformat()), page(since="2d"),
-        page(since="2d", verdict="spam"), page(since="2d", sender_domain=BURST_DOMAIN), page(verdict="spam", sender_domain=DOMAINS[3]),
-        page(verdict="unsure", sender_domain=RARE_DOMAIN), page(action="quarantine", verdict="ham"),
-        page(verdict="ham", action="move"), page(verdict="spam", action="none", sender_domain=DOMAINS[0]),
-        explain(ref_row[0].removeprefix("ref=") if ref_row else "none"), explain(mid.strip("<>")), explain(qid),
-    )))
-    return calls
+    deep = n - 200 * 50
+    now = datetime.now(timezone.utc).isoformat()
+    pages = [{}, {"before": deep}, {"verdict": "spam"}, {"verdict": "unsure", "before": deep}, {"action": "reject"},
+             {"sender_domain": DOMAINS[0]}, {"sender_domain": RARE_DOMAIN}, {"since": "1h"}, {"since": now},
+             {"since": "2d"}, {"since": "2d", "verdict": "spam"}, {"since": "2d", "sender_domain": BURST_DOMAIN},
+             {"verdict": "spam", "sender_domain": DOMAINS[3]}, {"verdict": "unsure", "sender_domain": RARE_DOMAIN},
+             {"action": "quarantine", "verdict": "ham"}, {"verdict": "ham", "action": "move"},
+             {"verdict": "spam", "action": "none", "sender_domain": DOMAINS[0]}]
+    keys = [ref_row[0].removeprefix("ref=") if ref_row else "none", mid.strip("<>"), qid]
+    return dict(zip(PAGES, [("history", f) for f in pages] + [("explain", k) for k in keys]))
+
+
+def library_call(db: Path, limit: int, spec: tuple):
+    """The CLI's own library call for a page."""
+    kind, arg = spec
+    if kind == "history":
+        return lambda: len(history.history(db, limit=limit, **arg).rows)
+    return lambda: len(history.explain(db, arg).matches)
+
+
+def http_call(server, spec: tuple):
+    """The console's request for a page: /history.json with the filters, or the search box
+    (/history?q=KEY, answered with the decision's page address)."""
+    kind, arg = spec
+    path = "/history.json?" + urlencode(arg) if kind == "history" else "/history?" + urlencode({"q": arg})
+
+    def call() -> int:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        try:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        if kind == "history":
+            assert resp.status == 200, (path, resp.status, body[:200])
+            return len(json.loads(body)["rows"])
+        return 1 if resp.status == 303 else 0
+
+    return call
 
 
 def measure(calls: dict, runs: int) -> dict:
@@ -118,11 +147,18 @@ def measure(calls: dict, runs: int) -> dict:
         times, count = [], 0
         for _ in range(runs):
             t0 = time.perf_counter()
-            got = call()
+            count = call()
             times.append((time.perf_counter() - t0) * 1000)
-            count = len(got.rows) if isinstance(got, history.Page) else len(got.matches)
         result[name] = {"median_ms": round(statistics.median(times), 2), "max_ms": round(max(times), 2), "rows": count}
     return result
+
+
+def report(title: str, result: dict) -> float:
+    print(title)
+    for name, r in result.items():
+        flag = "ok" if r["median_ms"] <= BAR_MS else f"OVER the {BAR_MS:g} ms bar"
+        print(f"  {name:38} {r['median_ms']:8.2f} ms  (max {r['max_ms']:.2f} ms, {r['rows']} rows)  {flag}")
+    return max(r["median_ms"] for r in result.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,13 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         built = build(db, args.rows)
         print(f"{args.rows} rows built in {built:.1f} s ({db.stat().st_size / 1e6:.0f} MB); "
               f"{args.runs} runs per page of {args.limit}, median and slowest:")
-        result = measure(page_calls(db, args.rows, args.limit), args.runs)
-    for name, r in result.items():
-        flag = "ok" if r["median_ms"] <= BAR_MS else f"OVER the {BAR_MS:g} ms bar"
-        print(f"{name:38} {r['median_ms']:8.2f} ms  (max {r['max_ms']:.2f} ms, {r['rows']} rows)  {flag}")
-    worst = max(r["median_ms"] for r in result.values())
+        specs = page_specs(db, args.rows)
+        cli = measure({name: library_call(db, args.limit, spec) for name, spec in specs.items()}, args.runs)
+        config = load_config(None, {"store.db": str(db)}, env={})
+        with web.start_http_server("127.0.0.1", 0, lambda: {}, token=TOKEN, console=Console(config),
+                                   sample_interval=3600) as server:
+            pages = measure({name: http_call(server, spec) for name, spec in specs.items()}, args.runs)
+    worst_cli = report("command line (atlas_milter.history):", cli)
+    worst_http = report("console over HTTP (/history.json, and /history?q= for the search box):", pages)
     print(json.dumps({"rows": args.rows, "runs": args.runs, "limit": args.limit, "bar_ms": BAR_MS,
-                      "worst_median_ms": worst, "pages": result}))
+                      "worst_median_ms": worst_cli, "pages": cli,
+                      "console": {"worst_median_ms": worst_http, "pages": pages}}))
     return 0
 
 

@@ -303,6 +303,10 @@ def test_explain_lookups_use_their_indexes(db):
 def test_history_bench_builds_a_database_and_reports_every_page(capsys, tmp_path):
     assert history_bench.main(["--rows", "20000", "--runs", "2", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for name in history_bench.PAGES:
-        assert re.search(rf"^{re.escape(name)} +\d+\.\d+ ms", out, re.M), out
+    for name in history_bench.PAGES:  # once from the library, once over HTTP from the console
+        assert len(re.findall(rf"^  {re.escape(name)} +\d+\.\d+ ms  \(max [\d.]+ ms, \d+ rows\)", out, re.M)) == 2, out
     assert "20000 rows" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["pages"]["first page"]["rows"] == 50
+    # The console's pages hold the rows the command line's do.
+    assert {k: v["rows"] for k, v in result["console"]["pages"].items()} == {k: v["rows"] for k, v in result["pages"].items()}

@@ -234,5 +234,5 @@ def test_milter_refuses_public_http_without_token(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "Error: --http 0.0.0.0:8080: a non-loopback address needs a token ([http] token)"
+        "Error: --http 0.0.0.0:8080: a non-loopback address needs a token ([http] token_file)"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 from typing import Any, Iterator
 
 from atlas_milter import signals
@@ -13,17 +14,27 @@ from atlas_milter.cli.common import _load_config, _setup_logging
 
 
 @contextlib.contextmanager
-def _performance_page(config: Any, model_path: Any = None) -> Iterator[Any]:
-    """The /performance server of a daemon ([http] listen or --http) while it runs; nothing
-    when off. Started before the adapter, so a bad address fails before any mail is taken."""
+def _performance_page(config: Any, model_path: Any = None, holds_mail: bool = False) -> Iterator[Any]:
+    """The /performance server and the admin's console of a daemon ([http] listen or
+    --http) while it runs; nothing when off. Started before the adapter, so a bad address
+    fails before any mail is taken. `holds_mail`: the milter, whose console has the
+    quarantine; a release-and-learn there reloads the milter (SIGUSR1) onto the new model."""
     if not config.http.listen:
         yield None
         return
     from atlas_milter import web
+    from atlas_milter.console import Console
 
     host, port = config.http.address()
     info = web.performance_info(model_version=web.ModelVersion(model_path or (lambda: config.classifier.model)))
-    server = web.start_http_server(host, port, info, token=config.http.token)
+    queue = after_learn = None
+    if holds_mail:
+        from atlas_milter.quarantine import hold_queue
+
+        queue = hold_queue(config)
+        after_learn = lambda: os.kill(os.getpid(), signals.RELOAD_SIGNAL)  # noqa: E731
+    server = web.start_http_server(host, port, info, token=web.read_token(config.http),
+                                   console=Console(config, queue, after_learn), auth_header=config.http.auth_header)
     try:
         yield server
     finally:
@@ -32,14 +43,17 @@ def _performance_page(config: Any, model_path: Any = None) -> Iterator[Any]:
 
 def cmd_milter(args: argparse.Namespace) -> int:
     from atlas_milter.adapters.milter import MILTER_SIGNALS, serve
+    from atlas_milter.learning import with_learned_model
 
     def read_config():  # at start and on every reload (SIGUSR1): same file, same flags on top
-        return _load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout, "http.listen": args.http})
+        # The model learning writes (release-and-learn from the quarantine) when there is one.
+        return with_learned_model(_load_config(args, **{"milter.socket": args.socket, "milter.timeout": args.timeout,
+                                                        "http.listen": args.http}))
 
     config = read_config()
     _front_door_logging(args, config)
     # Before the /performance page's thread starts: no stop signal may land there.
-    with signals.blocked(MILTER_SIGNALS), _performance_page(config):
+    with signals.blocked(MILTER_SIGNALS), _performance_page(config, holds_mail=True):
         return serve(config, read_config)
 
 
