@@ -163,6 +163,7 @@ class QuarantineConfig:
     sendmail_config: str = ""  # sendmail -C FILE; "" = Sendmail's default
     sendmail_queue: str = "/var/spool/mqueue"  # Sendmail's QueueDirectory (its quarantined hf files are deleted here)
     command_prefix: tuple[str, ...] = ()  # e.g. ["sudo", "-n"]: releasing and deleting are root's
+    helper_socket: str = ""  # the socket of `atlas-milter queue-helper` (root) for a daemon that is not root
 
     def __post_init__(self) -> None:
         if self.mta not in QUARANTINE_MTAS:

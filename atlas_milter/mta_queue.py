@@ -82,8 +82,9 @@ def tool_error(proc: subprocess.CompletedProcess) -> str:
     text = (proc.stderr or b"").decode(errors="replace") + (proc.stdout or b"").decode(errors="replace")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else f"exit status {proc.returncode}"
-    if "permission denied" in text.lower() or "must be run by the superuser" in text.lower():
-        last += " (run as root, or set [quarantine] command_prefix, e.g. [\"sudo\", \"-n\"])"
+    if "permission denied" in text.lower() or "superuser" in text.lower():
+        last += (" (run as root; a daemon that is not root uses the queue helper: systemctl enable --now "
+                 "atlas-milter-queue.socket and set [quarantine] helper_socket = \"/run/atlas-milter-queue.sock\")")
     return last
 
 

@@ -38,7 +38,18 @@ RELEASE, RELEASE_LEARN, DELETE = "release", "release+learn", "delete"
 
 
 def hold_queue(config: Config) -> HoldQueue:
-    """The MTA's hold queue as [quarantine] describes it."""
+    """The MTA's hold queue as [quarantine] describes it: through the queue helper's socket
+    when `helper_socket` is set, else by running the MTA's tools here."""
+    q = config.quarantine
+    if q.helper_socket:  # not root: the queue helper runs the MTA's tools for us
+        from atlas_milter.queue_helper import HelperQueue
+
+        return HelperQueue(q.helper_socket, q.mta)
+    return direct_queue(config)
+
+
+def direct_queue(config: Config) -> HoldQueue:
+    """The MTA's hold queue, its tools run by this process (as the queue helper does)."""
     q = config.quarantine
     if q.mta == "sendmail":
         from atlas_milter.mta_queue import SendmailQueue

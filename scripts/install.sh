@@ -6,7 +6,8 @@
 #                                    pip out of the system Python) holding the wheel built from
 #                                    this tree and its runtime dependencies at requirements.lock's versions
 #   /usr/local/bin/atlas-milter      a link to /opt/atlas-milter/bin/atlas-milter (the units' ExecStart)
-#   /etc/systemd/system/             atlas-milter.service and atlas-milter-idle@.service
+#   /etc/systemd/system/             atlas-milter.service, atlas-milter-idle@.service and the
+#                                    quarantine's queue helper (atlas-milter-queue.socket/.service)
 #   /usr/lib/sysusers.d/atlas-milter.conf   and the system user atlas-milter it describes
 #   /etc/atlas-milter/atlas-milter.toml     conf/atlas-milter.toml, 0640 root:atlas-milter. An
 #                                    existing file is never changed: the new example goes next
@@ -57,7 +58,7 @@ fi
 VENV=/opt/atlas-milter
 LINK=/usr/local/bin/atlas-milter
 UNIT_DIR=/etc/systemd/system
-UNITS=(atlas-milter.service atlas-milter-idle@.service)
+UNITS=(atlas-milter.service atlas-milter-idle@.service atlas-milter-queue.socket atlas-milter-queue.service)
 SYSUSERS=/usr/lib/sysusers.d/atlas-milter.conf
 ETC=/etc/atlas-milter
 CONFIG=$ETC/atlas-milter.toml
@@ -73,7 +74,7 @@ systemd_running() { [ -z "$root" ] && [ -d /run/systemd/system ]; }
 # ----------------------------------------------------------------- uninstall
 if [ "$uninstall" = 1 ]; then
     if systemd_running; then
-        systemctl stop atlas-milter.service 'atlas-milter-idle@*.service' || true
+        systemctl stop atlas-milter.service 'atlas-milter-idle@*.service' atlas-milter-queue.socket atlas-milter-queue.service || true
         systemctl disable "${UNITS[@]}" >/dev/null 2>&1 || true
     fi
     rm -rf "$root$VENV"
@@ -92,7 +93,8 @@ fi
 
 # ----------------------------------------------------------------- checks and system packages
 for f in pyproject.toml README.md requirements.lock atlas_milter/__init__.py migrations conf/atlas-milter.toml \
-    systemd/atlas-milter.service systemd/atlas-milter-idle@.service systemd/atlas-milter.sysusers; do
+    systemd/atlas-milter.service systemd/atlas-milter-idle@.service systemd/atlas-milter-queue.socket \
+    systemd/atlas-milter-queue.service systemd/atlas-milter.sysusers; do
     [ -e "$SRC/$f" ] || die "$SRC/$f is missing: run this from a complete atlas-milter checkout or unpacked sdist"
 done
 if [ -e "$root$LINK" ] && [ ! -L "$root$LINK" ]; then
@@ -174,7 +176,7 @@ install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$root$STATE"
 
 if systemd_running; then
     systemctl daemon-reload
-    systemctl try-restart atlas-milter.service 'atlas-milter-idle@*.service'
+    systemctl try-restart atlas-milter.service 'atlas-milter-idle@*.service' atlas-milter-queue.service
 fi
 say "installed $("$root$LINK" --version)"
 getent group postfix >/dev/null \

@@ -422,7 +422,8 @@ def test_server_install_runs_mail_through_postfix_and_upgrades_in_place(release:
         venv = root / "opt/atlas-milter"
         assert "home = /usr/bin" in (venv / "pyvenv.cfg").read_text()  # Debian's python3, not pyenv's
         assert os.readlink(root / "usr/local/bin/atlas-milter") == f"{venv}/bin/atlas-milter"
-        for unit in ("atlas-milter.service", "atlas-milter-idle@.service"):
+        for unit in ("atlas-milter.service", "atlas-milter-idle@.service", "atlas-milter-queue.socket",
+                     "atlas-milter-queue.service"):
             assert (root / "etc/systemd/system" / unit).read_bytes() == (tree / "systemd" / unit).read_bytes()
         assert (root / "usr/lib/sysusers.d/atlas-milter.conf").is_file()
         config = root / "etc/atlas-milter/atlas-milter.toml"
@@ -471,7 +472,8 @@ def test_server_install_runs_mail_through_postfix_and_upgrades_in_place(release:
         # ---- uninstall keeps config and data; --purge removes them
         run(["make", "uninstall", f"INSTALL_ARGS=--root {root}"], cwd=tree)
         gone = [venv, root / "usr/local/bin/atlas-milter", root / "etc/systemd/system/atlas-milter.service",
-                root / "etc/systemd/system/atlas-milter-idle@.service", root / "usr/lib/sysusers.d/atlas-milter.conf"]
+                root / "etc/systemd/system/atlas-milter-idle@.service", root / "etc/systemd/system/atlas-milter-queue.socket",
+                root / "etc/systemd/system/atlas-milter-queue.service", root / "usr/lib/sysusers.d/atlas-milter.conf"]
         assert [p for p in gone if os.path.lexists(p)] == []
         assert config.read_bytes() == edited and milter_rows(db) == 4
         run(["make", "uninstall", f"INSTALL_ARGS=--purge --root {root}"], cwd=tree)

@@ -20,6 +20,7 @@ from tests.support.requirements import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
+DAEMONS = [u for u in UNITS if u.name != "atlas-milter-queue.service"]  # the root queue helper is checked on its own
 INSTALLED = "/usr/local/bin/atlas-milter"
 MAX_EXPOSURE = 2.0  # "OK" is below 4.0; today's units score 1.2 (milter) and 1.1 (idle)
 
@@ -32,11 +33,15 @@ def local_copy(unit: Path, tmp: Path) -> Path:
     name = unit.name.replace("@.", "@alice.")
     copy = tmp / name
     copy.write_text(text.replace(INSTALLED, str(exe)))
+    socket = unit.with_suffix(".socket")
+    if socket.is_file():  # a socket-activated service: verify finds its socket beside it
+        (tmp / socket.name).write_text(socket.read_text())
     return copy
 
 
 def test_units_exist():
-    assert {u.name for u in UNITS} == {"atlas-milter.service", "atlas-milter-idle@.service"}
+    assert {u.name for u in UNITS} == {"atlas-milter.service", "atlas-milter-idle@.service", "atlas-milter-queue.service"}
+    assert (ROOT / "systemd" / "atlas-milter-queue.socket").is_file()
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
@@ -71,7 +76,7 @@ def unit_settings(unit: Path) -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+@pytest.mark.parametrize("unit", DAEMONS, ids=lambda u: u.name)
 def test_hardening_present(unit):
     s = unit_settings(unit)
     expected = {
@@ -132,3 +137,20 @@ def test_python_runs_under_memory_deny_write_execute(tmp_path):
         pytest.skip(f"kernel has no PR_SET_MDWE: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(re.findall(r": (SPAM|HAM|UNSURE) score=", proc.stdout)) == 12
+
+
+def test_the_queue_helper_is_root_behind_a_group_only_socket(tmp_path):
+    socket = ROOT / "systemd" / "atlas-milter-queue.socket"
+    s, sock = unit_settings(ROOT / "systemd" / "atlas-milter-queue.service"), unit_settings(socket)
+    assert sock["ListenStream"] == ["/run/atlas-milter-queue.sock"]
+    assert sock["SocketGroup"] == ["atlas-milter"] and sock["SocketMode"] == ["0660"]
+    assert s["ExecStart"] == ["/usr/local/bin/atlas-milter queue-helper"] and "User" not in s
+    for key, value in {"PrivateNetwork": "yes", "RestrictAddressFamilies": "AF_UNIX", "ProtectSystem": "strict",
+                       "NoNewPrivileges": "yes", "ProtectHome": "yes", "MemoryDenyWriteExecute": "yes"}.items():
+        assert s[key] == [value], key
+    assert "CAP_SYS_ADMIN" not in s["CapabilityBoundingSet"][0]
+    analyze = require_binary("systemd-analyze")
+    proc = subprocess.run([analyze, "verify", str(socket)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    output = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines()
+                       if "atlas-milter-queue.service" not in line)  # the service is verified with its binary above
+    assert proc.returncode in (0, 1) and not output.strip(), output

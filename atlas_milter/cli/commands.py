@@ -1,5 +1,5 @@
 """The commands that work on mail, models and the database: classify, train, learn, eval,
-demo, migrate, stats, history, explain, quarantine, check-config, bench. Each parses nothing itself and
+demo, migrate, stats, history, explain, quarantine, queue-helper, check-config, bench. Each parses nothing itself and
 makes one library call."""
 
 from __future__ import annotations
@@ -254,6 +254,22 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         if outcome.action == quarantine.RELEASE_LEARN:
             print("a running milter uses the updated model after a reload (systemctl reload atlas-milter)",
                   file=sys.stderr)
+    return 0
+
+
+def cmd_queue_helper(args: argparse.Namespace) -> int:
+    import threading
+
+    from atlas_milter import queue_helper, signals
+    from atlas_milter.cli.common import _setup_logging
+    from atlas_milter.quarantine import direct_queue
+
+    config = _load_config(args)
+    _setup_logging(args.log_level or config.log_level)
+    stop = threading.Event()
+    signals.handle(signals.STOP_SIGNALS, lambda *_: stop.set())
+    with queue_helper.listening_socket(args.socket or "", args.socket_group) as sock:
+        queue_helper.serve(direct_queue(config), sock, stop)
     return 0
 
 

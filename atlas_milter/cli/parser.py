@@ -21,6 +21,7 @@ from atlas_milter.cli.commands import (
     cmd_history,
     cmd_explain,
     cmd_quarantine,
+    cmd_queue_helper,
     cmd_check_config,
     cmd_bench,
 )
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body", action="store_true", help="show: print the body too")
     p.add_argument("--postfix-config", metavar="DIR", help="a Postfix instance's config directory (postsuper -c DIR)")
     p.set_defaults(func=cmd_quarantine)
+    p = sub.add_parser("queue-helper", parents=[common],
+                       help="(root) run the MTA's queue tools for the console of a daemon that is not root")
+    p.add_argument("--socket", metavar="PATH", help="listen here (systemd's atlas-milter-queue.socket passes its own)")
+    p.add_argument("--socket-group", metavar="GROUP", default="", help="the group that may connect (mode 0660)")
+    p.set_defaults(func=cmd_queue_helper)
 
     p = sub.add_parser("bench", parents=[common], help="measure the optimised pipeline against the plain path")
     mode = p.add_mutually_exclusive_group()
@@ -188,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo" and not args.db:
         args.db = "atlas-demo.db"
-    if args.command not in ("milter", "idle"):  # the daemons run their own shutdown
+    if args.command not in ("milter", "idle", "queue-helper"):  # the daemons run their own shutdown
         signals.handle(signals.INTERRUPT_SIGNALS, _raise_stopped)
     try:
         _setup_logging(args.log_level or "warning")
