@@ -214,7 +214,6 @@ class Console:
         if as_json:
             return _json(row)
         score = f"{row['score']:.3f}" if isinstance(row.get("score"), (int, float)) else "not scored"
-        elapsed = f"{row['elapsed_ms']:.1f} ms" if isinstance(row.get("elapsed_ms"), (int, float)) else "-"
         items = [
             ("time (UTC)", row.get("created_at")),
             ("front door", f"{history.front_door(row)}  {history.where(row)}"),
@@ -232,8 +231,7 @@ class Console:
                                                     "failures are noted; a rule applying to every recipient is not)"),
             ("reference", row.get("ref") or "-"),
             ("error", row.get("error") or "-"),
-            ("time taken", f"{elapsed} in all (parse and classify; cache hit: {'yes' if row.get('cache_hit') else 'no'});"
-                           " per-stage times are on /performance"),
+            ("time taken", history.time_taken(row)),
         ]
         dl = "".join(f'<dt>{esc(k)}</dt><dd data-field="{esc(k)}">{esc(v)}</dd>' for k, v in items)
         reasons = "".join(f'<tr><td class="num">{w:+.3f}</td><td>{esc(n)}</td></tr>' for n, w in row["reasons"])

@@ -184,6 +184,19 @@ def cutoffs_text(row: dict[str, Any]) -> str:
             " (the scorer's; a per-recipient rule of the milter may apply its own)")
 
 
+def time_taken(row: dict[str, Any]) -> str:
+    """How long the decision took, and each stage where the record says (migration 0008)."""
+    total = f"{row['elapsed_ms']:.1f} ms" if isinstance(row.get("elapsed_ms"), (int, float)) else "-"
+    try:
+        stages = json.loads(row.get("stage_ms") or "{}")
+        parts = [f"{name} {float(ms):.2f} ms" for name, ms in stages.items()]
+    except (TypeError, ValueError, AttributeError):
+        parts = []
+    if not parts:
+        return f"{total}  (cache hit: {'yes' if row.get('cache_hit') else 'no'}; stages not recorded)"
+    return f"{total}: {', '.join(parts)}"
+
+
 def explain_lines(row: dict[str, Any]) -> list[str]:
     def line(name: str, value: object) -> str:
         return f"{name:14}{terminal_safe(value)}"
@@ -208,8 +221,7 @@ def explain_lines(row: dict[str, Any]) -> list[str]:
     ]
     if row.get("error"):
         lines.append(line("error", row["error"]))
-    timing = f"{row['elapsed_ms']:.1f} ms" if isinstance(row.get("elapsed_ms"), (int, float)) else "-"
-    lines.append(line("elapsed", f"{timing}  (cache hit: {'yes' if row.get('cache_hit') else 'no'})"))
+    lines.append(line("elapsed", time_taken(row)))
     lines.append(line("reasons", f"{len(row['reasons'])}" if row["reasons"] else "none recorded"))
     lines += [f"  {weight:+8.3f}  {terminal_safe(name)}" for name, weight in row["reasons"]]
     return lines

@@ -57,6 +57,7 @@ COLUMNS = (
     "elapsed_ms",
     "error",
     "note",
+    "stage_ms",  # JSON: where the time went, e.g. {"parse": 0.4, "classify": 0.2, "rest": 0.1} (0008)
     "spam_cutoff",  # the cutoffs the verdict was given with (NULL: not scored, or written before 0006)
     "ham_cutoff",
     "created_at",  # filled with the current UTC time when missing

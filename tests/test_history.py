@@ -245,6 +245,11 @@ def test_a_milter_reject_is_found_by_the_reference_in_its_550_reply(capsys, tmp_
     assert fields["reference"] == ref and fields["recipients"] == "2"
     assert fields["score"].startswith("0.9") and fields["score"].endswith("verdict spam")
     assert fields["model"].startswith("default-")
+    # Where the time went (migration 0008): parse, classify and the rest add up to the total.
+    m = re.fullmatch(r"(\d+\.\d) ms: parse (\d+\.\d\d) ms, classify (\d+\.\d\d) ms, rest (\d+\.\d\d) ms",
+                     fields["elapsed"])
+    assert m, fields["elapsed"]
+    assert sum(map(float, m.groups()[1:])) == pytest.approx(float(m.group(1)), abs=0.1)
     # The cutoffs the verdict was given with (migration 0006): the shipped model's own here.
     from atlas_milter.classifier import load_model
 

@@ -188,4 +188,5 @@ def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quara
     assert status == 303
     status, _, page = browser.request("GET", headers["Location"])
     assert fields(page)["action"] == "reject" and fields(page)["reference"] == ref
+    assert re.fullmatch(r"\d+\.\d ms: parse [\d.]+ ms, classify [\d.]+ ms, rest [\d.]+ ms", fields(page)["time taken"])
     assert re.search(r'<td class="num">\+\d\.\d{3}</td><td>', page)
