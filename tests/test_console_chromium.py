@@ -126,3 +126,31 @@ def test_hostile_subjects_render_inert_on_every_page(console_server, tmp_path):
     dom = open_page(chromium, tmp_path, srv, f"/quarantine/{queue_ids[0]}", "held.png")
     assert_inert(dom, scripts=0)
     assert "Claim your $1,000,000 prize now!" in dom  # show_bodies = true: the body, as text
+
+
+def test_the_first_history_page_updates_itself(console_server, tmp_path):
+    """A decision recorded after the page loaded appears without a reload: the script's
+    poll of /history.json picks it up (the server records it right after the first poll)."""
+    chromium = require_binary("chromium")
+    srv, _ = console_server
+    console = srv.httpd.RequestHandlerClass.console
+    first_poll = console.history_data
+    polls = []
+
+    def history_data(q):
+        data = first_poll(q)
+        polls.append(len(data["rows"]))
+        if len(polls) == 1:  # the page has its first rows: now a new decision arrives
+            from atlas_milter.store import DirectRecordWriter
+
+            writer = DirectRecordWriter(console.db)
+            writer.add_email_record({"source": "milter", "queue_id": "4QLATE0001", "subject": "arrived later",
+                                     "score": 0.01, "verdict": "ham", "action": "tag"})
+            writer.close()
+        return data
+
+    console.history_data = history_data
+    dom = open_page(chromium, tmp_path, srv, "/history", "history-live.png")
+    assert len(polls) >= 2, polls
+    rows = re.findall(r'<tr data-id="(\d+)"', dom)
+    assert rows[0] == str(len(HOSTILE_HEADERS) + 1) and "arrived later" in dom
