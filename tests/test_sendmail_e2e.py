@@ -2,23 +2,29 @@
 subprocess on a unix socket) → relay to smtp-sink. Sendmail is the Debian build, extracted into
 .cache/sendmail/root by scripts/bootstrap.sh --system (it cannot be installed beside Postfix), and
 the milter is wired in with the very lines of conf/sendmail.mc. Corpus spam is tagged, rejected
-with 550 or quarantined by policy (`mailq -qQ` lists it, `sendmail -qQ -qI<id>` releases it), the
+with 550 or quarantined by policy (`mailq -qQ` lists it, `sendmail -qQ -qI<id>` releases it, and
+so do atlas_milter.quarantine's release and delete, beside each message's decision), the
 verdict rows match what the client and the sink saw, and a killed milter gives F=T's tempfail."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.support.requirements import start_or_fail
-from tests.support.servers import REPO_ROOT, private_tmpdir, SendmailInstance, wait_until
+from tests.support.servers import REPO_ROOT, find_binary, private_tmpdir, SendmailInstance, wait_until
 from tests.support.corpus import load_corpus, pick
 from tests.support.milter_process import db_rows, MilterProcess
 from tests.support.smtp import TOKEN_HEADER, header, new_token, send_one, with_token
+
+from atlas_milter import quarantine
+from atlas_milter.config import load_config
+from atlas_milter.mta_queue import SendmailQueue
 
 pytestmark = pytest.mark.integration
 
@@ -195,6 +201,25 @@ def test_corpus_spam_quarantined_in_sendmail_queue(mta, workdir, messages):
     wait_until(lambda: {p.name[2:] for p in mta.queued()} == set(rest), timeout=10,
                what=f"{first} gone from the queue, the others still held", logs=(mta.traffic_log,))
     assert all(p.name.startswith("hf") for p in mta.queued())
+
+    # atlas-milter's own quarantine ([quarantine] mta = "sendmail"): each held message beside
+    # the decision that held it; one released by its reference, one deleted by its queue id.
+    config = load_config(None, {"store.db": str(proc.db), "quarantine.mta": "sendmail"}, env={})
+    in_uts = [find_binary("unshare"), "--uts", "sh", "-c", f'hostname {mta.HOSTNAME} && exec "$@"', "sh"]
+    queue = SendmailQueue(str(mta.cf_path), str(mta.queue_dir), in_uts, sendmail=str(mta.binary))
+    entries = {e.held.queue_id: e for e in quarantine.entries(config, queue)}
+    assert set(entries) == set(rest)
+    assert all(e.decision["action"] == "quarantine" and e.ref and e.ref in e.held.reason for e in entries.values())
+    release, delete, *kept = sorted(rest)
+    before = set(sunk_tokens(mta))
+    quarantine.release(config, queue, entries[release].ref, "e2e-admin")
+    wait_until(lambda: len(sunk_tokens(mta) - before) == 1, timeout=30, what=f"released {release} at the sink",
+               proc=mta.proc, logs=(mta.traffic_log,))
+    quarantine.delete(config, queue, delete, "e2e-admin")
+    wait_until(lambda: {p.name[2:] for p in mta.queued()} == set(kept), timeout=10,
+               what="the released and the deleted one gone from the queue", logs=(mta.traffic_log,))
+    time.sleep(1)
+    assert len(sunk_tokens(mta) - before) == 1  # the deleted one never arrives
 
 
 def test_killed_milter_tempfails_with_f_t(mta, workdir, messages):
