@@ -19,8 +19,6 @@ Must not: query the database itself (history.py, queries.py), talk to the MTA it
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
 import json
 import logging
@@ -33,16 +31,17 @@ from atlas_milter import history, queries, quarantine
 from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError
 from atlas_milter.mta_queue import HoldQueue
-from atlas_milter.verdict import format_reasons
+from atlas_milter.performance_page import csp_hash
+from atlas_milter.verdict import Action, format_reasons
 
 log = logging.getLogger(__name__)
 
 PAGE_ROWS = 50
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+_UNSAFE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{history.REORDERING}]")  # history's, but tabs and line ends kept
 _DECISION_PATH = re.compile(r"^/decision/(\d{1,18})(\.json)?$")
 _QUARANTINE_PATH = re.compile(r"^/quarantine/([0-9A-Za-z]{5,32})(?:/(release|learn|delete))?$")
 VERDICTS = ("", "spam", "unsure", "ham", "unchecked")
-ACTIONS = ("", "tag", "reject", "quarantine", "discard", "tempfail", "accept", "move", "flag", "none", "skipped")
+ACTIONS = ("", *(a.value for a in Action))
 
 
 def visible(text: object) -> str:
@@ -54,10 +53,6 @@ def visible(text: object) -> str:
 def esc(text: object) -> str:
     """`visible(text)` safe inside HTML text and quoted attributes."""
     return html.escape(visible(text), quote=True)
-
-
-def _hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
 @dataclass(frozen=True)
@@ -318,7 +313,7 @@ class Console:
                f'content="width=device-width, initial-scale=1"><title>atlas-milter &middot; {esc(title)}</title>'
                f'<style>{STYLE}</style></head><body><header><h1>atlas-milter &middot; {esc(title)}</h1>{nav}</header>'
                f'<main>{body}</main>{f"<script>{script}</script>" if script else ""}</body></html>')
-        csp = (f"default-src 'none'; style-src {_hash(STYLE)}; script-src {_hash(script) if script else chr(39) + 'none' + chr(39)}; "
+        csp = (f"default-src 'none'; style-src {csp_hash(STYLE)}; script-src {csp_hash(script) if script else chr(39) + 'none' + chr(39)}; "
                "connect-src 'self'; img-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
         return Page(200, doc.encode(), headers={"Content-Security-Policy": csp})
 

@@ -32,7 +32,8 @@ _SINCE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # C0 and C1 controls, DEL, and the characters that reorder or hide text on a terminal:
 # bidi embeddings/overrides/isolates, directional marks, zero-width and BOM characters.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+REORDERING = "\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"  # a character class's inside
+_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{REORDERING}]")
 _REF = re.compile(r"(?:^|;\s*)ref=([0-9A-Za-z]+)\s*$")
 
 

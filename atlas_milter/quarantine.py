@@ -124,12 +124,13 @@ def _record(config: Config, actor: str, action: str, entry: Entry, outcome: str,
 
 @contextlib.contextmanager
 def _audited(config: Config, actor: str, action: str, entry: Entry) -> Iterator[list[str]]:
-    """Run an action; record it as done (with the detail the block appends) or as failed."""
+    """Run an action; record it as done (with the detail the block appends) or as failed
+    (with what was done before the failure: a release-and-learn may have released)."""
     details: list[str] = []
     try:
         yield details
     except AtlasError as exc:
-        _record(config, actor, action, entry, "failed", str(exc))
+        _record(config, actor, action, entry, "failed", "; ".join([*details, str(exc)]))
         raise
     _record(config, actor, action, entry, "done", "; ".join(details))
 
