@@ -340,7 +340,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._send(HTTPStatus.BAD_REQUEST, b"bad Content-Length\n", "text/plain; charset=utf-8", False)
+            return
         form = parse_qs(self.rfile.read(min(length, MAX_FORM_BYTES)).decode("utf-8", "replace")) if length > 0 else {}
         if length > MAX_FORM_BYTES:
             self.close_connection = True
@@ -354,7 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.FORBIDDEN, b"cross-site request refused (reload the page and try again)\n",
                        "text/plain; charset=utf-8", False)
             return
-        self._send_page(self.console.post(url.path, caller), head=False)
+        self._send_page(lambda: self.console.post(url.path, caller), head=False)
 
     # -- the console's access rules ------------------------------------------------------------
     # Every console page and action needs the token (Authorization: Bearer, or once as
@@ -403,9 +410,19 @@ class _Handler(BaseHTTPRequestHandler):
         if (self.headers.get("Sec-Fetch-Site") or "same-origin") not in ("same-origin", "none"):
             return False
         origin = self.headers.get("Origin")
-        return origin is None or urlsplit(origin).netloc == (self.headers.get("Host") or "")
+        # Behind a reverse proxy the browser's host may arrive as X-Forwarded-Host instead.
+        hosts = {self.headers.get("Host") or "", *(self.headers.get("X-Forwarded-Host") or "").split(",")}
+        return origin is None or urlsplit(origin).netloc in {h.strip() for h in hosts if h.strip()}
 
-    def _send_page(self, page: Any, head: bool) -> None:
+    def _send_page(self, build: Callable[[], Any], head: bool) -> None:
+        """Send the console page `build()` makes; a bug there is a logged 500, not a dropped connection."""
+        try:
+            page = build()
+        except Exception:
+            log.exception("http: building %s failed", self.path.split("?")[0])
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error (see the daemon's log)\n",
+                       "text/plain; charset=utf-8", head)
+            return
         self._send(HTTPStatus(page.status), page.body, page.content_type, head, page.headers)
 
     def _respond(self, head: bool) -> None:
@@ -413,7 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.console is not None and self.console.handles(url.path):
             caller = self._console_caller(url, head)
             if caller is not None:
-                self._send_page(self.console.get(url.path, parse_qs(url.query), caller), head)
+                self._send_page(lambda: self.console.get(url.path, parse_qs(url.query), caller), head)
             return
         if not self._allowed(url.query):
             return

@@ -248,3 +248,30 @@ def test_our_verdict_headers_are_taken_off_before_learning():
 
     raw = b"Subject: a\nX-Atlas-Reasons: x,\n  y\nX-Spam-Flag: YES\nTo: b\n\nX-Atlas-Verdict: in the body stays\n"
     assert strip_our_headers(raw) == b"Subject: a\nTo: b\n\nX-Atlas-Verdict: in the body stays\n"
+
+
+def test_broken_requests_and_page_bugs_are_answered_not_dropped(tmp_path, site, monkeypatch):
+    db, queue = site
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with start(tmp_path, db, queue) as srv:
+        status, _, body = request(srv, "POST", "/quarantine/4QAAA00000/release", {**auth, "Content-Length": "x"})
+        assert status == 400 and b"Content-Length" in body
+        console = srv.httpd.RequestHandlerClass.console
+        monkeypatch.setattr(console, "history_data", lambda q: 1 / 0)
+        status, _, body = request(srv, "GET", "/history.json", auth)
+        assert status == 500 and b"internal error" in body
+        assert request(srv, "GET", "/history", auth)[0] == 200  # the server goes on
+    assert queue.released == []
+
+
+def test_a_proxy_that_rewrites_host_keeps_same_origin_posts_working(tmp_path, site):
+    db, queue = site
+    with start(tmp_path, db, queue, token="", auth_header="X-Remote-User") as srv:
+        _, _, page = request(srv, "GET", "/quarantine", {"X-Remote-User": "bob"})
+        fields = urlencode({"csrf": csrf_of(page)})
+        proxied = {"X-Remote-User": "bob", "Content-Type": "application/x-www-form-urlencoded",
+                   "Origin": "https://mail-admin.example.org", "X-Forwarded-Host": "mail-admin.example.org"}
+        assert request(srv, "POST", "/quarantine/4QAAA00004/release", proxied, fields)[0] == 303
+        proxied["Origin"] = "https://evil.example"
+        assert request(srv, "POST", "/quarantine/4QAAA00001/release", proxied, fields)[0] == 403
+    assert queue.released == ["4QAAA00004"]
