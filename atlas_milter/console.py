@@ -263,10 +263,10 @@ class Console:
             d = e.decision or {}
             score = f"{d['score']:.3f}" if isinstance(d.get("score"), (int, float)) else "-"
             link = f'<a href="/decision/{d["id"]}">{esc(e.ref or d["id"])}</a>' if d else "no decision recorded"
-            rows.append(f'<tr data-queue-id="{esc(e.held.queue_id)}"><td><a href="/quarantine/{esc(e.held.queue_id)}">'
+            rows.append(f'<tr data-queue-id="{esc(e.held.queue_id)}"><td class="id"><a href="/quarantine/{esc(e.held.queue_id)}">'
                         f'{esc(e.held.queue_id)}</a></td><td>{esc(quarantine.utc_time(e.held.arrival))}</td>'
                         f'<td>{esc(e.held.sender or "<>")}</td><td>{esc(", ".join(e.held.recipients))}</td>'
-                        f'<td>{esc(d.get("subject") or "")}</td><td class="num">{esc(score)}</td><td>{link}</td>'
+                        f'<td>{esc(d.get("subject") or "")}</td><td class="num">{esc(score)}</td><td class="id">{link}</td>'
                         f'<td>{esc(format_reasons(d.get("reasons") or [], history.TOP_REASONS))}</td>'
                         f'<td>{self._buttons(e.held.queue_id, caller)}</td></tr>')
         table = ('<table id="held"><thead><tr><th>queue id</th><th>held since (UTC)</th><th>sender</th>'
@@ -329,6 +329,8 @@ table { border-collapse: collapse; width: 100%; margin-top: 10px; background: #f
 th, td { padding: 5px 8px; text-align: left; border-bottom: 1px solid #edf0f5; vertical-align: top; overflow-wrap: anywhere; }
 th { font-size: 12px; text-transform: uppercase; color: #667085; background: #fafbfd; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th, td.num, td.id { white-space: nowrap; overflow-wrap: normal; }
+#reasons th:first-child { width: 7em; }
 tr[data-verdict="spam"] td:nth-child(9) { color: #c8362d; font-weight: 600; }
 tr[data-verdict="ham"] td:nth-child(9) { color: #16803c; }
 .filters { display: inline-flex; gap: .8em; margin: 0 1.5em 6px 0; align-items: center; }

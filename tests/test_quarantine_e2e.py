@@ -1,7 +1,8 @@
 """The quarantine and the console end to end: a real Postfix, the milter (a real subprocess)
 with spam_action = "quarantine" and its console on HTTP. Spam sent through Postfix lands in
 the hold queue; the command line and the pages find each message by its reference and show
-its reasons; one is released from the page and delivered exactly once, one is released and
+its reasons (headless Chromium renders the quarantine and a decision, screenshots kept); one
+is released from the page (the form's POST, with its CSRF token) and delivered exactly once, one is released and
 learned as ham from the page (the milter reloads onto the new model and the same message
 then scores ham), one is deleted from the command line and never delivered. Then the
 milter is reloaded with spam_action = "reject", and a refused message is found by the
@@ -11,16 +12,20 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
+from tests.support.requirements import require_binary
+from tests.test_web_chromium import run_chromium
 from tests.support.milter_process import MilterProcess, milter_workdir, unix_spec, wait_milter_active
 from tests.support.servers import free_port, wait_until
 from tests.support.smtp import new_token, send_one, with_token
@@ -70,6 +75,19 @@ class Browser:
         return result
 
 
+def chromium_page(chromium: str, tmp_path: Path, port: int, path: str, shot: str) -> str:
+    """The page as headless Chromium renders it (logged in with ?token=), and a screenshot
+    of it in $ATLAS_ARTEFACTS (else the test's tmp dir)."""
+    url = f"http://127.0.0.1:{port}{path}?token={TOKEN}"
+    proc = run_chromium(chromium, tmp_path, url, "--dump-dom")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shots = Path(os.environ.get("ATLAS_ARTEFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    run_chromium(chromium, tmp_path, url, "--hide-scrollbars", "--window-size=1400,900", f"--screenshot={shots / shot}")
+    assert (shots / shot).stat().st_size > 10_000
+    return proc.stdout
+
+
 def fields(page: str) -> dict[str, str]:
     return dict(re.findall(r'<dd data-field="([^"]+)">([^<]*)</dd>', page))
 
@@ -94,7 +112,7 @@ def quarantining(postfix, tmp_path):
             subprocess.run(["postsuper", "-c", str(postfix.conf_dir), "-d", qid], capture_output=True)
 
 
-def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quarantining):
+def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quarantining, tmp_path):
     proc, port = quarantining
     tokens = {}
     for name in SPAM:
@@ -134,6 +152,16 @@ def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quara
     csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
     for entry in listed:
         assert f'data-queue-id="{entry["queue_id"]}"' in page
+
+    # The same two pages in headless Chromium (screenshots kept): each held message with its
+    # reference and strongest reason, and the decision with every reason.
+    chromium = require_binary("chromium")
+    dom = chromium_page(chromium, tmp_path, port, "/quarantine", "quarantine-postfix.png")
+    for entry in listed:
+        row = re.search(rf'<tr data-queue-id="{entry["queue_id"]}">.*?</tr>', dom, re.S).group(0)
+        assert entry["ref"] in row and entry["reasons"][0][0] in row
+    dom = chromium_page(chromium, tmp_path, port, f"/decision/{release['decision_id']}", "decision-postfix.png")
+    assert len(re.findall(r'<td class="num">[+-]\d\.\d{3}</td>', dom)) == len(release["reasons"])
 
     # Release from the page: delivered, exactly once.
     status, headers, _ = browser.request("POST", f"/quarantine/{release['queue_id']}/release", {"csrf": csrf})
