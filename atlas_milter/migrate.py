@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -87,13 +88,30 @@ def connect(db_path: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, che
     except sqlite3.Error as exc:
         raise store_error(db_path, exc) from None
     try:
-        conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        _use_wal(conn, busy_timeout)
         # FULL: a COMMIT is on disk when it returns; flush_all() promises exactly that.
         conn.execute("PRAGMA synchronous=FULL")
     except sqlite3.Error as exc:
         conn.close()
         raise store_error(db_path, exc) from None
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """Put the database in WAL mode (it stays so: a file in WAL mode needs nothing). Switching
+    needs the database to itself, and SQLite answers "locked" at once, without waiting
+    out the busy timeout, when another process has it open in a transaction: several
+    daemons starting on a new database at once. So retry until the busy timeout."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc).lower() or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def connect_readonly(db_path: str | Path, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> sqlite3.Connection:

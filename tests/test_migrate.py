@@ -329,3 +329,31 @@ def test_rows_are_not_adopted_while_another_account_has_rows_unless_the_admin_sa
     assert adopt_unowned_imap_rows(db, "alice") == 0
     assert main(["migrate", "--db", str(db), "--legacy-account", "alice"]) == 0
     assert accounts(db) == [[("alice",), (None,)], [("alice",), ("bob",)], [("alice",)]]
+
+
+def _apply_after(barrier, db, results) -> None:
+    barrier.wait()
+    try:
+        migrate.apply_migrations(db)
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which fails on it
+        results.put(repr(exc))
+
+
+def test_daemons_starting_together_on_a_new_database_all_start(tmp_path):
+    """Several processes opening a database that does not exist yet, at the same instant (two
+    IMAP listeners, a milter and a listener at boot): each gets through, and each migration is
+    applied once. Switching to WAL used to fail at once with "locked" for all but one."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(8):
+        db = tmp_path / f"new-{attempt}.db"
+        results, barrier = ctx.Queue(), ctx.Barrier(4)
+        procs = [ctx.Process(target=_apply_after, args=(barrier, db, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 4, attempt
+        assert recorded(db) == list(range(1, len(ALL_NAMES) + 1))
