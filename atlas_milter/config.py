@@ -151,6 +151,30 @@ class HttpConfig:
         return host, int(port)
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: learning shared between hosts through Redis (atlas_milter/cluster_sync.py)."""
+
+    redis: str = ""  # redis://HOST:PORT/DB (rediss:// for TLS); "" and no sentinels = off
+    sentinels: tuple[str, ...] = ()  # ["HOST:PORT", ...] of Redis Sentinels watching `sentinel_service`
+    sentinel_service: str = "atlas"
+    password_file: str = ""  # or ATLAS_REDIS_PASSWORD, or the systemd credential redis-password
+    host: str = ""  # this host's name in the shared stream ("" = the machine's host name)
+    key_prefix: str = "atlas"  # keys are {PREFIX}:learn and {PREFIX}:seen (one hash tag: Redis Cluster works)
+    timeout: float = 0.25  # seconds any Redis call may take before Redis counts as down
+    cooldown: float = 1.0  # seconds the breaker keeps calls away after a failure
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.cooldown <= 0:
+            raise ConfigError("config: [cluster] timeout and cooldown must be positive (seconds)")
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"config: [cluster] redis: {self.redis.split('@')[-1]!r}: use redis://HOST:PORT/DB")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis or self.sentinels)
+
+
 QUARANTINE_MTAS = ("postfix", "sendmail")
 
 
@@ -356,6 +380,7 @@ class Config:
     imap: ImapConfig = field(default_factory=ImapConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if self.log_level not in ("debug", "info", "warning", "error"):

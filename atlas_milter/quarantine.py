@@ -1,7 +1,7 @@
 """Owns the admin's quarantine: the messages the milter put on hold, each beside the
 decision that held it, and what an admin does with one: show it, release it, release it
 and learn it as ham, delete it. Every action is recorded (quarantine_actions, through
-store.py) and logged with who did it and how it ended. `atlas-milter quarantine` and the
+journal.py) and logged with who did it and how it ended. `atlas-milter quarantine` and the
 console's /quarantine page both come here.
 
 Learning goes through learning.py into the model file learning writes (the milter runs
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from atlas_milter import queries, store
+from atlas_milter import journal, queries
 from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError
 from atlas_milter.history import TOP_REASONS, explain_lines, reasons_of, reference, terminal_safe
@@ -116,7 +116,7 @@ def _record(config: Config, actor: str, action: str, entry: Entry, outcome: str,
     decision_id = entry.decision["id"] if entry.decision else None
     log.info("quarantine: %s %s %s by %s: %s", action, entry.held.queue_id, outcome, actor, detail)
     try:
-        store.add_quarantine_action(config.store.db, {"actor": actor, "action": action, "queue_id": entry.held.queue_id,
+        journal.add_quarantine_action(config.store.db, {"actor": actor, "action": action, "queue_id": entry.held.queue_id,
                                                       "decision_id": decision_id, "outcome": outcome, "detail": detail})
     except AtlasError as exc:  # the action happened; say that its record did not
         log.error("quarantine: recording %s of %s failed: %s", action, entry.held.queue_id, exc)
@@ -165,7 +165,7 @@ def release_and_learn(config: Config, queue: HoldQueue, key: str, actor: str) ->
         before, after = learn_ham(config, raw, path)
         details.append(f"learned as ham into {path}: score {before:.3f} -> {after:.3f}")
         decision = entry.decision or {}
-        store.add_learning_event(config.store.db, {
+        journal.add_learning_event(config.store.db, {
             "source": "quarantine", "message_id": decision.get("message_id"), "sender_domain": decision.get("sender_domain"),
             "label": "ham", "previous_verdict": decision.get("verdict"), "previous_score": decision.get("score"),
             "note": f"queue id {entry.held.queue_id}, by {actor}"})

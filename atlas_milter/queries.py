@@ -6,12 +6,13 @@ has learned).
 Threads: each call opens its own short-lived read-only connection (WAL: readers never
 block the writer), so any thread may call anything here.
 
-Must not: write (every write goes through `store.py`), build SQL from values, or know
+Must not: write (every write goes through `store.py` or `journal.py`), build SQL from values, or know
 what an adapter does with the answers: action names come in as parameters.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from dataclasses import dataclass
@@ -291,3 +292,11 @@ def quarantine_actions(db_path: str | Path, limit: int = 20, queue_id: str | Non
         return _read(db_path, lambda conn: _rows(conn, sql, params))
     except AtlasError:  # the table comes with migration 0007: nothing recorded before it
         return []
+
+
+def outbox_events(db_path: str | Path) -> list[Any]:
+    """The learn events waiting for Redis, oldest first (cluster_sync.py)."""
+    from atlas_milter.learn_events import LearnEvent
+
+    rows = _lookup(db_path, "SELECT event FROM cluster_outbox ORDER BY created_at, event_id", ())
+    return [LearnEvent.from_fields(json.loads(event)) for (event,) in rows]

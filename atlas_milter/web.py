@@ -33,7 +33,6 @@ import time
 from collections import deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Callable, Mapping
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -243,27 +242,9 @@ class PerformanceServer:
 def read_token(http: Any, env: Mapping[str, str] | None = None) -> str:
     """The [http] token: `token`, else the file `token_file`, else ATLAS_HTTP_TOKEN, else
     the systemd credential http-token; "" when none is given."""
-    env = os.environ if env is None else env
-    if http.token:
-        return http.token
-    if http.token_file:
-        try:
-            token = Path(http.token_file).expanduser().read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise AtlasError(f"[http] token_file {http.token_file}: {exc.strerror or exc}") from None
-        if not token:
-            raise AtlasError(f"[http] token_file {http.token_file} is empty")
-        return token
-    if env.get(TOKEN_ENV):
-        return env[TOKEN_ENV].strip()
-    if env.get("CREDENTIALS_DIRECTORY"):
-        try:
-            return (Path(env["CREDENTIALS_DIRECTORY"]) / TOKEN_CREDENTIAL).read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            return ""
-        except OSError as exc:
-            raise AtlasError(f"systemd credential {TOKEN_CREDENTIAL}: {exc.strerror or exc}") from None
-    return ""
+    from atlas_milter.secrets import read_secret
+
+    return http.token or read_secret(http.token_file, TOKEN_ENV, TOKEN_CREDENTIAL, "[http] token_file", env)
 
 
 def start_http_server(

@@ -1,9 +1,9 @@
-"""queries.py's IMAP lookups and store.py's synchronous writes, against a real SQLite file:
+"""queries.py's IMAP lookups and journal.py (the synchronous writes), against a real SQLite file:
 every key includes the account, since accounts share the database."""
 
 from __future__ import annotations
 
-from atlas_milter import queries, store
+from atlas_milter import journal, queries, store
 from atlas_milter.migrate import apply_migrations
 
 
@@ -20,9 +20,9 @@ def test_the_lookups_of_a_missing_database_are_empty(tmp_path):
 def test_folder_marks_are_per_account_and_never_move_back(tmp_path):
     db = tmp_path / "v.db"
     apply_migrations(db)
-    store.save_folder_mark(db, "Junk", 7, 40, account="work")
-    store.save_folder_mark(db, "Junk", 7, 30, account="work")  # an older look: the mark stays
-    store.save_folder_mark(db, "Junk", 7, 5, account="")
+    journal.save_folder_mark(db, "Junk", 7, 40, account="work")
+    journal.save_folder_mark(db, "Junk", 7, 30, account="work")  # an older look: the mark stays
+    journal.save_folder_mark(db, "Junk", 7, 5, account="")
     assert queries.folder_mark(db, "Junk", 7, account="work") == 40
     assert queries.folder_mark(db, "Junk", 7, account="") == 5
     assert queries.folder_mark(db, "Junk", 7, account="home") is None
@@ -52,7 +52,7 @@ def test_records_and_learning_events_are_looked_up_per_account(tmp_path):
     assert queries.last_record(db, "<a@x>", "dry-run", account="home").action == "flag"
     assert queries.last_record(db, "<b@x>", "dry-run", account="work") is None
     assert queries.last_record(db, "<c@x>", "dry-run", account="work").verdict == "ham"  # the milter's: any account
-    store.add_learning_event(db, {"account": "work", "message_id": "<a@x>", "label": "spam"})
+    journal.add_learning_event(db, {"account": "work", "message_id": "<a@x>", "label": "spam"})
     assert queries.already_learned(db, "<a@x>", "spam", account="work")
     assert not queries.already_learned(db, "<a@x>", "spam", account="home")
     assert not queries.already_learned(db, "<a@x>", "ham", account="work")

@@ -178,7 +178,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             print(f"{row['version']:04d} {row['name']:40} {row['status']} {row.get('applied_at') or ''}")
         return 0
     if args.legacy_account:
-        from atlas_milter.store import adopt_unowned_imap_rows
+        from atlas_milter.journal import adopt_unowned_imap_rows
 
         apply_migrations(db)
         moved = adopt_unowned_imap_rows(db, args.legacy_account, only_if_alone=False)

@@ -1141,3 +1141,93 @@ MAILER(`smtp')dnl
     def queued(self) -> list[Path]:
         """Queue control files still in the queue: qf = waiting, hf = quarantined (held)."""
         return sorted(p for p in self.queue_dir.iterdir() if p.name[:2] in ("qf", "hf"))
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+class RedisInstance(_Server):
+    """Debian's ``redis-server`` on 127.0.0.1:``port``, its data in ``tmpdir``. With ``aof``
+    every write is in the append-only file before the reply (appendfsync always), so a
+    killed server restarts with everything it acknowledged. ``sentinel_of`` (host, port)
+    runs it as a Sentinel watching that primary under the name ``service`` instead."""
+
+    name = "redis"
+
+    def __init__(self, tmpdir: Path | str, port: int | None = None, *, aof: bool = True,
+                 replica_of: tuple[str, int] | None = None, sentinel_of: tuple[str, int] | None = None,
+                 service: str = "atlas") -> None:
+        self.base = Path(tmpdir).resolve()
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.host = LOCALHOST
+        self.port = port or free_port()
+        self.aof = aof
+        self.replica_of = replica_of
+        self.sentinel_of = sentinel_of
+        self.service = service
+        self.log_path = self.base / f"redis-{self.port}.log"
+        self.url = f"redis://{LOCALHOST}:{self.port}/0"
+
+    def _conf(self) -> Path:
+        lines = [f"port {self.port}", f"bind {LOCALHOST}", f"dir {self.base}", "daemonize no", "protected-mode no",
+                 f"logfile {self.log_path}"]
+        if self.sentinel_of:
+            host, port = self.sentinel_of
+            lines += [f"sentinel monitor {self.service} {host} {port} 2",
+                      f"sentinel down-after-milliseconds {self.service} 1000",
+                      f"sentinel failover-timeout {self.service} 3000",
+                      f"sentinel parallel-syncs {self.service} 1"]
+        else:
+            lines += ['save ""', f"dbfilename dump-{self.port}.rdb"]
+            if self.aof:
+                lines += ["appendonly yes", "appendfsync always", f"appenddirname aof-{self.port}"]
+            if self.replica_of:
+                lines.append(f"replicaof {self.replica_of[0]} {self.replica_of[1]}")
+        conf = self.base / f"redis-{self.port}.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def start(self, timeout: float = 30.0) -> "RedisInstance":
+        if self.running:
+            return self
+        argv = [_binary("redis-server"), str(self._conf())]
+        if self.sentinel_of:
+            argv.append("--sentinel")
+        self._launch(argv, self.log_path, self._answers, what=f"redis on {LOCALHOST}:{self.port}",
+                     logs=(self.log_path,), timeout=timeout)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection((LOCALHOST, self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def _ports(self) -> list[tuple[str, int]]:
+        return [("tcp", self.port)]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)  # a frozen server must be able to stop
+            self.proc.send_signal(signal.SIGTERM)
+        self._reap(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, as in a crash."""
+        if self.proc is not None:
+            self.proc.kill()
+            self._reap(timeout=10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the port stays open and every call hangs (a hung server)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)

@@ -18,7 +18,7 @@ from atlas_milter.adapters.imap.connection import account_key
 from atlas_milter.adapters.imap.session import FolderState, ImapSession
 from atlas_milter.config import Config
 from atlas_milter.queries import uids_with_action
-from atlas_milter.store import adopt_unowned_imap_rows
+from atlas_milter.journal import adopt_unowned_imap_rows
 from atlas_milter.verdict import HAM, SPAM, Action
 
 log = logging.getLogger("atlas_milter.adapters.imap")

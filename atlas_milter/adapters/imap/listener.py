@@ -52,7 +52,7 @@ from atlas_milter.notify import sd_notify
 from atlas_milter.pool import ItemError
 from atlas_milter.queries import PriorRecord, already_learned, folder_mark, highest_uid, last_record
 from atlas_milter.reload import run_reload
-from atlas_milter.store import add_learning_event, save_folder_mark
+from atlas_milter.journal import add_learning_event, save_folder_mark
 from atlas_milter.verdict import HAM, SPAM, UNSURE, Action
 
 log = logging.getLogger("atlas_milter.adapters.imap")

@@ -1,0 +1,187 @@
+"""Owns one host's part in shared learning ([cluster]): a learn made here becomes an event
+in the local outbox (durable, in the verdict database), counts on this host at once, and
+is shipped to the shared Redis stream; a background thread reads the stream and applies
+every host's events, in stream order, to this host's `SharedModel`, and hands the daemon a
+new model to score with (`use_model`) whenever it changed.
+
+Redis is never on the per-message path: messages are scored with the model in memory.
+While Redis is down (or hung), learns wait in the outbox and count locally; when it
+returns they are shipped, each exactly once (the publish script's seen-set), and a learn of
+a message another host had learned already is dropped here in favour of that host's.
+
+Threads: one thread ("atlas-cluster") does all shipping, reading and applying; `learn()`
+may be called from any thread (it takes the lock and writes the outbox).
+Must not: score messages, or block a caller on Redis (learn() returns without waiting).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Callable
+
+from atlas_milter import journal, queries
+from atlas_milter.classifier import Model
+from atlas_milter.learn_events import LearnEvent, SharedModel, make_event
+from atlas_milter.monitor import PerformanceMetrics
+from atlas_milter.redis_link import RedisDown, RedisLink
+from atlas_milter.signals import RELOAD_SIGNAL, STOP_SIGNALS, blocked
+
+log = logging.getLogger(__name__)
+
+GAUGE_REDIS_UP = "cluster.redis_up"
+GAUGE_OUTBOX = "cluster.outbox"
+COUNTER_PUBLISHED = "cluster.learns_published"
+COUNTER_DUPLICATE = "cluster.learns_duplicate"
+COUNTER_APPLIED = "cluster.events_applied"
+COUNTER_BAD_ENTRY = "cluster.bad_entries"
+IDLE_WAIT = 0.2  # seconds between tries while Redis is down
+
+
+class ClusterLearning:
+    """Shared learning for one daemon. `base`: the model every host starts from (the
+    configured or shipped one, never a host's own learned file); `use_model(model)`: put a
+    new model in force for the next messages."""
+
+    def __init__(self, link: RedisLink, db: str, base: Model, use_model: Callable[[Model], None],
+                 host: str = "", max_bytes: int = 0, metrics: PerformanceMetrics | None = None) -> None:
+        self.link = link
+        self.db = db
+        self.host = host or socket.gethostname()
+        self.max_bytes = max_bytes
+        self.use_model = use_model
+        self.metrics = metrics or PerformanceMetrics.get_instance()
+        self.shared = SharedModel(base, self.host)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._compiled = base.compiled
+        self._unshipped: dict[str, LearnEvent] = {}  # in the outbox, not yet accepted by Redis
+        for event in queries.outbox_events(db):  # learns a crash left unshipped count again
+            self.shared.add_local(event)
+            self._unshipped[event.event_id] = event
+        self.metrics.set_gauge(GAUGE_OUTBOX, len(self._unshipped))
+
+    # -- the daemon's side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Put the shared model in force (the base and any learns the outbox kept) and start
+        the thread that ships, reads and applies."""
+        with self._lock:
+            self._swap()
+        self._thread = threading.Thread(target=self._run, name="atlas-cluster", daemon=True)
+        with blocked(STOP_SIGNALS | {RELOAD_SIGNAL}):  # signals stay with the daemon's own threads
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def learn(self, raw: bytes, is_spam: bool, cutoffs: tuple[float, float] | None = None) -> tuple[float, float]:
+        """Learn one message here and for every host: (its score before, after) on this host.
+        In force here at once; shipped by the thread."""
+        with self._lock:
+            current = self.shared.model()
+            event, before, after = make_event(current, raw, is_spam, self.max_bytes, self.host, cutoffs)
+            journal.add_outbox_event(self.db, event)
+            self.shared.add_local(event)
+            self._unshipped[event.event_id] = event
+            self._swap()
+        self._wake.set()
+        return before, after
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"host": self.host, "version": self.shared.version, "position": self.shared.position,
+                    "applied": self.shared.applied_count, "outbox": len(self._unshipped),
+                    "waiting_for_stream": len(self.shared.pending),
+                    "redis_up": not self.link.breaker.is_open}
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                shipped = self._ship()
+                changed = self._apply(block=not shipped)
+                self.metrics.set_gauge(GAUGE_REDIS_UP, 1)
+            except RedisDown:
+                self.metrics.set_gauge(GAUGE_REDIS_UP, 0)
+                self._wake.wait(IDLE_WAIT)
+                self._wake.clear()
+                continue
+            except Exception:  # a bug must not end shared learning for this host's run
+                log.exception("cluster: the sync thread failed; retrying")
+                self._stop.wait(1.0)
+                continue
+            if changed:
+                with self._lock:
+                    self._swap()
+
+    def _ship(self) -> bool:
+        """Publish what waits in the outbox; True if anything was shipped."""
+        with self._lock:
+            waiting = list(self._unshipped.values())
+        for event in waiting:
+            entry, first = self.link.publish(event)
+            journal.remove_outbox_event(self.db, event.event_id)
+            with self._lock:
+                self._unshipped.pop(event.event_id, None)
+                if entry or first == event.event_id:  # on the stream (the reply may have been lost before)
+                    self.metrics.incr(COUNTER_PUBLISHED)
+                else:  # another host learned this message first: its event counts, not ours
+                    self.metrics.incr(COUNTER_DUPLICATE)
+                    self.shared.pending.pop(event.event_id, None)
+                    self._swap()
+        with self._lock:
+            self.metrics.set_gauge(GAUGE_OUTBOX, len(self._unshipped))
+        return bool(waiting)
+
+    def _apply(self, block: bool) -> bool:
+        """Apply the stream's new entries; True when the model changed."""
+        changed = False
+        while True:
+            with self._lock:
+                after = self.shared.position
+            entries = self.link.read(after, block=block and not changed)
+            if not entries:
+                return changed
+            with self._lock:
+                for entry_id, data in entries:
+                    try:
+                        event = LearnEvent.from_fields(data)
+                    except ValueError as exc:
+                        self.metrics.incr(COUNTER_BAD_ENTRY)
+                        log.warning("cluster: stream entry %s skipped: %s", entry_id, exc)
+                        self.shared.position = entry_id
+                        continue
+                    self.shared.apply_stream(entry_id, event)
+                    self.metrics.incr(COUNTER_APPLIED)
+                    changed = True
+
+    def _swap(self) -> None:
+        """Put the shared model in force (the caller holds the lock)."""
+        model = self.shared.model()
+        model.compiled = self._compiled
+        model.prepare()
+        self.use_model(model)
+
+
+REDIS_PASSWORD_ENV = "ATLAS_REDIS_PASSWORD"
+REDIS_PASSWORD_CREDENTIAL = "redis-password"
+
+
+def from_config(config: Any, base: Model, use_model: Callable[[Model], None]) -> ClusterLearning | None:
+    """The daemon's shared learning as [cluster] configures it; None when it is off."""
+    from atlas_milter.secrets import read_secret
+
+    cc = config.cluster
+    if not cc.enabled:
+        return None
+    password = read_secret(cc.password_file, REDIS_PASSWORD_ENV, REDIS_PASSWORD_CREDENTIAL, "[cluster] password_file")
+    link = RedisLink(cc.redis, cc.sentinels, cc.sentinel_service, password, cc.key_prefix, cc.timeout, cc.cooldown)
+    return ClusterLearning(link, config.store.db, base, use_model, cc.host, config.classifier.max_bytes)

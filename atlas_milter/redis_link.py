@@ -1,0 +1,169 @@
+"""Owns the connection to the shared Redis (a URL, or a Sentinel-monitored primary) and the
+few commands shared learning needs, each with an explicit short timeout and behind a
+circuit breaker: publishing a learn (one Lua script: the seen-set check and the stream
+append in one step, so the same message learned on three hosts is one event) and reading
+the stream after a position.
+
+All keys share one hash tag (`{atlas}:...` by default), so the script also runs on Redis
+Cluster. redis-py's defaults wait for seconds on a hung server; here every call gives up
+after [cluster] timeout, and after a failure the breaker keeps calls away for a cool-down
+(counted, gauged, logged once per change of state, never per message).
+
+Must not: block the per-message path (nothing here is called while a message is scored)
+or decide what a learn means (learn_events.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from atlas_milter.errors import AtlasError
+from atlas_milter.learn_events import LearnEvent
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] the seen hash, KEYS[2] the stream; ARGV[1] fingerprint:label, ARGV[2] the event id,
+# ARGV[3...] the event's fields. Returns {the new entry's id, ""} or, when that message was
+# learned with that label already (by any host, or by this very event whose reply was
+# lost), {"", the event id that learned it}.
+PUBLISH_LUA = """
+local first = redis.call('HGET', KEYS[1], ARGV[1])
+if first then
+  return {'', first}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+return {redis.call('XADD', KEYS[2], '*', unpack(fields)), ''}
+"""
+BLOCK_S = 0.5  # seconds a stream read waits for new entries
+
+
+class RedisDown(Exception):
+    """Redis is unreachable, hung, or the breaker is open: use the local outbox."""
+
+
+class Breaker:
+    """Closed: calls go through. A failure opens it for `cooldown` seconds (calls fail at
+    once); then one call may try (half-open): success closes it, failure opens it again."""
+
+    def __init__(self, cooldown: float, name: str = "redis") -> None:
+        self.cooldown = cooldown
+        self.name = name
+        self.open_until = 0.0
+        self.is_open = False
+        self.opened = 0  # times it opened (counted)
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            return not self.is_open or time.monotonic() >= self.open_until
+
+    def success(self) -> None:
+        with self._lock:
+            if self.is_open:
+                self.is_open = False
+                log.warning("cluster: %s is back; shipping what waited in the outbox", self.name)
+
+    def failure(self, why: str) -> None:
+        with self._lock:
+            self.open_until = time.monotonic() + self.cooldown
+            if not self.is_open:
+                self.is_open = True
+                self.opened += 1
+                log.warning("cluster: %s unreachable (%s); classifying with the local model, learns wait "
+                            "in the outbox", self.name, why)
+
+
+class RedisLink:
+    """The shared Redis of one host: `publish(event)`, `read(after, block_s)`, `ping()`."""
+
+    def __init__(self, url: str = "", sentinels: tuple[str, ...] = (), service: str = "atlas", password: str = "",
+                 prefix: str = "atlas", timeout: float = 0.25, cooldown: float = 1.0) -> None:
+        if not url and not sentinels:
+            raise AtlasError("[cluster]: give redis = \"redis://HOST:PORT/DB\" or sentinels = [\"HOST:PORT\", ...]")
+        self.timeout = timeout
+        self.client = _client(url, sentinels, service, password, timeout)
+        # A blocking read waits BLOCK_S on purpose: its own connection, with room for that.
+        self.reader = _client(url, sentinels, service, password, BLOCK_S + timeout)
+        where = f"sentinel {','.join(sentinels)} service {service}" if sentinels else url.split("@")[-1]  # no password
+        self.breaker = Breaker(cooldown, f"Redis at {where}")
+        self.stream_key = f"{{{prefix}}}:learn"
+        self.seen_key = f"{{{prefix}}}:seen"
+        self._publish = self.client.register_script(PUBLISH_LUA)
+
+    def _call(self, fn: Any) -> Any:
+        import redis
+
+        if not self.breaker.allow():
+            raise RedisDown("breaker open")
+        try:
+            result = fn()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self.breaker.failure(type(exc).__name__)
+            raise RedisDown(str(exc)) from None
+        except redis.ResponseError as exc:
+            if "READONLY" in str(exc) or "LOADING" in str(exc) or "MASTERDOWN" in str(exc):
+                self.breaker.failure(str(exc).split()[0])  # a replica after a failover, or a restart
+                raise RedisDown(str(exc)) from None
+            raise
+        self.breaker.success()
+        return result
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._call(self.client.ping))
+        except RedisDown:
+            return False
+
+    def publish(self, event: LearnEvent) -> tuple[str, str]:
+        """Append the event to the stream: (its entry id, ""); or, when that message was
+        learned with that label before, ("", the event id that did). RedisDown when Redis
+        cannot take it now."""
+        argv = [f"{event.fingerprint}:{event.label}", event.event_id,
+                *[x for kv in event.fields().items() for x in kv]]
+        entry, first = self._call(lambda: self._publish(keys=[self.seen_key, self.stream_key], args=argv))
+        return entry or "", first or ""
+
+    def read(self, after: str, block: bool = False, count: int = 500) -> list[tuple[str, dict[str, str]]]:
+        """Stream entries after `after` ("0": from the start); with `block`, waiting up to
+        BLOCK_S for the first one."""
+        if block:
+            reply = self._call(lambda: self.reader.xread({self.stream_key: after}, count=count,
+                                                         block=int(BLOCK_S * 1000)))
+        else:
+            reply = self._call(lambda: self.client.xread({self.stream_key: after}, count=count))
+        if not reply:
+            return []
+        entries = next(iter(reply.values()))[0] if isinstance(reply, dict) else reply[0][1]  # RESP3 / RESP2
+        return [(entry_id, data) for entry_id, data in entries]
+
+
+def _client(url: str, sentinels: tuple[str, ...], service: str, password: str, timeout: float) -> Any:
+    """A redis-py client whose every call gives up after `timeout` and is never retried."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel
+
+    # redis-py's default retries a failed call 10 times with a growing back-off: seconds of
+    # stall against a dead or hung server. None here: the breaker and the outbox handle it.
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                               "decode_responses": True, "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+    if password:
+        options["password"] = password
+    if sentinels:
+        sentinel = Sentinel([_host_port(s) for s in sentinels],
+                            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout}, **options)
+        return sentinel.master_for(service, **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise AtlasError(f"[cluster] sentinels: {text!r}: use HOST:PORT")
+    return host.strip("[]"), int(port)

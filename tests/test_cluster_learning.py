@@ -1,0 +1,151 @@
+"""Shared learning between hosts through a real Redis (Debian's redis-server, private, with
+an append-only file): each "host" is a ClusterLearning with its own verdict database and
+model, as in a daemon. A learn on host A reaches host B within a second; the same message
+learned on two hosts is one event; with Redis killed or frozen a learn returns at once,
+counts on its host, waits in the outbox (surviving a restart) and reaches every host
+exactly once after Redis returns; all hosts end with the same weights and version."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+
+import pytest
+
+from tests.support.requirements import require_binary
+from tests.support.servers import RedisInstance, private_tmpdir, wait_until
+
+from atlas_milter.classifier import load_model
+from atlas_milter.cluster_sync import ClusterLearning
+from atlas_milter.message import parse_message
+from atlas_milter.migrate import apply_migrations
+from atlas_milter.redis_link import RedisLink
+
+pytestmark = pytest.mark.integration
+
+SAMPLE = resources.files("atlas_milter").joinpath("data", "sample")
+SPAM = [(SAMPLE / name).read_bytes() for name in ("07-crypto-scam.eml", "09-phishing.eml", "10-lottery.eml")]
+MAX_BYTES = 512 * 1024
+
+
+@pytest.fixture
+def redis_server():
+    require_binary("redis-server")
+    server = RedisInstance(private_tmpdir("atlas-redis-")).start()
+    yield server
+    server.stop()
+
+
+class Host:
+    """One daemon's shared learning, and the model it would score with."""
+
+    def __init__(self, tmp_path, name: str, url: str) -> None:
+        self.db = tmp_path / f"{name}.db"
+        apply_migrations(self.db)
+        self.model = load_model()
+        self.swaps = 0
+
+        def use_model(model):
+            self.model = model
+            self.swaps += 1
+
+        self.cluster = ClusterLearning(RedisLink(url, timeout=0.25, cooldown=0.2), str(self.db), load_model(),
+                                       use_model, host=name, max_bytes=MAX_BYTES)
+        self.cluster.start()
+
+    def score(self, raw: bytes) -> float:
+        return self.model.score(parse_message(raw, MAX_BYTES)).score
+
+    def status(self) -> dict:
+        return self.cluster.status()
+
+
+@pytest.fixture
+def hosts(tmp_path, redis_server):
+    made = [Host(tmp_path, name, redis_server.url) for name in ("mx1", "mx2", "mx3")]
+    yield made
+    for host in made:
+        host.cluster.stop()
+
+
+def converged(hosts) -> bool:
+    states = [h.status() for h in hosts]
+    return len({(s["version"], s["position"]) for s in states}) == 1 and not any(s["outbox"] for s in states)
+
+
+def stream_length(server: RedisInstance) -> int:
+    import redis
+
+    return redis.Redis.from_url(server.url).xlen("{atlas}:learn")
+
+
+def test_a_learn_on_one_host_reaches_the_others_within_a_second(hosts, redis_server):
+    a, b, c = hosts
+    spam = SPAM[0]
+    assert b.score(spam) > 0.9
+    delays = []
+    for raw in SPAM:  # three learns, one after the other, each timed until every host has it
+        t0 = time.monotonic()
+        before, after = a.cluster.learn(raw, is_spam=False)
+        assert before > 0.9 > 0.3 > after  # on host A at once
+        wait_until(lambda: converged(hosts), timeout=5, what="every host at the same stream position")
+        delays.append(time.monotonic() - t0)
+    assert max(delays) <= 1.0, delays
+    for host in (b, c):
+        assert host.score(spam) < 0.3  # the learn changed host B's and C's score for that message
+    assert a.model.weights == b.model.weights == c.model.weights
+    assert a.model.version == b.model.version == c.model.version and "@" in a.model.version
+    assert stream_length(redis_server) == 3
+
+
+def test_the_same_message_learned_on_several_hosts_counts_once(hosts, redis_server):
+    a, b, c = hosts
+    for host in hosts:  # users on three hosts report the same message
+        host.cluster.learn(SPAM[1], is_spam=False)
+    wait_until(lambda: converged(hosts), timeout=5, what="every host at the same stream position")
+    assert stream_length(redis_server) == 1
+    assert a.model.weights == b.model.weights == c.model.weights
+    assert all(h.score(SPAM[1]) < 0.3 for h in hosts)
+
+
+@pytest.mark.parametrize("outage", ["kill", "freeze"])
+def test_learns_during_a_redis_outage_wait_count_locally_and_arrive_once(hosts, redis_server, outage):
+    a, b, c = hosts
+    a.cluster.learn(SPAM[0], is_spam=False)
+    wait_until(lambda: converged(hosts), timeout=5, what="the first learn everywhere")
+    redis_server.kill() if outage == "kill" else redis_server.freeze()
+    t0 = time.monotonic()
+    before, after = a.cluster.learn(SPAM[2], is_spam=False)  # never waits for Redis
+    took = time.monotonic() - t0
+    b.cluster.learn(SPAM[1], is_spam=False)
+    assert took < 0.5, took
+    assert a.score(SPAM[2]) < 0.3 and c.score(SPAM[2]) > 0.9  # in force on A at once, not yet on C
+    wait_until(lambda: all(h.cluster.link.breaker.is_open for h in (a, b)), timeout=1.0,
+               what="the breakers open within 1 s")
+    assert a.status()["outbox"] == 1 and b.status()["outbox"] == 1
+
+    back = time.monotonic()
+    redis_server.start() if outage == "kill" else redis_server.thaw()
+    wait_until(lambda: converged(hosts), timeout=10, what="every host converged after Redis returned")
+    assert time.monotonic() - back <= 10
+    assert stream_length(redis_server) == 3  # each learn exactly once
+    assert a.model.weights == b.model.weights == c.model.weights
+    assert all(h.score(s) < 0.3 for h in hosts for s in SPAM[:3])
+
+
+def test_the_outbox_survives_a_restart_of_the_host(tmp_path, redis_server):
+    a = Host(tmp_path, "mx1", redis_server.url)
+    redis_server.kill()
+    a.cluster.learn(SPAM[0], is_spam=False)
+    a.cluster.stop()  # the daemon stops (or crashes) while Redis is away
+
+    again = Host(tmp_path, "mx1", redis_server.url)  # same database: the outbox is read back
+    b = Host(tmp_path, "mx2", redis_server.url)
+    try:
+        assert again.status()["outbox"] == 1 and again.score(SPAM[0]) < 0.3  # it counts at once again
+        redis_server.start()
+        wait_until(lambda: converged([again, b]), timeout=10, what="the outbox shipped after the restart")
+        assert stream_length(redis_server) == 1 and b.score(SPAM[0]) < 0.3
+    finally:
+        again.cluster.stop()
+        b.cluster.stop()
