@@ -9,8 +9,9 @@ While Redis is down (or hung), learns wait in the outbox and count locally; when
 returns they are shipped, each exactly once (the publish script's seen-set), and a learn of
 a message another host had learned already is dropped here in favour of that host's.
 
-Threads: one thread ("atlas-cluster") does all shipping, reading and applying; `learn()`
-may be called from any thread (it takes the lock and writes the outbox).
+Threads: one thread ("atlas-cluster") does all shipping, reading, applying and swapping;
+`learn()` and `current_model()` may be called from any thread (they take the lock briefly,
+and never call back into the daemon).
 Must not: score messages, or block a caller on Redis (learn() returns without waiting).
 """
 
@@ -37,6 +38,12 @@ COUNTER_DUPLICATE = "cluster.learns_duplicate"
 COUNTER_APPLIED = "cluster.events_applied"
 COUNTER_BAD_ENTRY = "cluster.bad_entries"
 IDLE_WAIT = 0.2  # seconds between tries while Redis is down
+_current: "ClusterLearning | None" = None  # the running daemon's, for the console and /performance
+
+
+def current() -> "ClusterLearning | None":
+    """The shared learning this process runs, or None ([cluster] off, or not started)."""
+    return _current
 
 
 class ClusterLearning:
@@ -59,6 +66,7 @@ class ClusterLearning:
         self._thread: threading.Thread | None = None
         self._compiled = base.compiled
         self._unshipped: dict[str, LearnEvent] = {}  # in the outbox, not yet accepted by Redis
+        self._dirty = False  # a learn or a dropped duplicate not yet in the model in force
         for event in queries.outbox_events(db):  # learns a crash left unshipped count again
             self.shared.add_local(event)
             self._unshipped[event.event_id] = event
@@ -69,28 +77,40 @@ class ClusterLearning:
     def start(self) -> None:
         """Put the shared model in force (the base and any learns the outbox kept) and start
         the thread that ships, reads and applies."""
-        with self._lock:
-            self._swap()
+        global _current
+        self._swap()
         self._thread = threading.Thread(target=self._run, name="atlas-cluster", daemon=True)
         with blocked(STOP_SIGNALS | {RELOAD_SIGNAL}):  # signals stay with the daemon's own threads
             self._thread.start()
+        _current = self
 
     def stop(self, timeout: float = 5.0) -> None:
+        global _current
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if _current is self:
+            _current = None
+
+    def current_model(self) -> Model:
+        """The shared model as it stands, prepared (for a reload of the daemon)."""
+        with self._lock:
+            model = self.shared.model()
+        model.compiled = self._compiled
+        model.prepare()
+        return model
 
     def learn(self, raw: bytes, is_spam: bool, cutoffs: tuple[float, float] | None = None) -> tuple[float, float]:
-        """Learn one message here and for every host: (its score before, after) on this host.
-        In force here at once; shipped by the thread."""
+        """Learn one message here and for every host: (its score before, after). The thread
+        puts it in force here within a moment (the next swap) and ships it."""
         with self._lock:
             current = self.shared.model()
             event, before, after = make_event(current, raw, is_spam, self.max_bytes, self.host, cutoffs)
             journal.add_outbox_event(self.db, event)
             self.shared.add_local(event)
             self._unshipped[event.event_id] = event
-            self._swap()
+            self._dirty = True
         self._wake.set()
         return before, after
 
@@ -105,22 +125,23 @@ class ClusterLearning:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            down = False
+            changed = False
             try:
                 shipped = self._ship()
-                changed = self._apply(block=not shipped)
+                changed = self._apply(block=not shipped and not self._dirty)
                 self.metrics.set_gauge(GAUGE_REDIS_UP, 1)
             except RedisDown:
+                down = True
                 self.metrics.set_gauge(GAUGE_REDIS_UP, 0)
-                self._wake.wait(IDLE_WAIT)
-                self._wake.clear()
-                continue
             except Exception:  # a bug must not end shared learning for this host's run
                 log.exception("cluster: the sync thread failed; retrying")
-                self._stop.wait(1.0)
-                continue
-            if changed:
-                with self._lock:
-                    self._swap()
+                down = True
+            if changed or self._dirty:
+                self._swap()
+            if down:
+                self._wake.wait(IDLE_WAIT)
+                self._wake.clear()
 
     def _ship(self) -> bool:
         """Publish what waits in the outbox; True if anything was shipped."""
@@ -136,7 +157,7 @@ class ClusterLearning:
                 else:  # another host learned this message first: its event counts, not ours
                     self.metrics.incr(COUNTER_DUPLICATE)
                     self.shared.pending.pop(event.event_id, None)
-                    self._swap()
+                    self._dirty = True
         with self._lock:
             self.metrics.set_gauge(GAUGE_OUTBOX, len(self._unshipped))
         return bool(waiting)
@@ -164,8 +185,12 @@ class ClusterLearning:
                     changed = True
 
     def _swap(self) -> None:
-        """Put the shared model in force (the caller holds the lock)."""
-        model = self.shared.model()
+        """Put the shared model in force. Only the thread (and start(), before it) swaps, and
+        never while holding the lock: use_model takes the daemon's own locks, and the daemon
+        may hold those while it calls learn() or current_model()."""
+        with self._lock:
+            model = self.shared.model()
+            self._dirty = False
         model.compiled = self._compiled
         model.prepare()
         self.use_model(model)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlencode
 
-from atlas_milter import history, queries, quarantine
+from atlas_milter import cluster_sync, history, queries, quarantine
 from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError
 from atlas_milter.mta_queue import HoldQueue
@@ -133,7 +133,7 @@ class Console:
                 outcome = quarantine.delete(self.config, self.queue, queue_id, caller.actor)
             else:
                 outcome = quarantine.release_and_learn(self.config, self.queue, queue_id, caller.actor)
-                if self.after_learn is not None:
+                if self.after_learn is not None and cluster_sync.current() is None:  # shared learning swaps itself
                     self.after_learn()
         except AtlasError as exc:
             return self.error_page(409, str(exc))

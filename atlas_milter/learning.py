@@ -49,8 +49,10 @@ def learned_model_path(config: Config) -> str:
 
 
 def with_learned_model(config: Config) -> Config:
-    """`config` using the model learning wrote, when [classifier] model is unset and that file exists."""
-    if config.classifier.model:
+    """`config` using the model learning wrote, when [classifier] model is unset and that file
+    exists. Not with [cluster]: every host then starts from the same configured or shipped
+    model and learns through the shared stream (cluster_sync.py)."""
+    if config.classifier.model or config.cluster.enabled:
         return config
     path = learned_model_path(config)
     if not Path(path).exists():

@@ -154,16 +154,13 @@ def delete(config: Config, queue: HoldQueue, key: str, actor: str) -> Outcome:
 def release_and_learn(config: Config, queue: HoldQueue, key: str, actor: str) -> Outcome:
     """Read the held message, release it, then learn it as ham into the model learning
     writes. Released first: a learning failure must not keep wanted mail on hold."""
-    from atlas_milter.learning import learned_model_path
-
     entry = find(config, queue, key)
     with _audited(config, actor, RELEASE_LEARN, entry) as details:
         raw = strip_our_headers(queue.read(entry.held.queue_id))
         queue.release(entry.held.queue_id)
         details.append("released for delivery")
-        path = learned_model_path(config)
-        before, after = learn_ham(config, raw, path)
-        details.append(f"learned as ham into {path}: score {before:.3f} -> {after:.3f}")
+        before, after, where = learn_ham(config, raw)
+        details.append(f"learned as ham {where}: score {before:.3f} -> {after:.3f}")
         decision = entry.decision or {}
         journal.add_learning_event(config.store.db, {
             "source": "quarantine", "message_id": decision.get("message_id"), "sender_domain": decision.get("sender_domain"),
@@ -172,19 +169,29 @@ def release_and_learn(config: Config, queue: HoldQueue, key: str, actor: str) ->
     return Outcome(RELEASE_LEARN, entry.held.queue_id, "; ".join(details), before, after)
 
 
-def learn_ham(config: Config, raw: bytes, path: str) -> tuple[float, float]:
-    """Learn `raw` as ham into the model file at `path` (the shipped model when there is
-    none yet), toward the cutoffs in force; (score before, after)."""
+def learn_ham(config: Config, raw: bytes) -> tuple[float, float, str]:
+    """Learn `raw` as ham toward the cutoffs in force: through shared learning when this
+    process runs it ([cluster]: every host learns it), else into the model file learning
+    writes (the shipped model when there is none yet), under a file lock. (score before,
+    after, where it went)."""
+    from atlas_milter import cluster_sync
     from atlas_milter.classifier import save_model
-    from atlas_milter.learning import learn_message, model_to_learn
+    from atlas_milter.learning import learn_message, learned_model_path, model_to_learn
     from atlas_milter.policy import resolve_cutoffs
 
+    cluster = cluster_sync.current()
+    if cluster is not None:
+        model = cluster.current_model()
+        cutoffs = resolve_cutoffs(config.classifier, model)
+        before, after = cluster.learn(raw, False, (cutoffs.spam, cutoffs.ham))
+        return before, after, "for every host ([cluster])"
+    path = learned_model_path(config)
     with _file_lock(Path(path + ".lock")):
         model = model_to_learn(path)
         cutoffs = resolve_cutoffs(config.classifier, model)
-        scores = learn_message(model, raw, False, config.classifier.max_bytes, (cutoffs.spam, cutoffs.ham))
+        before, after = learn_message(model, raw, False, config.classifier.max_bytes, (cutoffs.spam, cutoffs.ham))
         save_model(model, path)
-    return scores
+    return before, after, f"into {path}"
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 return {redis.call('XADD', KEYS[2], '*', unpack(fields)), ''}
 """
-BLOCK_S = 0.5  # seconds a stream read waits for new entries
+BLOCK_S = 0.1  # seconds a stream read waits for new entries (a local learn waits at most this for its swap)
 
 
 class RedisDown(Exception):

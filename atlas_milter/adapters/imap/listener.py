@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from atlas_milter import signals
+from atlas_milter import cluster_sync, signals
 from atlas_milter.adapters.imap.actions import (
     action_for,
     adopt_rows_written_before_accounts,
@@ -46,7 +46,7 @@ from atlas_milter.adapters.imap.session import FolderState, ImapSession, batches
 from atlas_milter.classifier import load_model
 from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError
-from atlas_milter.learning import learn_and_swap, learned_model_path, with_learned_model
+from atlas_milter.learning import Learned, learn_and_swap, learned_model_path, with_learned_model
 from atlas_milter.message import fingerprint
 from atlas_milter.notify import sd_notify
 from atlas_milter.pool import ItemError
@@ -140,6 +140,8 @@ class Listener:
         return run_reload("imap", self._reload_model, self.pipeline.metrics)
 
     def _reload_model(self) -> str:
+        if cluster_sync.current() is not None:
+            return "learning is shared through [cluster]: the stream's model stays"
         path = learned_model_path(self.config)
         if not Path(path).exists():
             return f"no model file {path} yet; the current model {self.pipeline.model.version} stays"
@@ -152,8 +154,15 @@ class Listener:
         """Update the model from one message the user labelled (saved, and in use from now
         on, see learning.py) and record the event. Call with `lock` held."""
         label = SPAM if is_spam else HAM
-        path = learned_model_path(self.config)
-        done = learn_and_swap(self.pipeline, raw, is_spam, self.config.classifier.max_bytes, path)
+        cluster = cluster_sync.current()
+        if cluster is not None:  # every host learns it (cluster_sync.py); in force here within a moment
+            cutoffs = self.pipeline.cutoffs
+            before, after = cluster.learn(raw, is_spam, (cutoffs.spam, cutoffs.ham))
+            done = Learned(self.pipeline.model, before, after)
+            path = "[cluster]"
+        else:
+            path = learned_model_path(self.config)
+            done = learn_and_swap(self.pipeline, raw, is_spam, self.config.classifier.max_bytes, path)
         add_learning_event(self.db, {
             "source": "imap", "account": self.account_key, "message_id": message_id,
             "sender_domain": prior.sender_domain if prior else None, "label": label,
@@ -384,6 +393,14 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
     finally:
         probe.close()
     listener.logged_in_once.set()
+
+    def use_model(model: Any) -> None:  # shared learning's swaps ([cluster])
+        with listener.lock:
+            listener.pipeline.reload_model(model)
+
+    cluster = cluster_sync.from_config(listener.config, listener.pipeline.model, use_model)
+    if cluster is not None:
+        cluster.start()
     sd_notify("READY=1")  # systemd Type=notify: logged in, folders found
 
     def on_stop(signum: int, _frame: Any) -> None:
@@ -408,6 +425,8 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
             w.join(imap.timeout + 5)
     finally:
         signals.restore_handlers(previous)
+        if cluster is not None:
+            cluster.stop()
         with listener.lock:
             listener.pipeline.close()
     if listener.fatal:

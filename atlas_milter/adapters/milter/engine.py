@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from atlas_milter.adapters.milter.metrics import ERR_BUSY, ERR_CLASSIFY, ERR_MODEL, ERR_TIMEOUT
-from atlas_milter.classifier import load_model
+from atlas_milter.classifier import Model, load_model
 from atlas_milter.config import Config, MilterConfig
 from atlas_milter.errors import AtlasError, ModelError
 from atlas_milter.monitor import PerformanceMetrics
@@ -110,6 +110,9 @@ class MilterEngine:
         self._macros_warned = False
         self._reload_lock = threading.Lock()  # a reload and close() never overlap
         self._closed = False
+        self._classifier = config.classifier  # the cutoffs in force (a reload may change them)
+        # With [cluster]: the shared model now (a reload keeps it instead of reading the file).
+        self.shared_model: Callable[[], Model] | None = None
 
     # The current state's parts (for logging and tests; a message uses one `state` throughout).
     mc = property(lambda self: self.state.mc)
@@ -218,8 +221,12 @@ class MilterEngine:
                 raise AtlasError("the milter is stopping")
             config = read_config()
             model_path = config.classifier.model
-            model = load_model(model_path or None)
+            if self.shared_model is not None:  # shared learning: the stream's model, not the file
+                model, model_path = self.shared_model(), "shared through [cluster]"
+            else:
+                model = load_model(model_path or None)
             scorer = self.pipeline.make_scorer(model, config.classifier)
+            self._classifier = config.classifier
             # One assignment: the next message sees the new policy and model together.
             self.state = MilterState.build(config.milter, scorer, "")
             # Old workers live on for a deadline: a message that read the old state just
@@ -230,6 +237,17 @@ class MilterEngine:
             log.warning("milter reload: %s changed; a restart applies them (systemctl restart atlas-milter), "
                         "the rest of the new config is in force now", ", ".join(pending))
         return f"model {model.version} ({model_path or 'shipped'}), {self.state.policy.describe()}"
+
+    def use_model(self, model: Model) -> None:
+        """Score the next messages with `model` (a swap of shared learning); the policy and
+        the cutoffs in force stay. A message already at end of message finishes with the
+        model it started with."""
+        with self._reload_lock:
+            if self._closed:
+                return
+            scorer = self.pipeline.make_scorer(model, self._classifier)
+            self.state = MilterState.build(self.state.mc, scorer, "")
+            self.pipeline.use(scorer, retire_after=self.state.mc.timeout + 1.0)
 
     def close(self) -> None:
         with self._reload_lock:

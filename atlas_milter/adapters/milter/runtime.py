@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import Callable
 
-from atlas_milter import signals
+from atlas_milter import cluster_sync, signals
 from atlas_milter.adapters.milter import libmilter
 from atlas_milter.adapters.milter.engine import BUSY_WAIT, MilterEngine, make_pipeline
 from atlas_milter.adapters.milter.handler import WANTED_ACTIONS, AtlasMilter
@@ -204,6 +204,12 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
         log.error("milter: %s; every message gets on_error=%s until the model is fixed", model_error, mc.on_error)
     engine = MilterEngine(config, pipeline, model_error)
     engine.metrics.set_gauge(GAUGE_RELOAD_FAILING, 0)
+    # [cluster]: learns of every host reach this milter's model through Redis, off the
+    # per-message path (cluster_sync.py); a reload keeps the shared model.
+    cluster = None if model_error else cluster_sync.from_config(config, pipeline.model, engine.use_model)
+    if cluster is not None:
+        engine.shared_model = cluster.current_model
+        cluster.start()
 
     def reload() -> None:
         engine.reload(read_config or (lambda: config))
@@ -218,6 +224,8 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
         log.info("atlas-milter stopping: finishing records")
         sd_notify("STOPPING=1")
     finally:
+        if cluster is not None:
+            cluster.stop()
         try:
             engine.close()
         finally:
