@@ -148,7 +148,9 @@ class ClusterLearning:
         with self._lock:
             waiting = list(self._unshipped.values())
         for event in waiting:
-            entry, first = self.link.publish(event)
+            entry, first, replicated = self.link.publish(event)
+            if (entry or first == event.event_id) and not replicated:
+                continue  # on the primary only: kept, and published again (a no-op) until replicated
             journal.remove_outbox_event(self.db, event.event_id)
             with self._lock:
                 self._unshipped.pop(event.event_id, None)
@@ -208,5 +210,6 @@ def from_config(config: Any, base: Model, use_model: Callable[[Model], None]) ->
     if not cc.enabled:
         return None
     password = read_secret(cc.password_file, REDIS_PASSWORD_ENV, REDIS_PASSWORD_CREDENTIAL, "[cluster] password_file")
-    link = RedisLink(cc.redis, cc.sentinels, cc.sentinel_service, password, cc.key_prefix, cc.timeout, cc.cooldown)
+    link = RedisLink(cc.redis, cc.sentinels, cc.sentinel_service, password, cc.key_prefix, cc.timeout, cc.cooldown,
+                     cc.min_replicas)
     return ClusterLearning(link, config.store.db, base, use_model, cc.host, config.classifier.max_bytes)

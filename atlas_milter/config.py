@@ -163,8 +163,11 @@ class ClusterConfig:
     key_prefix: str = "atlas"  # keys are {PREFIX}:learn and {PREFIX}:seen (one hash tag: Redis Cluster works)
     timeout: float = 0.25  # seconds any Redis call may take before Redis counts as down
     cooldown: float = 1.0  # seconds the breaker keeps calls away after a failure
+    min_replicas: int = 0  # a learn leaves the outbox once this many replicas have it (WAIT); 1 with Sentinel
 
     def __post_init__(self) -> None:
+        if self.min_replicas < 0:
+            raise ConfigError("config: [cluster] min_replicas must be 0 or more")
         if self.timeout <= 0 or self.cooldown <= 0:
             raise ConfigError("config: [cluster] timeout and cooldown must be positive (seconds)")
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):

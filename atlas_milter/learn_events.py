@@ -105,6 +105,9 @@ class SharedModel:
         self.position = "0"  # the last stream entry applied ("0": none)
         self.pending: dict[str, LearnEvent] = {}  # event id -> own event not seen on the stream yet
         self.applied_count = 0
+        # Every event applied: an event the stream holds twice (published again after a
+        # failover lost the first copy's replication, which a host had read) counts once.
+        self.applied_ids: set[str] = set()
 
     @property
     def version(self) -> str:
@@ -119,10 +122,13 @@ class SharedModel:
         """The next stream entry, in order (entries at or before `position` are ignored)."""
         if _stream_key(entry_id) <= _stream_key(self.position):
             return
-        apply_deltas(self._applied.weights, event.deltas)
         self.position = entry_id
-        self.applied_count += 1
         self.pending.pop(event.event_id, None)
+        if event.event_id in self.applied_ids:
+            return
+        self.applied_ids.add(event.event_id)
+        apply_deltas(self._applied.weights, event.deltas)
+        self.applied_count += 1
 
     def model(self) -> Model:
         """A new Model to score with: the stream's weights plus the pending own events, with

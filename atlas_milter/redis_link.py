@@ -82,10 +82,11 @@ class RedisLink:
     """The shared Redis of one host: `publish(event)`, `read(after, block_s)`, `ping()`."""
 
     def __init__(self, url: str = "", sentinels: tuple[str, ...] = (), service: str = "atlas", password: str = "",
-                 prefix: str = "atlas", timeout: float = 0.25, cooldown: float = 1.0) -> None:
+                 prefix: str = "atlas", timeout: float = 0.25, cooldown: float = 1.0, min_replicas: int = 0) -> None:
         if not url and not sentinels:
             raise AtlasError("[cluster]: give redis = \"redis://HOST:PORT/DB\" or sentinels = [\"HOST:PORT\", ...]")
         self.timeout = timeout
+        self.min_replicas = min_replicas
         self.client = _client(url, sentinels, service, password, timeout)
         # A blocking read waits BLOCK_S on purpose: its own connection, with room for that.
         self.reader = _client(url, sentinels, service, password, BLOCK_S + timeout)
@@ -119,14 +120,32 @@ class RedisLink:
         except RedisDown:
             return False
 
-    def publish(self, event: LearnEvent) -> tuple[str, str]:
-        """Append the event to the stream: (its entry id, ""); or, when that message was
-        learned with that label before, ("", the event id that did). RedisDown when Redis
-        cannot take it now."""
+    def publish(self, event: LearnEvent) -> tuple[str, str, bool]:
+        """Append the event to the stream: (its entry id, "", replicated); or, when that
+        message was learned with that label before, ("", the event id that did,
+        replicated). `replicated`: `min_replicas` replicas have this connection's writes
+        (WAIT, in the same round trip): until they do, a learn stays in the outbox, so a
+        failover cannot lose it. RedisDown when Redis cannot take it now."""
         argv = [f"{event.fingerprint}:{event.label}", event.event_id,
                 *[x for kv in event.fields().items() for x in kv]]
-        entry, first = self._call(lambda: self._publish(keys=[self.seen_key, self.stream_key], args=argv))
-        return entry or "", first or ""
+
+        def run() -> Any:
+            pipe = self.client.pipeline(transaction=False)  # one connection: WAIT covers the script's write
+            self._publish(keys=[self.seen_key, self.stream_key], args=argv, client=pipe)
+            if self.min_replicas > 0:  # WAIT's own limit stays inside the socket timeout
+                pipe.execute_command("ROLE")
+                pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.timeout * 600)))
+            return pipe.execute()
+
+        replies = self._call(run)
+        entry, first = replies[0]
+        replicated = True
+        if self.min_replicas > 0:
+            # As many replicas as asked, or every replica there is: a primary left alone after
+            # a failover cannot do better, and keeping learns out of the stream helps nobody.
+            connected = len(replies[1][2]) if replies[1] and replies[1][0] == "master" else 0
+            replicated = int(replies[2]) >= min(self.min_replicas, connected)
+        return entry or "", first or "", replicated
 
     def read(self, after: str, block: bool = False, count: int = 500) -> list[tuple[str, dict[str, str]]]:
         """Stream entries after `after` ("0": from the start); with `block`, waiting up to

@@ -22,6 +22,11 @@ costs inside Postfix on the machine of the run. unix and inet run atlas-milter o
 transport (the protocol loop); unix-libmilter and inet-libmilter on libmilter's threads
 ([milter] transport = "libmilter"), to compare the two in one run. unix-pure and inet-pure run
 it with ENABLE_COMPILED=false: the pure-Python classifier, the yardstick of the compiled one.
+unix-cluster runs it with [cluster] on a private Redis (issue 18: throughput with Redis
+configured >= 0.95 of without); with --cluster-learns N another "host" publishes N learns a
+second to the shared stream during that mode's rounds, so every milter keeps applying them.
+
+    python -m scripts.milter_bench --modes none,unix,unix-cluster --rounds 5 --cluster-learns 2
 
 Two rates per round: accepted (the clients' time to get their replies) and relayed (from
 the first message sent until the queue is empty, delivery included). Postfix alone accepts
@@ -43,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,6 +101,40 @@ def own_cpu_seconds() -> float:
     return t.user + t.system
 
 
+class PeerLearner:
+    """Another host of the cluster: publishes `rate` learns a second (each message of the
+    corpus in turn, as ham) to the shared stream from a thread, until stop()."""
+
+    def __init__(self, url: str, messages: list[bytes], rate: float) -> None:
+        from atlas_milter.classifier import load_model
+        from atlas_milter.redis_link import RedisLink
+
+        self.link = RedisLink(url)
+        self.model = load_model()
+        self.messages = messages
+        self.rate = rate
+        self.published = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from atlas_milter.learn_events import make_event
+
+        i = 0
+        while not self._stop.wait(1.0 / self.rate):
+            raw = self.messages[i % len(self.messages)] + f"\npeer learn {uuid.uuid4().hex}\n".encode()  # always new
+            event, _, _ = make_event(self.model, raw, False, 512 * 1024, "bench-peer")
+            if self.link.publish(event)[0]:
+                self.published += 1
+            i += 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(10)
+        return self.published
+
+
 def paired_ratios(rates: dict[str, list[float]]) -> dict[str, float]:
     """Per mode, the median over rounds of that round's rate divided by the same round's
     rate without a milter: the host's speed drifts between rounds, within one much less."""
@@ -133,6 +173,8 @@ def main() -> int:
     ap.add_argument("--stub-classifier", action="store_true",
                     help="atlas-milter with classification stubbed out (STUB_CLASSIFIER): what the milter costs without it")
     ap.add_argument("--milter-config", default="", help="more [milter] lines for atlas-milter, e.g. 'max_in_flight = 32'")
+    ap.add_argument("--cluster-learns", type=float, default=0.0,
+                    help="unix-cluster: learns per second another host publishes during the load")
     args = ap.parse_args()
     if args.stub_classifier:
         args.prelude = STUB_CLASSIFIER + "\n" + args.prelude
@@ -166,7 +208,12 @@ def main() -> int:
     relayed: dict[str, list[float]] = {}  # accepted and delivered (queue empty), msg/s
     cfg = (f'[milter]\nclassify = "{args.classify}"\nspam_action = "{args.spam_action}"\nsocket_mode = 0o666\n'
            f'{args.milter_config}\n[statsd]\nenabled = false\n')
+    redis = None
     try:
+        if any("cluster" in m for m in args.modes.split(",")):
+            from tests.support.servers import RedisInstance
+
+            redis = RedisInstance(work / "redis").start()
         pf.start()
         wait_until(lambda: True, timeout=1, what="noop")
         # warm-up (Postfix process pool, page cache)
@@ -188,7 +235,8 @@ def main() -> int:
                         milter = ReferenceMilter(work, lib, mode[4:], name=f"milter-{mode}-{rnd}").start()
                     else:
                         transport = 'transport = "libmilter"\n' if mode.endswith("-libmilter") else ""
-                        milter = MilterProcess(work, lib, config_text=cfg.replace("[milter]\n", "[milter]\n" + transport, 1),
+                        cluster = f'[cluster]\nredis = "{redis.url}"\nhost = "bench"\n' if "cluster" in mode else ""
+                        milter = MilterProcess(work, lib, config_text=cfg.replace("[milter]\n", "[milter]\n" + transport, 1) + cluster,
                                                name=f"milter-{mode}-{rnd}", prelude=args.prelude,
                                                env={"ENABLE_COMPILED": "false"} if mode.endswith("-pure") else None).start()
                     pf.set_milter(post)
@@ -197,9 +245,12 @@ def main() -> int:
                 time.sleep(0.5)  # idle smtpd processes from before the reload exit
                 cpu0 = milter.cpu_seconds() if milter is not None else 0.0
                 machine0, own0 = machine_cpu_seconds(), own_cpu_seconds()
+                peer = PeerLearner(redis.url, messages, args.cluster_learns) if "cluster" in mode and args.cluster_learns else None
                 try:
                     started = time.perf_counter()
                     took, codes = run_load(pf.host, pf.smtp_port, messages, args.clients)
+                    if peer is not None:
+                        print(f"  peer learns published during the load: {peer.stop()}", flush=True)
                     per_msg = 1000.0 / len(messages)
                     machine_ms = (machine_cpu_seconds() - machine0) * per_msg
                     client_ms = (own_cpu_seconds() - own0) * per_msg
@@ -245,6 +296,10 @@ def main() -> int:
             if "none" in best and ref in best:
                 print(f"{ref}/none = {med[ref] / med['none']:.3f} (median)  {best[ref] / best['none']:.3f} (best)   "
                       f"(yardstick: {what})")
+        if "unix" in results and "unix-cluster" in results:
+            paired = statistics.median(c / u for c, u in zip(results["unix-cluster"], results["unix"]))
+            spread = [round(c / u, 3) for c, u in zip(results["unix-cluster"], results["unix"])]
+            print(f"unix-cluster/unix = {paired:.3f} (median of rounds, each {spread})   bar >= 0.95")
         if "unix" in best and "inet" in best:
             print(f"inet/unix  = {med['inet'] / med['unix']:.3f} (median)  {best['inet'] / best['unix']:.3f} (best)   bar >= 0.90")
         for mode, ts in timers.items():
@@ -255,6 +310,8 @@ def main() -> int:
         return 0
     finally:
         pf.stop()
+        if redis is not None:
+            redis.stop()
         sink.terminate()
         try:
             sink.wait(5)

@@ -39,7 +39,7 @@ def redis_server():
 class Host:
     """One daemon's shared learning, and the model it would score with."""
 
-    def __init__(self, tmp_path, name: str, url: str) -> None:
+    def __init__(self, tmp_path, name: str, url: str, sentinels: tuple[str, ...] = (), min_replicas: int = 0) -> None:
         self.db = tmp_path / f"{name}.db"
         apply_migrations(self.db)
         self.model = load_model()
@@ -49,7 +49,8 @@ class Host:
             self.model = model
             self.swaps += 1
 
-        self.cluster = ClusterLearning(RedisLink(url, timeout=0.25, cooldown=0.2), str(self.db), load_model(),
+        link = RedisLink(url, sentinels, timeout=0.25, cooldown=0.2, min_replicas=min_replicas)
+        self.cluster = ClusterLearning(link, str(self.db), load_model(),
                                        use_model, host=name, max_bytes=MAX_BYTES)
         self.cluster.start()
 
@@ -150,3 +151,62 @@ def test_the_outbox_survives_a_restart_of_the_host(tmp_path, redis_server):
     finally:
         again.cluster.stop()
         b.cluster.stop()
+
+
+def test_a_sentinel_failover_blocks_learning_briefly_and_loses_no_learn(tmp_path):
+    """One primary, one replica, three Sentinels; two hosts learn a new message every 50 ms
+    while the primary is killed: the Sentinels promote the replica, learning resumes within
+    5 s, and every learn is on the new primary's stream once (a learn leaves the outbox only
+    when the replica has it: min_replicas = 1)."""
+    import redis as redis_py
+
+    require_binary("redis-server")
+    base = private_tmpdir("atlas-sentinel-")
+    primary = RedisInstance(base).start()
+    replica = RedisInstance(base, replica_of=("127.0.0.1", primary.port)).start()
+    sentinels = [RedisInstance(base, sentinel_of=("127.0.0.1", primary.port)).start() for _ in range(3)]
+    addrs = tuple(f"127.0.0.1:{s.port}" for s in sentinels)
+
+    def replicas_known() -> bool:  # the replica in sync, and every Sentinel knows it
+        online = redis_py.Redis(port=primary.port).info("replication").get("slave0", {}).get("state") == "online"
+        return online and all(redis_py.Redis(port=s.port).execute_command("SENTINEL", "REPLICAS", "atlas")
+                              for s in sentinels)
+
+    hosts = []
+    try:
+        wait_until(replicas_known, timeout=20, what="the Sentinels know the replica")
+        hosts = [Host(tmp_path, name, "", addrs, min_replicas=1) for name in ("mx1", "mx2")]
+        learned = []
+        t0 = time.monotonic()
+        killed_at = None
+        i = 0
+        while time.monotonic() - t0 < 8:
+            raw = SPAM[i % 3] + f"\nfailover test {i}\n".encode()  # a new message each time
+            hosts[i % 2].cluster.learn(raw, is_spam=False)
+            learned.append(i)
+            i += 1
+            if killed_at is None and time.monotonic() - t0 > 1.5:
+                primary.kill()
+                killed_at = time.monotonic()
+            time.sleep(0.05)
+        new_primary = redis_py.Redis(port=replica.port)
+        wait_until(lambda: new_primary.info("replication")["role"] == "master", timeout=10, what="the replica promoted")
+        try:
+            wait_until(lambda: converged(hosts), timeout=15, what="both hosts converged after the failover")
+        except Exception:
+            raise AssertionError(f"{[h.status() for h in hosts]} xlen {new_primary.xlen('{atlas}:learn')} "
+                                 f"learned {len(learned)} role {new_primary.info('replication')['role']}")
+        # Learning resumed within 5 s of the kill: the first entry written on the new primary.
+        entries = new_primary.xrange("{atlas}:learn")
+        ms_after_kill = [int(e[0].split(b"-")[0]) / 1000 for e in entries]
+        assert len(entries) == len(learned)  # no learn lost, none twice
+        assert hosts[0].model.weights == hosts[1].model.weights
+        resumed = [t for t in ms_after_kill if t > time.time() - (time.monotonic() - killed_at)]
+        assert resumed, "nothing written after the kill"
+        blocked = resumed[0] - (time.time() - (time.monotonic() - killed_at))
+        assert blocked <= 5.0, blocked
+    finally:
+        for host in hosts:
+            host.cluster.stop()
+        for server in (*sentinels, replica, primary):
+            server.stop()

@@ -7,12 +7,14 @@ scored ham by all three."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
 import sqlite3
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import pytest
@@ -20,7 +22,7 @@ import pytest
 from tests.support.milter_process import MilterProcess, milter_workdir, unix_spec, wait_milter_active
 from tests.support.requirements import require_binary
 from tests.support.servers import RedisInstance, free_port, private_tmpdir, wait_until
-from tests.support.smtp import new_token, send_one, with_token
+from tests.support.smtp import delivered_by_token, new_token, send_one, with_token
 
 pytestmark = pytest.mark.integration
 
@@ -59,27 +61,30 @@ def rows_for(db, token_queue_id: str) -> list[tuple]:
                             (token_queue_id,)).fetchall()
 
 
-@pytest.fixture
-def three_hosts(postfix):
+@contextlib.contextmanager
+def running_hosts(postfix, actions: tuple[str, ...]):
+    """A private Redis and one milter per action (mx1, mx2, ...), all in Postfix's
+    smtpd_milters; yields (redis, [(MilterProcess, http port), ...])."""
     require_binary("redis-server")
     redis = RedisInstance(private_tmpdir("atlas-cluster-redis-")).start()
     workdir = milter_workdir("atlas-cluster-")
     (workdir / "token").write_text(TOKEN)
     hosts = []
     try:
-        for name, action in (("mx1", "quarantine"), ("mx2", "tag"), ("mx3", "tag")):
+        for i, action in enumerate(actions, 1):
             port = free_port()
             config = (f"[statsd]\nenabled = false\n[milter]\nsocket_mode = 0o666\nspam_action = \"{action}\"\n"
                       f"[quarantine]\npostfix_config = \"{postfix.conf_dir}\"\n"
                       f"[http]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{workdir / 'token'}\"\n"
-                      f"[cluster]\nredis = \"{redis.url}\"\nhost = \"{name}\"\n")
-            lib, _ = unix_spec(workdir / f"{name}.sock")
-            proc = MilterProcess(workdir, lib, config_text=config, name=name).start()
+                      f"[cluster]\nredis = \"{redis.url}\"\nhost = \"mx{i}\"\n")
+            lib, _ = unix_spec(workdir / f"mx{i}.sock")
+            proc = MilterProcess(workdir, lib, config_text=config, name=f"mx{i}").start()
             hosts.append((proc, port))
         # mx1 last: once a milter has asked Postfix to hold a message, the milters after it do not see it.
-        with postfix.milter_set(" ".join(proc.socket_spec for proc, _ in hosts[1:] + hosts[:1])):
+        with postfix.milter_set(" ".join(proc.socket_spec for proc, _ in hosts[1:] + hosts[:1]),
+                                default_action="tempfail"):
             wait_milter_active(postfix, HAM)
-            yield hosts
+            yield redis, hosts
     finally:
         for proc, _ in hosts:
             proc.stop()
@@ -88,6 +93,12 @@ def three_hosts(postfix):
         for item in map(json.loads, out.stdout.splitlines()):  # leave the session's Postfix as we found it
             if item["queue_name"] == "hold":
                 subprocess.run(["postsuper", "-c", str(postfix.conf_dir), "-d", item["queue_id"]], capture_output=True)
+
+
+@pytest.fixture
+def three_hosts(postfix):
+    with running_hosts(postfix, ("quarantine", "tag", "tag")) as (_, hosts):
+        yield hosts
 
 
 def test_a_learn_on_one_mx_reaches_the_others_within_a_second(postfix, three_hosts, capsys):
@@ -134,3 +145,38 @@ def test_a_learn_on_one_mx_reaches_the_others_within_a_second(postfix, three_hos
     for proc in (mx1, mx2, mx3):
         verdict, score, _ = rows_for(proc.db, queue_id)[0]
         assert verdict == "ham" and score < 0.3, (proc.db, verdict, score)
+
+
+@pytest.mark.parametrize("outage", ["kill", "freeze"])
+def test_redis_killed_or_frozen_under_load_costs_no_mail(postfix, corpus_dir, corpus_index, outage):
+    """Redis dies (SIGKILL) or hangs (SIGSTOP) while 8 clients send 240 messages through the
+    three milters: every message is accepted and delivered once, none tempfailed, no milter
+    takes near its deadline, and every host is back on Redis within 10 s of its return."""
+    from tests.support.corpus import load_corpus
+
+    corpus = [raw for _, raw in load_corpus(corpus_dir, [r for r in corpus_index if r["split"] == "test"][:240])]
+    with running_hosts(postfix, ("tag", "tag", "tag")) as (redis, hosts):
+        items = [(new_token(), raw) for raw in corpus]
+
+        def one(item):
+            tok, raw = item
+            return tok, send_one(postfix.host, postfix.smtp_port, with_token(raw, tok), [postfix.user])
+
+        with ThreadPoolExecutor(8) as pool:
+            first = list(pool.map(one, items[:60]))
+            redis.kill() if outage == "kill" else redis.freeze()
+            rest = list(pool.map(one, items[60:]))
+            down = [cluster_state(port)["redis_up"] for _, port in hosts]
+        replies = dict(first + rest)
+        assert {code for code, _ in replies.values()} == {250}, [r for r in replies.values() if r[0] != 250][:3]
+        assert down == [False, False, False]  # every breaker noticed (the sync threads do poll)
+        delivered = delivered_by_token(postfix, set(replies), timeout=120)
+        assert set(delivered) == set(replies)
+        for proc, port in hosts:
+            stages = json.loads(get(port, "/performance.json")[2])["stages"]
+            assert stages["milter.message"]["max"] < 2500, (proc.db, stages["milter.message"])  # deadline 5 s
+        back = time.monotonic()
+        redis.start() if outage == "kill" else redis.thaw()
+        wait_until(lambda: all(cluster_state(port)["redis_up"] for _, port in hosts), timeout=10,
+                   what="every host back on Redis")
+        assert time.monotonic() - back <= 10

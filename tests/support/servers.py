@@ -1178,7 +1178,7 @@ class RedisInstance(_Server):
                       f"sentinel failover-timeout {self.service} 3000",
                       f"sentinel parallel-syncs {self.service} 1"]
         else:
-            lines += ['save ""', f"dbfilename dump-{self.port}.rdb"]
+            lines += ['save ""', f"dbfilename dump-{self.port}.rdb", "repl-diskless-sync-delay 0"]
             if self.aof:
                 lines += ["appendonly yes", "appendfsync always", f"appenddirname aof-{self.port}"]
             if self.replica_of:
