@@ -67,6 +67,7 @@ class ClusterLearning:
         self._compiled = base.compiled
         self._unshipped: dict[str, LearnEvent] = {}  # in the outbox, not yet accepted by Redis
         self._dirty = False  # a learn or a dropped duplicate not yet in the model in force
+        self._in_force = ""  # the version of the model the daemon scores with (the last swap)
         for event in queries.outbox_events(db):  # learns a crash left unshipped count again
             self.shared.add_local(event)
             self._unshipped[event.event_id] = event
@@ -116,7 +117,8 @@ class ClusterLearning:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return {"host": self.host, "version": self.shared.version, "position": self.shared.position,
+            return {"host": self.host, "version": self.shared.version, "in_force": self._in_force,
+                    "position": self.shared.position,
                     "applied": self.shared.applied_count, "outbox": len(self._unshipped),
                     "waiting_for_stream": len(self.shared.pending),
                     "redis_up": not self.link.breaker.is_open}
@@ -196,6 +198,7 @@ class ClusterLearning:
         model.compiled = self._compiled
         model.prepare()
         self.use_model(model)
+        self._in_force = model.version
 
 
 REDIS_PASSWORD_ENV = "ATLAS_REDIS_PASSWORD"

@@ -70,8 +70,10 @@ def hosts(tmp_path, redis_server):
 
 
 def converged(hosts) -> bool:
+    """Every host at the same stream position with nothing waiting, and that model in force."""
     states = [h.status() for h in hosts]
-    return len({(s["version"], s["position"]) for s in states}) == 1 and not any(s["outbox"] for s in states)
+    return (len({(s["version"], s["position"]) for s in states}) == 1 and not any(s["outbox"] for s in states)
+            and all(h.model.version == s["version"] for h, s in zip(hosts, states)))
 
 
 def stream_length(server: RedisInstance) -> int:

@@ -124,7 +124,8 @@ def test_a_learn_on_one_mx_reaches_the_others_within_a_second(postfix, three_hos
 
     def everywhere() -> bool:  # the learn is on the stream, and every host has applied it
         states = [cluster_state(p) for p in (port1, port2, port3)]
-        return len({s["position"] for s in states}) == 1 and states[0]["position"] != "0" and not states[0]["outbox"]
+        return (len({s["position"] for s in states}) == 1 and states[0]["position"] != "0" and not states[0]["outbox"]
+                and all(s["in_force"] == s["version"] for s in states))  # and scoring with it
 
     wait_until(everywhere, timeout=5, what="the learn on every host", interval=0.01)
     took = time.monotonic() - t0
