@@ -26,7 +26,7 @@ from atlas_milter import journal, queries
 from atlas_milter.classifier import Model
 from atlas_milter.learn_events import LearnEvent, SharedModel, make_event
 from atlas_milter.monitor import PerformanceMetrics
-from atlas_milter.redis_link import RedisDown, RedisLink
+from atlas_milter.redis_link import RedisDown, RedisLink, link_from_config
 from atlas_milter.signals import RELOAD_SIGNAL, STOP_SIGNALS, blocked
 
 log = logging.getLogger(__name__)
@@ -201,18 +201,9 @@ class ClusterLearning:
         self._in_force = model.version
 
 
-REDIS_PASSWORD_ENV = "ATLAS_REDIS_PASSWORD"
-REDIS_PASSWORD_CREDENTIAL = "redis-password"
-
-
 def from_config(config: Any, base: Model, use_model: Callable[[Model], None]) -> ClusterLearning | None:
     """The daemon's shared learning as [cluster] configures it; None when it is off."""
-    from atlas_milter.secrets import read_secret
-
-    cc = config.cluster
-    if not cc.enabled:
+    if not config.cluster.enabled:
         return None
-    password = read_secret(cc.password_file, REDIS_PASSWORD_ENV, REDIS_PASSWORD_CREDENTIAL, "[cluster] password_file")
-    link = RedisLink(cc.redis, cc.sentinels, cc.sentinel_service, password, cc.key_prefix, cc.timeout, cc.cooldown,
-                     cc.min_replicas)
-    return ClusterLearning(link, config.store.db, base, use_model, cc.host, config.classifier.max_bytes)
+    return ClusterLearning(link_from_config(config.cluster), config.store.db, base, use_model, config.cluster.host,
+                           config.classifier.max_bytes)

@@ -164,12 +164,13 @@ class ClusterConfig:
     timeout: float = 0.25  # seconds any Redis call may take before Redis counts as down
     cooldown: float = 1.0  # seconds the breaker keeps calls away after a failure
     min_replicas: int = 0  # a learn leaves the outbox once this many replicas have it (WAIT); 1 with Sentinel
+    lease_ttl: float = 10.0  # seconds: an IMAP account's watcher renews its lease within this; a standby takes over after
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0:
             raise ConfigError("config: [cluster] min_replicas must be 0 or more")
-        if self.timeout <= 0 or self.cooldown <= 0:
-            raise ConfigError("config: [cluster] timeout and cooldown must be positive (seconds)")
+        if self.timeout <= 0 or self.cooldown <= 0 or self.lease_ttl < 1:
+            raise ConfigError("config: [cluster] timeout and cooldown must be positive, lease_ttl at least 1 (seconds)")
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"config: [cluster] redis: {self.redis.split('@')[-1]!r}: use redis://HOST:PORT/DB")
 

@@ -39,6 +39,8 @@ local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 return {redis.call('XADD', KEYS[2], '*', unpack(fields)), ''}
 """
+REDIS_PASSWORD_ENV = "ATLAS_REDIS_PASSWORD"
+REDIS_PASSWORD_CREDENTIAL = "redis-password"
 BLOCK_S = 0.1  # seconds a stream read waits for new entries (a local learn waits at most this for its swap)
 
 
@@ -96,7 +98,9 @@ class RedisLink:
         self.seen_key = f"{{{prefix}}}:seen"
         self._publish = self.client.register_script(PUBLISH_LUA)
 
-    def _call(self, fn: Any) -> Any:
+    def call(self, fn: Any) -> Any:
+        """`fn()` (redis-py calls) through the breaker: RedisDown when Redis is unreachable,
+        hung or read-only (a replica after a failover), or the breaker is open."""
         import redis
 
         if not self.breaker.allow():
@@ -116,7 +120,7 @@ class RedisLink:
 
     def ping(self) -> bool:
         try:
-            return bool(self._call(self.client.ping))
+            return bool(self.call(self.client.ping))
         except RedisDown:
             return False
 
@@ -137,7 +141,7 @@ class RedisLink:
                 pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.timeout * 600)))
             return pipe.execute()
 
-        replies = self._call(run)
+        replies = self.call(run)
         entry, first = replies[0]
         replicated = True
         if self.min_replicas > 0:
@@ -151,10 +155,10 @@ class RedisLink:
         """Stream entries after `after` ("0": from the start); with `block`, waiting up to
         BLOCK_S for the first one."""
         if block:
-            reply = self._call(lambda: self.reader.xread({self.stream_key: after}, count=count,
+            reply = self.call(lambda: self.reader.xread({self.stream_key: after}, count=count,
                                                          block=int(BLOCK_S * 1000)))
         else:
-            reply = self._call(lambda: self.client.xread({self.stream_key: after}, count=count))
+            reply = self.call(lambda: self.client.xread({self.stream_key: after}, count=count))
         if not reply:
             return []
         entries = next(iter(reply.values()))[0] if isinstance(reply, dict) else reply[0][1]  # RESP3 / RESP2
@@ -186,3 +190,13 @@ def _host_port(text: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise AtlasError(f"[cluster] sentinels: {text!r}: use HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def link_from_config(cc: Any) -> "RedisLink":
+    """The RedisLink [cluster] describes (the password from its file, the environment or the
+    systemd credential redis-password)."""
+    from atlas_milter.secrets import read_secret
+
+    password = read_secret(cc.password_file, REDIS_PASSWORD_ENV, REDIS_PASSWORD_CREDENTIAL, "[cluster] password_file")
+    return RedisLink(cc.redis, cc.sentinels, cc.sentinel_service, password, cc.key_prefix, cc.timeout, cc.cooldown,
+                     cc.min_replicas)

@@ -46,6 +46,7 @@ from atlas_milter.adapters.imap.session import FolderState, ImapSession, batches
 from atlas_milter.classifier import load_model
 from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError
+from atlas_milter.leases import hold_imap_account
 from atlas_milter.learning import Learned, learn_and_swap, learned_model_path, with_learned_model
 from atlas_milter.message import fingerprint
 from atlas_milter.notify import sd_notify
@@ -364,6 +365,19 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
         if error is None:
             raise
         raise error from None
+    keeper = None
+    if listener.config.cluster.enabled:  # one host watches this account: wait for its lease
+        probe.close()
+
+        def lease_lost(why: str) -> None:
+            listener.fatal = f"imap: stopped watching {imap.user}@{imap.host}: {why}; a standby takes over"
+            listener.stop.set()
+
+        keeper = hold_imap_account(listener.config.cluster, imap.user, imap.host, listener.stop, lease_lost)
+        if keeper is None:
+            listener.pipeline.close()
+            return 0
+        probe = listener.new_session()
     try:
         if not probe.has("IDLE"):
             raise AtlasError(f"IMAP server {imap.host} does not support IDLE")
@@ -388,6 +402,8 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
             if w.junk_role and stored is None:
                 save_folder_mark(listener.db, w.folder, state.uidvalidity, w.high, account=listener.account_key)
     except BaseException:
+        if keeper is not None:
+            keeper.stop()
         listener.pipeline.close()
         raise
     finally:
@@ -425,6 +441,8 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
             w.join(imap.timeout + 5)
     finally:
         signals.restore_handlers(previous)
+        if keeper is not None:
+            keeper.stop()
         if cluster is not None:
             cluster.stop()
         with listener.lock:
