@@ -210,6 +210,9 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
     if cluster is not None:
         engine.shared_model = cluster.current_model
         cluster.start()
+        if mc.classify == "pool":
+            log.warning("milter: classify = \"pool\" with [cluster]: every shared learn starts new worker "
+                        "processes; \"inline\" (the default) just swaps the model")
 
     def reload() -> None:
         engine.reload(read_config or (lambda: config))
