@@ -120,6 +120,12 @@ LOCK_HEADER="# Every runtime + test dependency of atlas-milter, pinned: what scr
 # pyproject.toml; do not edit by hand, regenerate after changing dependencies there."
 
 if [ "$lock" = 1 ]; then
+    # Resolve with Debian's own python3 when there is one: the server install (scripts/install.sh)
+    # runs on it, and its older 3.11 release needs backports a newer 3.11 does not (redis needs
+    # async-timeout before 3.11.3); a lock made on a newer 3.11 would miss them.
+    if [ -z "${PYTHON:-}" ] && [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        PYTHON=/usr/bin/python3
+    fi
     py=$(pick_python) || { echo "bootstrap: need Python >= 3.11 (python3.11 or python3 on PATH, or PYTHON=...)" >&2; exit 1; }
     lock_venv=$CACHE/lock-venv
     rm -rf "$lock_venv"
