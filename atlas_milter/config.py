@@ -114,6 +114,15 @@ class PerformanceConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     db: str = "atlas-milter.db"  # SQLite database of verdicts
+    url: str = ""  # postgresql://USER@HOST:PORT/DB: also ship every verdict there (pg_ship.py); "" = SQLite only
+    password_file: str = ""  # the PostgreSQL password (or ATLAS_PG_PASSWORD, or the systemd credential pg-password)
+    ship_interval: float = 1.0  # seconds between shipments to PostgreSQL
+
+    def __post_init__(self) -> None:
+        if self.url and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"config: [store] url: {self.url.split('@')[-1]!r}: use postgresql://USER@HOST:PORT/DB")
+        if self.ship_interval <= 0:
+            raise ConfigError("config: [store] ship_interval must be positive (seconds)")
 
 
 @dataclass(frozen=True)

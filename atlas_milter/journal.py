@@ -100,3 +100,20 @@ def remove_outbox_event(db_path: str | Path, event_id: str) -> None:
     """Redis has the event: it leaves the outbox."""
     with _committed(db_path) as conn:
         conn.execute("DELETE FROM cluster_outbox WHERE event_id = ?", (event_id,))
+
+
+def ship_mark(db_path: str | Path, target: str) -> tuple[str, int]:
+    """(this database's id, the last row id shipped to `target`); made at the first call."""
+    import uuid
+
+    with _committed(db_path) as conn:
+        conn.execute("INSERT OR IGNORE INTO ship_marks (target, db_id, last_id) VALUES (?, ?, 0)",
+                     (target, uuid.uuid4().hex))
+        db_id, last_id = conn.execute("SELECT db_id, last_id FROM ship_marks WHERE target = ?", (target,)).fetchone()
+    return db_id, last_id
+
+
+def set_ship_mark(db_path: str | Path, target: str, last_id: int) -> None:
+    """Rows up to `last_id` are committed at `target` (never moves back)."""
+    with _committed(db_path) as conn:
+        conn.execute("UPDATE ship_marks SET last_id = max(last_id, ?) WHERE target = ?", (last_id, target))

@@ -300,3 +300,18 @@ def outbox_events(db_path: str | Path) -> list[Any]:
 
     rows = _lookup(db_path, "SELECT event FROM cluster_outbox ORDER BY created_at, event_id", ())
     return [LearnEvent.from_fields(json.loads(event)) for (event,) in rows]
+
+
+# -- shipping to PostgreSQL (pg_ship.py) ----------------------------------------------------
+
+def rows_after(db_path: str | Path, after: int, limit: int, columns: tuple[str, ...]) -> list[tuple]:
+    """(id, *columns) of the next `limit` verdict rows with id above `after`, in id order.
+    `columns` are the store's own column names (never user input)."""
+    sql = f"SELECT id, {', '.join(columns)} FROM processed_emails WHERE id > ? ORDER BY id LIMIT ?"
+    return _read(db_path, lambda conn: conn.execute(sql, (after, limit)).fetchall())
+
+
+def rows_waiting(db_path: str | Path, after: int) -> int:
+    """How many verdict rows have an id above `after` (the shipping backlog)."""
+    return _read(db_path, lambda conn: conn.execute("SELECT count(*) FROM processed_emails WHERE id > ?",
+                                                    (after,)).fetchone()[0])

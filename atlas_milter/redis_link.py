@@ -16,10 +16,9 @@ or decide what a learn means (learn_events.py).
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any
 
+from atlas_milter.breaker import Breaker
 from atlas_milter.errors import AtlasError
 from atlas_milter.learn_events import LearnEvent
 
@@ -48,38 +47,6 @@ class RedisDown(Exception):
     """Redis is unreachable, hung, or the breaker is open: use the local outbox."""
 
 
-class Breaker:
-    """Closed: calls go through. A failure opens it for `cooldown` seconds (calls fail at
-    once); then one call may try (half-open): success closes it, failure opens it again."""
-
-    def __init__(self, cooldown: float, name: str = "redis") -> None:
-        self.cooldown = cooldown
-        self.name = name
-        self.open_until = 0.0
-        self.is_open = False
-        self.opened = 0  # times it opened (counted)
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        with self._lock:
-            return not self.is_open or time.monotonic() >= self.open_until
-
-    def success(self) -> None:
-        with self._lock:
-            if self.is_open:
-                self.is_open = False
-                log.warning("cluster: %s is back; shipping what waited in the outbox", self.name)
-
-    def failure(self, why: str) -> None:
-        with self._lock:
-            self.open_until = time.monotonic() + self.cooldown
-            if not self.is_open:
-                self.is_open = True
-                self.opened += 1
-                log.warning("cluster: %s unreachable (%s); classifying with the local model, learns wait "
-                            "in the outbox", self.name, why)
-
-
 class RedisLink:
     """The shared Redis of one host: `publish(event)`, `read(after, block_s)`, `ping()`."""
 
@@ -93,7 +60,7 @@ class RedisLink:
         # A blocking read waits BLOCK_S on purpose: its own connection, with room for that.
         self.reader = _client(url, sentinels, service, password, BLOCK_S + timeout)
         where = f"sentinel {','.join(sentinels)} service {service}" if sentinels else url.split("@")[-1]  # no password
-        self.breaker = Breaker(cooldown, f"Redis at {where}")
+        self.breaker = Breaker(cooldown, f"cluster: Redis at {where}")
         self.stream_key = f"{{{prefix}}}:learn"
         self.seen_key = f"{{{prefix}}}:seen"
         self._publish = self.client.register_script(PUBLISH_LUA)

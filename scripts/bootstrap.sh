@@ -9,7 +9,7 @@
 #                                   in a fresh throw-away venv, then `pip freeze` minus the project
 #   scripts/bootstrap.sh --system   also the real servers the integration tests drive: postfix,
 #                                   dovecot-imapd, miltertest, sqlite3, node/npm, chromium (headless, for
-#                                   the /performance page test), pipx, redis-server, npm `statsd` in
+#                                   the /performance page test), pipx, redis-server, postgresql, npm `statsd` in
 #                                   .cache/statsd, and Sendmail unpacked (never installed: it
 #                                   conflicts with postfix) in .cache/sendmail (both git-ignored)
 #
@@ -65,6 +65,7 @@ if [ "$system" = 1 ]; then
     command -v unshare >/dev/null 2>&1 || missing+=(util-linux)  # sendmail runs in its own UTS namespace
     command -v pipx >/dev/null 2>&1 || missing+=(pipx)           # tests/test_install.py: the single-user install
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)  # [cluster]: tests/test_cluster_learning.py
+    compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)  # [store] url: tests/test_pg_ship.py
     # headless browser for tests/test_web_chromium.py (~120 MB download, ~20 s, only once)
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 fi

@@ -71,7 +71,7 @@ SAMPLE_HAM = "01-team-meeting.eml"
 SAMPLE_SPAM = "08-pharmacy.eml"
 ALL_MIGRATIONS = ("0001_initial, 0002_add_performance_indexes, 0003_imap_lookups, 0004_imap_accounts, "
                   "0005_history_lookups, 0006_decision_cutoffs, 0007_quarantine_actions, 0008_decision_stages, "
-                  "0009_cluster_outbox")
+                  "0009_cluster_outbox, 0010_ship_marks")
 SERVICE_USER = "atlas-milter"
 VERDICT_LINE = re.compile(r"^(SPAM|HAM|UNSURE) +\d\.\d{3}  ")
 
@@ -180,7 +180,7 @@ def test_wheel_holds_every_file_of_the_package(release: Release):
     for needed in ("data/default-model.json.gz", "data/sample/12-broken-mime.eml", "migrations/0003_imap_lookups.sql",
                    "migrations/0004_imap_accounts.sql", "migrations/0005_history_lookups.sql", "migrations/0006_decision_cutoffs.sql",
                    "migrations/0007_quarantine_actions.sql", "migrations/0008_decision_stages.sql",
-                   "migrations/0009_cluster_outbox.sql",
+                   "migrations/0009_cluster_outbox.sql", "migrations/0010_ship_marks.sql",
                    "py.typed"):
         assert f"atlas_milter/{needed}" in names
 

@@ -24,7 +24,7 @@ PERF_INDEXES = {
 }
 ALL_NAMES = ["0001_initial", "0002_add_performance_indexes", "0003_imap_lookups", "0004_imap_accounts",
              "0005_history_lookups", "0006_decision_cutoffs", "0007_quarantine_actions",
-             "0008_decision_stages", "0009_cluster_outbox"]
+             "0008_decision_stages", "0009_cluster_outbox", "0010_ship_marks"]
 IMAP_INDEXES = {"idx_processed_emails_message_id", "idx_learning_events_message_id"}
 
 
@@ -41,7 +41,7 @@ def recorded(db: Path) -> list[int]:
 def test_package_finds_the_numbered_files_only():
     found = migrate.available_migrations()
     assert [m.name for m in found] == ALL_NAMES
-    assert [m.version for m in found] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert [m.version for m in found] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     # In the checkout the package's directory is the top-level folder, through the symlink
     # (an installed wheel carries copies: tests/test_install.py).
     with resources.as_file(migrate.MIGRATIONS_DIR) as directory:
@@ -54,10 +54,10 @@ def test_fresh_database_gets_everything_and_rerun_applies_nothing(tmp_path):
     assert migrate.apply_migrations(db) == ALL_NAMES
     assert {"processed_emails", "domains", "learning_events", "schema_migrations"} <= names(db, "table")
     assert PERF_INDEXES | {"uq_processed_emails_mailbox_uid"} <= names(db, "index")
-    assert recorded(db) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert recorded(db) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert migrate.apply_migrations(db) == []
-    assert recorded(db) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    assert [s["status"] for s in migrate.migration_status(db)] == ["applied"] * 9
+    assert recorded(db) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert [s["status"] for s in migrate.migration_status(db)] == ["applied"] * 10
 
 
 def test_connection_pragmas(tmp_path):
@@ -79,6 +79,7 @@ def test_rollback_0003_drops_the_imap_lookups_and_message_id_lookups_use_the_ind
             "EXPLAIN QUERY PLAN SELECT verdict FROM processed_emails WHERE message_id = ? ORDER BY id DESC LIMIT 1",
             ("<x@y>",)))
     assert "idx_processed_emails_message_id" in plan, plan
+    assert migrate.rollback_last(db) == "0010_ship_marks"
     assert migrate.rollback_last(db) == "0009_cluster_outbox"
     assert migrate.rollback_last(db) == "0008_decision_stages"
     assert migrate.rollback_last(db) == "0007_quarantine_actions"
@@ -91,12 +92,13 @@ def test_rollback_0003_drops_the_imap_lookups_and_message_id_lookups_use_the_ind
     assert migrate.apply_migrations(db) == ["0003_imap_lookups", "0004_imap_accounts", "0005_history_lookups",
                                                  "0006_decision_cutoffs",
                                                  "0007_quarantine_actions", "0008_decision_stages",
-                                                 "0009_cluster_outbox"]
+                                                 "0009_cluster_outbox", "0010_ship_marks"]
 
 
 def test_rollback_last_drops_the_indexes_and_reapply_restores_them(tmp_path):
     db = tmp_path / "v.db"
     migrate.apply_migrations(db)
+    assert migrate.rollback_last(db) == "0010_ship_marks"
     assert migrate.rollback_last(db) == "0009_cluster_outbox"
     assert migrate.rollback_last(db) == "0008_decision_stages"
     assert migrate.rollback_last(db) == "0007_quarantine_actions"
@@ -108,16 +110,17 @@ def test_rollback_last_drops_the_indexes_and_reapply_restores_them(tmp_path):
     assert not PERF_INDEXES & names(db, "index")
     assert "uq_processed_emails_mailbox_uid" in names(db, "index")  # belongs to 0001
     assert recorded(db) == [1]
-    assert [s["status"] for s in migrate.migration_status(db)] == ["applied"] + ["pending"] * 8
+    assert [s["status"] for s in migrate.migration_status(db)] == ["applied"] + ["pending"] * 9
 
     assert migrate.apply_migrations(db) == ALL_NAMES[1:]
     assert PERF_INDEXES <= names(db, "index")
-    assert recorded(db) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert recorded(db) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 def test_rollback_everything_then_nothing_left(tmp_path):
     db = tmp_path / "v.db"
     migrate.apply_migrations(db)
+    assert migrate.rollback_last(db) == "0010_ship_marks"
     assert migrate.rollback_last(db) == "0009_cluster_outbox"
     assert migrate.rollback_last(db) == "0008_decision_stages"
     assert migrate.rollback_last(db) == "0007_quarantine_actions"
@@ -170,6 +173,7 @@ def test_migration_status_of_a_missing_database_does_not_create_it(tmp_path):
 def test_add_performance_indexes_runs_with_the_sqlite3_cli(tmp_path):
     db = tmp_path / "v.db"
     migrate.apply_migrations(db)
+    migrate.rollback_last(db)  # 0010
     migrate.rollback_last(db)  # 0009
     migrate.rollback_last(db)  # 0008
     migrate.rollback_last(db)  # 0007
@@ -221,7 +225,7 @@ def test_locked_wal_database_with_pending_migration_raises_store_error(tmp_path)
             migrate.rollback_last(db, busy_timeout=0.1)
     finally:
         holder.close()
-    assert recorded(db) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert recorded(db) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 def test_not_a_database_raises_store_error(tmp_path):
@@ -264,7 +268,7 @@ def test_0004_keys_imap_rows_by_account_and_gives_old_rows_the_default_account(t
     row = ROW
     assert migrate.apply_migrations(db) == ["0004_imap_accounts", "0005_history_lookups", "0006_decision_cutoffs",
                                                  "0007_quarantine_actions", "0008_decision_stages",
-                                                 "0009_cluster_outbox"]
+                                                 "0009_cluster_outbox", "0010_ship_marks"]
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT source, account FROM processed_emails ORDER BY id").fetchall() == [
             ("imap", ""), ("milter", None)]
@@ -282,6 +286,7 @@ def test_0004_keys_imap_rows_by_account_and_gives_old_rows_the_default_account(t
             "EXPLAIN QUERY PLAN SELECT max(uid) FROM processed_emails WHERE account = ? AND folder = ? "
             "AND uidvalidity = ? AND uid IS NOT NULL", ("", "INBOX", 7)))
     assert "uq_processed_emails_mailbox_uid" in plan, plan
+    assert migrate.rollback_last(db) == "0010_ship_marks"
     assert migrate.rollback_last(db) == "0009_cluster_outbox"
     assert migrate.rollback_last(db) == "0008_decision_stages"
     assert migrate.rollback_last(db) == "0007_quarantine_actions"
@@ -297,7 +302,7 @@ def test_0004_keys_imap_rows_by_account_and_gives_old_rows_the_default_account(t
         assert "account" not in {r[1] for r in conn.execute("PRAGMA table_info(learning_events)")}
     assert migrate.apply_migrations(db) == ["0004_imap_accounts", "0005_history_lookups", "0006_decision_cutoffs",
                                                  "0007_quarantine_actions", "0008_decision_stages",
-                                                 "0009_cluster_outbox"]
+                                                 "0009_cluster_outbox", "0010_ship_marks"]
 
 
 def _db_upgraded_from_0003(tmp_path: Path) -> Path:

@@ -197,14 +197,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from atlas_milter.queries import query_stats, require_database
 
     config = _load_config(args)
-    require_database(config.store.db)
-    data = query_stats(config.store.db, top=args.top)
+    if config.store.url and not args.db:  # every host's verdicts (pg_ship.py)
+        from atlas_milter.pg_ship import PG_PASSWORD_CREDENTIAL, PG_PASSWORD_ENV, query_stats as query_pg_stats
+        from atlas_milter.secrets import read_secret
+
+        password = read_secret(config.store.password_file, PG_PASSWORD_ENV, PG_PASSWORD_CREDENTIAL, "[store] password_file")
+        data = query_pg_stats(config.store.url, password, top=args.top)
+    else:
+        require_database(config.store.db)
+        data = query_stats(config.store.db, top=args.top)
     if args.json:
         print(json.dumps(data))
         return 0
     print(f"verdicts      {data['total']} ({data['first'] or '-'} .. {data['last'] or '-'})")
     print("by verdict    " + ", ".join(f"{k} {v}" for k, v in data["by_verdict"].items()))
     print("by action     " + ", ".join(f"{k} {v}" for k, v in data["by_action"].items()))
+    if "by_host" in data:
+        print("by host       " + ", ".join(f"{k} {v}" for k, v in data["by_host"].items()))
     lat = data["latency_ms"]
     print("latency ms    " + ", ".join(f"{k} {v}" for k, v in lat.items()))
     print("top sender domains:")

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from atlas_milter import cluster_sync, signals
+from atlas_milter import cluster_sync, pg_ship, signals
 from atlas_milter.adapters.imap.actions import (
     action_for,
     adopt_rows_written_before_accounts,
@@ -417,6 +417,9 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
     cluster = cluster_sync.from_config(listener.config, listener.pipeline.model, use_model)
     if cluster is not None:
         cluster.start()
+    shipper = pg_ship.from_config(listener.config)  # [store] url: verdicts to PostgreSQL too
+    if shipper is not None:
+        shipper.start()
     sd_notify("READY=1")  # systemd Type=notify: logged in, folders found
 
     def on_stop(signum: int, _frame: Any) -> None:
@@ -447,6 +450,8 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
             cluster.stop()
         with listener.lock:
             listener.pipeline.close()
+        if shipper is not None:  # after the last records are in SQLite: one more shipment
+            shipper.stop()
     if listener.fatal:
         raise AtlasError(listener.fatal)
     return 0

@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import Callable
 
-from atlas_milter import cluster_sync, signals
+from atlas_milter import cluster_sync, pg_ship, signals
 from atlas_milter.adapters.milter import libmilter
 from atlas_milter.adapters.milter.engine import BUSY_WAIT, MilterEngine, make_pipeline
 from atlas_milter.adapters.milter.handler import WANTED_ACTIONS, AtlasMilter
@@ -219,6 +219,10 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
         libmilter.release_free_heap()  # the old model and the new one's file
 
     start_reload_thread(reload)
+    # [store] url: every verdict also goes to PostgreSQL, from the SQLite outbox (pg_ship.py).
+    shipper = pg_ship.from_config(config)
+    if shipper is not None:
+        shipper.start()
     try:
         if mc.transport == "loop":
             _serve_loop(engine, sock)
@@ -231,6 +235,8 @@ def serve(config: Config, read_config: Callable[[], Config] | None = None) -> in
             cluster.stop()
         try:
             engine.close()
+            if shipper is not None:  # after the last records are in SQLite: one more shipment
+                shipper.stop()
         finally:
             signals.restore(old_mask)
             _log_summary(engine)

@@ -1,0 +1,203 @@
+"""Owns shipping a host's verdict records to PostgreSQL when [store] url is set: the local
+SQLite database stays the durable outbox (every record is written there first, as
+without PostgreSQL), and a background thread copies what is new to PostgreSQL in batches.
+
+Exactly once: every row carries the database's own id (`db_id`, made once per SQLite file)
+and its local row id, the primary key in PostgreSQL. A batch goes in with COPY into a
+temporary table and one `INSERT ... ON CONFLICT DO NOTHING`; only then does the local
+mark move. A crash between the two sends the batch again and the conflict drops what
+arrived the first time. The per-domain counters are added from the rows that were really
+inserted, in the same transaction, so a replay never counts twice.
+
+While PostgreSQL is down, rows wait in SQLite and the breaker keeps calls away (one log
+line per change of state); mail never waits for PostgreSQL.
+
+Threads: one thread ("atlas-pg-ship"). Must not: be on the per-message path, or write the
+verdict database except its shipping mark (journal.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from atlas_milter import journal, queries
+from atlas_milter.breaker import Breaker
+from atlas_milter.monitor import PerformanceMetrics
+from atlas_milter.signals import RELOAD_SIGNAL, STOP_SIGNALS, blocked
+from atlas_milter.store import COLUMNS
+
+log = logging.getLogger(__name__)
+
+TARGET = "postgresql"
+GAUGE_BACKLOG = "store.pg_backlog"
+GAUGE_PG_UP = "store.pg_up"
+COUNTER_SHIPPED = "store.pg_rows_shipped"
+CONNECT_TIMEOUT = 2  # seconds
+STATEMENT_TIMEOUT_MS = 10000
+
+# Column types in PostgreSQL for the SQLite columns (store.COLUMNS), in that order.
+_PG_TYPES = {"uidvalidity": "BIGINT", "uid": "BIGINT", "recipients_count": "INTEGER", "score": "DOUBLE PRECISION",
+             "cache_hit": "INTEGER", "elapsed_ms": "DOUBLE PRECISION", "spam_cutoff": "DOUBLE PRECISION",
+             "ham_cutoff": "DOUBLE PRECISION", "created_at": "TIMESTAMPTZ"}
+SHIPPED_COLUMNS = ("db_id", "local_id", "host", *COLUMNS)
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS verdicts (db_id TEXT NOT NULL, local_id BIGINT NOT NULL, host TEXT NOT NULL, "
+    + ", ".join(f"{c} {_PG_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
+    + ", PRIMARY KEY (db_id, local_id))",
+    "CREATE INDEX IF NOT EXISTS verdicts_created_at ON verdicts (created_at)",
+    "CREATE INDEX IF NOT EXISTS verdicts_queue_id ON verdicts (queue_id)",
+    "CREATE TABLE IF NOT EXISTS domains (domain TEXT PRIMARY KEY, ham BIGINT NOT NULL DEFAULT 0, "
+    "spam BIGINT NOT NULL DEFAULT 0, unsure BIGINT NOT NULL DEFAULT 0, last_seen TIMESTAMPTZ)",
+)
+_INSERT = f"""
+WITH new AS (
+    INSERT INTO verdicts ({', '.join(SHIPPED_COLUMNS)}) SELECT {', '.join(SHIPPED_COLUMNS)} FROM incoming
+    ON CONFLICT DO NOTHING RETURNING sender_domain, verdict, created_at
+)
+INSERT INTO domains (domain, ham, spam, unsure, last_seen)
+SELECT sender_domain, count(*) FILTER (WHERE verdict = 'ham'), count(*) FILTER (WHERE verdict = 'spam'),
+       count(*) FILTER (WHERE verdict = 'unsure'), max(created_at)
+FROM new WHERE sender_domain IS NOT NULL GROUP BY sender_domain
+ON CONFLICT (domain) DO UPDATE SET ham = domains.ham + excluded.ham, spam = domains.spam + excluded.spam,
+    unsure = domains.unsure + excluded.unsure, last_seen = greatest(domains.last_seen, excluded.last_seen)
+"""
+
+
+class Shipper:
+    """Copies new verdict rows of `db` to PostgreSQL at `url` every `interval` seconds."""
+
+    def __init__(self, db: str, url: str, host: str, password: str = "", interval: float = 1.0, batch: int = 1000,
+                 cooldown: float = 2.0, metrics: PerformanceMetrics | None = None) -> None:
+        self.db = db
+        self.url = url
+        self.host = host
+        self.password = password
+        self.interval = interval
+        self.batch = batch
+        self.metrics = metrics or PerformanceMetrics.get_instance()
+        where = url.split("@")[-1]  # never the password
+        self.breaker = Breaker(cooldown, f"store: PostgreSQL at {where}", "verdicts wait in the local database")
+        self._conn: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Shipper":
+        self._thread = threading.Thread(target=self._run, name="atlas-pg-ship", daemon=True)
+        with blocked(STOP_SIGNALS | {RELOAD_SIGNAL}):
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after one last round (what the daemon wrote before stopping is shipped if it can be)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.wait(self.interval)
+            if self.breaker.allow():
+                try:
+                    while self.ship_once() == self.batch:  # a backlog: keep going
+                        pass
+                    self.breaker.success()
+                    self.metrics.set_gauge(GAUGE_PG_UP, 1)
+                except Exception as exc:  # psycopg.Error, OSError: PostgreSQL down or refusing
+                    self._drop_connection()
+                    self.breaker.failure(type(exc).__name__)
+                    self.metrics.set_gauge(GAUGE_PG_UP, 0)
+            if stopping:
+                return
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.url, password=self.password or None, connect_timeout=CONNECT_TIMEOUT,
+                                         options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", autocommit=False)
+            with self._conn.transaction():
+                for statement in SCHEMA:
+                    self._conn.execute(statement)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+    def ship_once(self) -> int:
+        """Ship the next batch of rows; how many were sent (0: nothing new)."""
+        db_id, after = journal.ship_mark(self.db, TARGET)
+        rows = queries.rows_after(self.db, after, self.batch, COLUMNS)
+        self.metrics.set_gauge(GAUGE_BACKLOG, queries.rows_waiting(self.db, after))
+        if not rows:
+            return 0
+        conn = self._connect()
+        with conn.transaction():
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS incoming (LIKE verdicts) ON COMMIT DELETE ROWS")
+            with conn.cursor().copy(f"COPY incoming ({', '.join(SHIPPED_COLUMNS)}) FROM STDIN") as copy:
+                for local_id, *values in rows:
+                    copy.write_row((db_id, local_id, self.host, *values))
+            conn.execute(_INSERT)
+        journal.set_ship_mark(self.db, TARGET, rows[-1][0])  # after the commit: a crash here only resends
+        self.metrics.incr(COUNTER_SHIPPED, len(rows))
+        return len(rows)
+
+
+PG_PASSWORD_ENV = "ATLAS_PG_PASSWORD"
+PG_PASSWORD_CREDENTIAL = "pg-password"
+
+
+def from_config(config: Any) -> Shipper | None:
+    """The daemon's shipper as [store] url configures it; None without one."""
+    import socket
+
+    from atlas_milter.secrets import read_secret
+
+    sc = config.store
+    if not sc.url:
+        return None
+    password = read_secret(sc.password_file, PG_PASSWORD_ENV, PG_PASSWORD_CREDENTIAL, "[store] password_file")
+    host = config.cluster.host or socket.gethostname()
+    return Shipper(sc.db, sc.url, host, password, sc.ship_interval)
+
+
+def query_stats(url: str, password: str = "", top: int = 10) -> dict[str, Any]:
+    """`atlas-milter stats` over every host's verdicts in PostgreSQL: the same figures as
+    queries.query_stats gives for one SQLite database, and per host. AtlasError when
+    PostgreSQL cannot be reached."""
+    import psycopg
+
+    from atlas_milter.errors import AtlasError
+
+    try:
+        with psycopg.connect(url, password=password or None, connect_timeout=CONNECT_TIMEOUT) as conn:
+            for statement in SCHEMA:
+                conn.execute(statement)
+            total, first, last = conn.execute("SELECT count(*), min(created_at), max(created_at) FROM verdicts").fetchone()
+            by = {}
+            for column in ("verdict", "action", "host"):  # fixed names, never user input
+                by[column] = dict(conn.execute(f"SELECT coalesce({column}, ''), count(*) FROM verdicts "
+                                               f"GROUP BY 1 ORDER BY 2 DESC, 1").fetchall())
+            domains = [{"domain": d, "count": ham + spam + unsure, "ham": ham, "spam": spam, "unsure": unsure,
+                        "last_seen": seen.isoformat() if seen else None}
+                       for d, ham, spam, unsure, seen in conn.execute(
+                           "SELECT domain, ham, spam, unsure, last_seen FROM domains "
+                           "ORDER BY ham + spam + unsure DESC, domain LIMIT %s", (top,))]
+            p50, p95, p99, top_ms = conn.execute(
+                "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY elapsed_ms), "
+                "percentile_disc(0.95) WITHIN GROUP (ORDER BY elapsed_ms), "
+                "percentile_disc(0.99) WITHIN GROUP (ORDER BY elapsed_ms), max(elapsed_ms) FROM verdicts").fetchone()
+    except psycopg.Error as exc:
+        where = url.split("@")[-1]
+        raise AtlasError(f"PostgreSQL at {where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    return {"total": total, "first": first.isoformat() if first else None, "last": last.isoformat() if last else None,
+            "by_verdict": by["verdict"], "by_action": by["action"], "by_host": by["host"], "top_domains": domains,
+            "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "max": top_ms}, "source": "postgresql"}
