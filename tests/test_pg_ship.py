@@ -1,7 +1,7 @@
 """Verdicts shipped to a real PostgreSQL ([store] url): every SQLite row arrives exactly once,
 with the per-domain counters added once; a batch sent again (a crash between PostgreSQL's
 commit and the local mark) changes nothing; PostgreSQL stopped under load: the rows wait
-and all arrive once after it returns; a milter killed with SIGKILL while shipping, then
+and all arrive once after it returns (a minute, 50 verdicts a second); a milter killed with SIGKILL while shipping, then
 started again on the same database: no row lost or doubled."""
 
 from __future__ import annotations
@@ -120,10 +120,10 @@ def test_postgresql_stopped_under_load_every_row_arrives_once(tmp_path, postgres
     try:
         time.sleep(1.0)
         postgres.stop()
-        time.sleep(15)  # the issue's minute, shortened for CI
+        time.sleep(60)  # a minute without PostgreSQL
         assert shipper.breaker.is_open
         waiting = local_count(db) - journal.ship_mark(db, TARGET)[1]
-        assert waiting > 400  # piled up locally meanwhile
+        assert waiting > 1500  # piled up locally meanwhile
         postgres.start()
         time.sleep(1.0)
     finally:
