@@ -59,6 +59,7 @@ class ClusterLearning:
         self.max_bytes = max_bytes
         self.use_model = use_model
         self.metrics = metrics or PerformanceMetrics.get_instance()
+        self.base = base  # its cutoffs are every host's (learning changes weights only)
         self.shared = SharedModel(base, self.host)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -95,7 +96,7 @@ class ClusterLearning:
             _current = None
 
     def current_model(self) -> Model:
-        """The shared model as it stands, prepared (for a reload of the daemon)."""
+        """The shared model as it stands, prepared (for a swap, or a reload of the daemon)."""
         with self._lock:
             model = self.shared.model()
         model.compiled = self._compiled
@@ -193,10 +194,8 @@ class ClusterLearning:
         never while holding the lock: use_model takes the daemon's own locks, and the daemon
         may hold those while it calls learn() or current_model()."""
         with self._lock:
-            model = self.shared.model()
-            self._dirty = False
-        model.compiled = self._compiled
-        model.prepare()
+            self._dirty = False  # a learn after this point is in the model below, or swaps again
+        model = self.current_model()
         self.use_model(model)
         self._in_force = model.version
 

@@ -16,14 +16,14 @@ Must not: talk to Redis or the database, or know how events travel.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from atlas_milter.classifier import WEIGHT_DECIMALS, Model, learn
+from atlas_milter.classifier import WEIGHT_DECIMALS, Model, features, learn
 from atlas_milter.message import fingerprint, parse_message
 
 LABELS = ("spam", "ham")
@@ -71,12 +71,7 @@ def make_event(model: Model, raw: bytes, is_spam: bool, max_bytes: int, host: st
     """Learn `raw` on a copy of `model` and return what changed as an event, with the
     message's score before and after. `model` itself is not touched."""
     parsed = parse_message(raw, max_bytes)
-    trial = copy.copy(model)
-    trial.weights = dict(model.weights)
-    trial.meta = dict(model.meta)
-    trial._table = None
-    from atlas_milter.classifier import features
-
+    trial = _own_copy(model)
     before = model.probability(model.margin(features(parsed)))
     after = learn(trial, parsed, is_spam, cutoffs=cutoffs)
     deltas = {f: round(w - model.weights.get(f, 0.0), WEIGHT_DECIMALS + 2)
@@ -98,10 +93,7 @@ class SharedModel:
     def __init__(self, base: Model, host: str) -> None:
         self.host = host
         self.base_version = base.version
-        self._applied = copy.copy(base)  # base + the stream up to `position`
-        self._applied.weights = dict(base.weights)
-        self._applied.meta = dict(base.meta)
-        self._applied._table = None
+        self._applied = _own_copy(base)  # base + the stream up to `position`
         self.position = "0"  # the last stream entry applied ("0": none)
         self.pending: dict[str, LearnEvent] = {}  # event id -> own event not seen on the stream yet
         self.applied_count = 0
@@ -133,13 +125,16 @@ class SharedModel:
     def model(self) -> Model:
         """A new Model to score with: the stream's weights plus the pending own events, with
         the version that names them. Prepared by the caller (it may be compiled)."""
-        current = copy.copy(self._applied)
-        current.weights = dict(self._applied.weights)
+        current = _own_copy(self._applied, {**self._applied.meta, "version": self.version})
         for event in self.pending.values():
             apply_deltas(current.weights, event.deltas)
-        current.meta = {**self._applied.meta, "version": self.version}
-        current._table = None
         return current
+
+
+def _own_copy(model: Model, meta: dict | None = None) -> Model:
+    """`model` with weights and meta of its own (changing them leaves `model` as it is) and
+    no compiled table yet (dataclasses.replace leaves out the init=False field)."""
+    return dataclasses.replace(model, weights=dict(model.weights), meta=dict(model.meta if meta is None else meta))
 
 
 def _stream_key(entry_id: str) -> tuple[int, int]:

@@ -181,8 +181,7 @@ def learn_ham(config: Config, raw: bytes) -> tuple[float, float, str]:
 
     cluster = cluster_sync.current()
     if cluster is not None:
-        model = cluster.current_model()
-        cutoffs = resolve_cutoffs(config.classifier, model)
+        cutoffs = resolve_cutoffs(config.classifier, cluster.base)
         before, after = cluster.learn(raw, False, (cutoffs.spam, cutoffs.ham))
         return before, after, "for every host ([cluster])"
     path = learned_model_path(config)
