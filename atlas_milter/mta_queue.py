@@ -117,27 +117,28 @@ class PostfixQueue:
                             tuple(str(r.get("address", "")) for r in item.get("recipients") or ())))
         return out
 
-    def _require_held(self, queue_id: str) -> None:
-        check_queue_id(queue_id)
-        if not any(h.queue_id == queue_id for h in self.held()):
-            raise AtlasError(f"{queue_id}: not in the Postfix hold queue (released, deleted or delivered already?)")
+    @staticmethod
+    def _not_held(queue_id: str) -> AtlasError:
+        return AtlasError(f"{queue_id}: not in the Postfix hold queue (released, deleted or delivered already?)")
 
     def read(self, queue_id: str) -> bytes:
         """The message as queued (headers and body, LF line ends), our verdict headers included."""
-        self._require_held(queue_id)
+        check_queue_id(queue_id)
+        if not any(h.queue_id == queue_id for h in self.held()):  # postcat would read any queue
+            raise self._not_held(queue_id)
         return self._run("postcat", "-bh", "-q", queue_id, what=f"reading {queue_id}").stdout
 
+    # postsuper acts on the hold queue only (-H; -d ID hold) and says how many it handled:
+    # a message not held is its "0 messages", no listing of the queue first.
     def release(self, queue_id: str) -> None:
-        self._require_held(queue_id)
-        proc = self._run("postsuper", "-H", queue_id, what=f"releasing {queue_id}")
+        proc = self._run("postsuper", "-H", check_queue_id(queue_id), what=f"releasing {queue_id}")
         if b"released from hold" not in proc.stderr + proc.stdout:
-            raise AtlasError(f"releasing {queue_id}: Postfix released nothing ({tool_error(proc)})")
+            raise self._not_held(queue_id)
 
     def delete(self, queue_id: str) -> None:
-        self._require_held(queue_id)
-        proc = self._run("postsuper", "-d", queue_id, "hold", what=f"deleting {queue_id}")
+        proc = self._run("postsuper", "-d", check_queue_id(queue_id), "hold", what=f"deleting {queue_id}")
         if b"removed" not in proc.stderr + proc.stdout:
-            raise AtlasError(f"deleting {queue_id}: Postfix deleted nothing ({tool_error(proc)})")
+            raise self._not_held(queue_id)
 
 
 _QUOTED_OR_MACRO = re.compile(rb"\xff(.)|[\x80-\x9f]", re.S)  # Sendmail's METAQUOTE + byte | an internal character
