@@ -141,13 +141,16 @@ class Console:
 
     # -- history ------------------------------------------------------------------------------
 
+    def _search(self, key: str) -> list[dict[str, Any]]:
+        """The decisions the search box's `key` names (reference, queue id, Message-ID); none found: []."""
+        try:
+            return history.explain(self.db, key).matches
+        except AtlasError:
+            return []
+
     def history_data(self, q: dict[str, str]) -> dict[str, Any]:
         if q.get("q", "").strip():
-            try:
-                found = history.explain(self.db, q["q"])
-            except AtlasError:
-                return {"rows": [], "next_before": None, "search": q["q"]}
-            return {"rows": [self._row(r) for r in found.matches], "next_before": None, "search": q["q"]}
+            return {"rows": [self._row(r) for r in self._search(q["q"])], "next_before": None, "search": q["q"]}
         before = q.get("before", "")
         if before and not before.isdigit():
             raise AtlasError(f"before={before[:20]!r}: give a decision id")
@@ -166,13 +169,8 @@ class Console:
                 "reasons": visible(format_reasons(row.get("reasons") or [], history.TOP_REASONS))}
 
     def history_page(self, q: dict[str, str]) -> Page:
-        if q.get("q", "").strip():  # the search box: one match is shown at once
-            try:
-                found = history.explain(self.db, q["q"])
-            except AtlasError:
-                found = None
-            if found is not None and len(found.matches) == 1:
-                return _redirect(f"/decision/{found.matches[0]['id']}")
+        if q.get("q", "").strip() and len(matches := self._search(q["q"])) == 1:  # the search box: one match at once
+            return _redirect(f"/decision/{matches[0]['id']}")
         history.history(self.db, limit=1)  # a missing database or bad filter is an error page, not an empty table
         if q.get("since"):
             history.parse_since(q["since"])

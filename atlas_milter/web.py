@@ -359,24 +359,39 @@ class _Handler(BaseHTTPRequestHandler):
                 return value
         return ""
 
+    def _bearer(self) -> str | None:
+        """The token of an `Authorization: Bearer` header, or None when there is none."""
+        auth = self.headers.get("Authorization", "")
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+    def _is_token(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _has_session(self) -> bool:
+        return bool(self.session) and hmac.compare_digest(self._cookie().encode(), self.session.encode())
+
+    def _proxy_user(self) -> str:
+        """The user the reverse proxy authenticated ([http] auth_header), or ""."""
+        return (self.headers.get(self.auth_header) or "").strip() if self.auth_header else ""
+
     def _console_caller(self, url: Any, head: bool, post: bool = False) -> Any:
         from atlas_milter.console import Caller
 
         client = self.client_address[0]
-        auth = self.headers.get("Authorization", "")
-        if self.token and auth[:7].lower() == "bearer ":
-            if hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
+        bearer = self._bearer() if self.token else None
+        if bearer is not None:
+            if self._is_token(bearer):
                 return Caller(f"token from {client}", "")
-        elif self.token and self.session and hmac.compare_digest(self._cookie().encode(), self.session.encode()):
+        elif self.token and self._has_session():
             return Caller(f"token from {client}", _sign(self.secret, "csrf", self.session))
         elif self.token and not post and "token" in (q := parse_qs(url.query)):
-            if hmac.compare_digest(q["token"][0].encode(), self.token.encode()):
+            if self._is_token(q["token"][0]):
                 rest = urlencode([(k, v) for k, vs in q.items() if k != "token" for v in vs])
                 self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", head, {
                     "Location": url.path + (f"?{rest}" if rest else ""),
                     "Set-Cookie": f"{SESSION_COOKIE}={self.session}; HttpOnly; SameSite=Strict; Path=/"})
                 return None
-        elif self.auth_header and (user := (self.headers.get(self.auth_header) or "").strip()):
+        elif user := self._proxy_user():
             return Caller(f"{user[:120]} (via {self.auth_header})", _sign(self.secret, "csrf", "proxy:" + user))
         if not self.token and not self.auth_header:
             self._send(HTTPStatus.FORBIDDEN, b"the console needs [http] token_file (or auth_header behind a proxy)\n",
@@ -441,20 +456,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _allowed(self, query: str) -> bool:
         if self.token:
-            given = ""
-            auth = self.headers.get("Authorization", "")
-            if auth[:7].lower() == "bearer ":
-                given = auth[7:].strip()
+            bearer = self._bearer()
+            if bearer is not None:
+                ok = self._is_token(bearer)
             elif "token" in (q := parse_qs(query)):
-                given = q["token"][0]
-            elif self.session and self._cookie():  # the console's session cookie
-                given = self.token if hmac.compare_digest(self._cookie().encode(), self.session.encode()) else ""
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                ok = self._is_token(q["token"][0])
+            else:
+                ok = self._has_session()  # the console's session cookie
+            if not ok:
                 self._send(HTTPStatus.UNAUTHORIZED, b"token required\n", "text/plain; charset=utf-8", False,
                            {"WWW-Authenticate": 'Bearer realm="atlas-milter"'})
                 return False
             return True
-        if self.auth_header and (self.headers.get(self.auth_header) or "").strip():
+        if self._proxy_user():
             return True  # the reverse proxy authenticated the user
         host = (self.headers.get("Host") or "").strip()
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
