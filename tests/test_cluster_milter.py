@@ -12,7 +12,6 @@ import http.client
 import json
 import re
 import sqlite3
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -89,10 +88,7 @@ def running_hosts(postfix, actions: tuple[str, ...]):
         for proc, _ in hosts:
             proc.stop()
         redis.stop()
-        out = subprocess.run(["postqueue", "-c", str(postfix.conf_dir), "-j"], capture_output=True, text=True)
-        for item in map(json.loads, out.stdout.splitlines()):  # leave the session's Postfix as we found it
-            if item["queue_name"] == "hold":
-                subprocess.run(["postsuper", "-c", str(postfix.conf_dir), "-d", item["queue_id"]], capture_output=True)
+        postfix.delete_held()  # leave the session's Postfix as we found it
 
 
 @pytest.fixture

@@ -43,12 +43,6 @@ def cli(proc: MilterProcess, *args: str) -> subprocess.CompletedProcess:
                            "--db", str(proc.db)], capture_output=True, text=True, timeout=60)
 
 
-def held_ids(postfix) -> set[str]:
-    out = subprocess.run(["postqueue", "-c", str(postfix.conf_dir), "-j"], capture_output=True, text=True, timeout=30)
-    return {json.loads(line)["queue_id"] for line in out.stdout.splitlines()
-            if json.loads(line)["queue_name"] == "hold"}
-
-
 class Browser:
     """An HTTP client that keeps the console's session cookie, as a browser would."""
 
@@ -108,8 +102,7 @@ def quarantining(postfix, tmp_path):
             yield proc, port
     finally:
         proc.stop()
-        for qid in held_ids(postfix):  # leave the session's Postfix as we found it
-            subprocess.run(["postsuper", "-c", str(postfix.conf_dir), "-d", qid], capture_output=True)
+        postfix.delete_held()  # leave the session's Postfix as we found it
 
 
 def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quarantining, tmp_path):
@@ -120,7 +113,7 @@ def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quara
         code, text = send_one(postfix.host, postfix.smtp_port, with_token((SAMPLE / name).read_bytes(), tokens[name]),
                               [postfix.user])
         assert code == 250, text
-    wait_until(lambda: len(held_ids(postfix)) == 3, timeout=30, what="three messages on hold")
+    wait_until(lambda: len(postfix.held_ids()) == 3, timeout=30, what="three messages on hold")
 
     # The command line: every held message beside the decision that held it.
     def listing() -> list[dict]:
@@ -131,7 +124,7 @@ def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quara
     # The records reach the database in the writer's next batch (at most a second or two).
     wait_until(lambda: all(e["decision_id"] for e in listing()), timeout=20, what="the decisions recorded")
     listed = listing()
-    assert {e["queue_id"] for e in listed} == held_ids(postfix)
+    assert {e["queue_id"] for e in listed} == postfix.held_ids()
     for entry in listed:
         assert entry["verdict"] == "spam" and entry["score"] >= 0.9 and entry["reasons"] and entry["ref"]
     entries = {name: next(e for e in listed if tokens[name] in cli(proc, "quarantine", "show", e["queue_id"]).stdout)
@@ -167,7 +160,7 @@ def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quara
     status, headers, _ = browser.request("POST", f"/quarantine/{release['queue_id']}/release", {"csrf": csrf})
     assert status == 303, headers
     postfix.wait_for_message(tokens[SPAM[0]], timeout=30)
-    assert release["queue_id"] not in held_ids(postfix)
+    assert release["queue_id"] not in postfix.held_ids()
 
     # Release and learn from the page: delivered, the milter reloads, the same message scores ham.
     status, headers, _ = browser.request("POST", f"/quarantine/{learn['queue_id']}/learn", {"csrf": csrf})
@@ -185,7 +178,7 @@ def test_quarantine_release_learn_delete_and_the_reject_reference(postfix, quara
     # Delete from the command line: gone from the queue, never delivered.
     out = cli(proc, "quarantine", "delete", delete["queue_id"], "--postfix-config", str(postfix.conf_dir))
     assert out.returncode == 0, out.stderr
-    assert delete["queue_id"] not in held_ids(postfix)
+    assert delete["queue_id"] not in postfix.held_ids()
     out = cli(proc, "quarantine", "delete", delete["queue_id"], "--postfix-config", str(postfix.conf_dir))
     assert out.returncode == 1 and out.stderr.strip().startswith("Error: ") and "not in the postfix hold queue" in out.stderr
     time.sleep(2)  # a queue run or two: nothing of it may arrive

@@ -61,11 +61,6 @@ def helper(holding_postfix, tmp_path):
         shutil.rmtree(sock.parent, ignore_errors=True)
 
 
-def held_ids(pf) -> set[str]:
-    out = subprocess.run(["postqueue", "-c", str(pf.conf_dir), "-j"], capture_output=True, text=True, timeout=30)
-    return {json.loads(line)["queue_id"] for line in out.stdout.splitlines() if json.loads(line)["queue_name"] == "hold"}
-
-
 def as_user(uid: int, gid: int, work) -> dict:
     """Run `work()` in a forked child that dropped to uid/gid (no supplementary groups), as a
     daemon started by systemd with User= would be; return what it returned (or its error)."""
@@ -98,8 +93,8 @@ def test_an_unprivileged_process_releases_and_deletes_through_the_helper(holding
     for token in tokens:
         raw = f"From: a@remote.test\nTo: {pf.user}\nSubject: held {token}\nX-Test-Token: {token}\n\nbody\n".encode()
         assert send_one(pf.host, pf.smtp_port, raw, [pf.user])[0] == 250
-    wait_until(lambda: len(held_ids(pf)) >= 2, timeout=20, what="two messages on hold")
-    ids = sorted(held_ids(pf))
+    wait_until(lambda: len(pf.held_ids()) >= 2, timeout=20, what="two messages on hold")
+    ids = sorted(pf.held_ids())
 
     # As nobody: postsuper itself is refused; the helper's socket is not.
     direct = as_user(NOBODY, NOGROUP, lambda: run_tool(["postsuper", "-c", str(pf.conf_dir), "-H", ids[0]], "releasing"))
@@ -116,7 +111,7 @@ def test_an_unprivileged_process_releases_and_deletes_through_the_helper(holding
     assert "not in the Postfix hold queue" in again["error"]
 
     pf.wait_for_message(tokens[0], timeout=30)
-    assert not held_ids(pf) & {release, delete}
+    assert not pf.held_ids() & {release, delete}
     time.sleep(1.5)  # a queue run: the deleted one never arrives, the released one once
     assert len([p for p in pf.mailbox_messages() if tokens[0].encode() in p.read_bytes()]) == 1
     assert not [p for p in pf.mailbox_messages() if tokens[1].encode() in p.read_bytes()]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import imaplib
+import json
 import ipaddress
 import os
 import re
@@ -536,6 +537,17 @@ class PostfixInstance(_Server):
     def clear_mailbox(self) -> None:
         for p in self.mailbox_messages():
             p.unlink(missing_ok=True)
+
+    def held_ids(self) -> set[str]:
+        """Queue ids in the hold queue (postqueue -j)."""
+        out = subprocess.run([_binary("postqueue"), "-c", str(self.conf_dir), "-j"], capture_output=True, text=True,
+                             timeout=30)
+        return {item["queue_id"] for item in map(json.loads, out.stdout.splitlines()) if item["queue_name"] == "hold"}
+
+    def delete_held(self) -> None:
+        """Delete whatever is on hold (a test that quarantines leaves the session's Postfix as it found it)."""
+        for queue_id in self.held_ids():
+            subprocess.run([_binary("postsuper"), "-c", str(self.conf_dir), "-d", queue_id, "hold"], capture_output=True)
 
 
 # --------------------------------------------------------------------------- Dovecot
