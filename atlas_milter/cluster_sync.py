@@ -4,6 +4,16 @@ is shipped to the shared Redis stream; a background thread reads the stream and 
 every host's events, in stream order, to this host's `SharedModel`, and hands the daemon a
 new model to score with (`use_model`) whenever it changed.
 
+The stream does not grow without end: after `compact_every` new entries one host (elected by
+a lease in Redis) stores a snapshot of the stream's part of the model and trims the stream up
+to it (keeping `keep_stream` seconds for hosts still reading them). A host starts from the
+latest snapshot and the stream after it; a host that finds a snapshot ahead of its own
+position after a read (it fell behind, and the entries it has not read may be trimmed)
+starts over from the snapshot. The check after the read makes it exact: snapshots only move
+forward and a trim never passes its snapshot, so a snapshot at or before the position read
+from means the read missed nothing. The snapshot position is also polled once a second
+while the stream is quiet.
+
 Redis is never on the per-message path: messages are scored with the model in memory.
 While Redis is down (or hung), learns wait in the outbox and count locally; when it
 returns they are shipped, each exactly once (the publish script's seen-set), and a learn of
@@ -20,11 +30,13 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 from atlas_milter import journal, queries
 from atlas_milter.classifier import Model
-from atlas_milter.learn_events import LearnEvent, SharedModel, make_event
+from atlas_milter.leases import Lease
+from atlas_milter.learn_events import LearnEvent, SharedModel, make_event, stream_key
 from atlas_milter.monitor import PerformanceMetrics
 from atlas_milter.redis_link import RedisDown, RedisLink, link_from_config
 from atlas_milter.signals import RELOAD_SIGNAL, STOP_SIGNALS, blocked
@@ -37,7 +49,11 @@ COUNTER_PUBLISHED = "cluster.learns_published"
 COUNTER_DUPLICATE = "cluster.learns_duplicate"
 COUNTER_APPLIED = "cluster.events_applied"
 COUNTER_BAD_ENTRY = "cluster.bad_entries"
+COUNTER_SNAPSHOTS_STORED = "cluster.snapshots_stored"
+COUNTER_SNAPSHOTS_ADOPTED = "cluster.snapshots_adopted"
 IDLE_WAIT = 0.2  # seconds between tries while Redis is down
+SNAPSHOT_POLL_S = 1.0  # seconds between looks at the snapshot position while the stream is quiet
+COMPACTOR_LEASE_S = 30.0  # the elected compactor's lease (released when done)
 _current: "ClusterLearning | None" = None  # the running daemon's, for the console and /performance
 
 
@@ -52,7 +68,8 @@ class ClusterLearning:
     new model in force for the next messages."""
 
     def __init__(self, link: RedisLink, db: str, base: Model, use_model: Callable[[Model], None],
-                 host: str = "", max_bytes: int = 0, metrics: PerformanceMetrics | None = None) -> None:
+                 host: str = "", max_bytes: int = 0, metrics: PerformanceMetrics | None = None,
+                 compact_every: int = 1000, keep_stream: float = 600.0) -> None:
         self.link = link
         self.db = db
         self.host = host or socket.gethostname()
@@ -69,6 +86,12 @@ class ClusterLearning:
         self._unshipped: dict[str, LearnEvent] = {}  # in the outbox, not yet accepted by Redis
         self._dirty = False  # a learn or a dropped duplicate not yet in the model in force
         self._in_force = ""  # the version of the model the daemon scores with (the last swap)
+        self.compact_every = compact_every
+        self.keep_stream_ms = int(keep_stream * 1000)
+        self._compactor = Lease(link, "compactor", COMPACTOR_LEASE_S, link.prefix)
+        self._snapshot_position = "0"  # the latest snapshot seen in Redis
+        self._since_snapshot = 0  # stream entries applied since this host saw that snapshot
+        self._next_snapshot_check = 0.0  # monotonic time of the next look while the stream is quiet
         for event in queries.outbox_events(db):  # learns a crash left unshipped count again
             self.shared.add_local(event)
             self._unshipped[event.event_id] = event
@@ -80,6 +103,7 @@ class ClusterLearning:
         """Put the shared model in force (the base and any learns the outbox kept) and start
         the thread that ships, reads and applies."""
         global _current
+        self._stop.clear()
         self._swap()
         self._thread = threading.Thread(target=self._run, name="atlas-cluster", daemon=True)
         with blocked(STOP_SIGNALS | {RELOAD_SIGNAL}):  # signals stay with the daemon's own threads
@@ -119,7 +143,7 @@ class ClusterLearning:
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"host": self.host, "version": self.shared.version, "in_force": self._in_force,
-                    "position": self.shared.position,
+                    "position": self.shared.position, "snapshot": self._snapshot_position,
                     "applied": self.shared.applied_count, "outbox": len(self._unshipped),
                     "waiting_for_stream": len(self.shared.pending),
                     "redis_up": not self.link.breaker.is_open}
@@ -133,6 +157,8 @@ class ClusterLearning:
             try:
                 shipped = self._ship()
                 changed = self._apply(block=not shipped and not self._dirty)
+                if self._since_snapshot >= self.compact_every:
+                    self._compact()
                 self.metrics.set_gauge(GAUGE_REDIS_UP, 1)
             except RedisDown:
                 down = True
@@ -159,6 +185,8 @@ class ClusterLearning:
                 self._unshipped.pop(event.event_id, None)
                 if entry or first == event.event_id:  # on the stream (the reply may have been lost before)
                     self.metrics.incr(COUNTER_PUBLISHED)
+                    if entry and event.event_id in self.shared.pending:
+                        self.shared.shipped[event.event_id] = entry
                 else:  # another host learned this message first: its event counts, not ours
                     self.metrics.incr(COUNTER_DUPLICATE)
                     self.shared.pending.pop(event.event_id, None)
@@ -174,6 +202,11 @@ class ClusterLearning:
             with self._lock:
                 after = self.shared.position
             entries = self.link.read(after, block=block and not changed)
+            # After a read, not before: a snapshot at or before `after` now means nothing
+            # after `after` had been trimmed when the read ran.
+            if (entries or time.monotonic() >= self._next_snapshot_check) and self._catch_up(after):
+                changed = True
+                continue  # read again, from the snapshot's position
             if not entries:
                 return changed
             with self._lock:
@@ -183,11 +216,56 @@ class ClusterLearning:
                     except ValueError as exc:
                         self.metrics.incr(COUNTER_BAD_ENTRY)
                         log.warning("cluster: stream entry %s skipped: %s", entry_id, exc)
-                        self.shared.position = entry_id
+                        self.shared.mark_position(entry_id)
                         continue
                     self.shared.apply_stream(entry_id, event)
                     self.metrics.incr(COUNTER_APPLIED)
                     changed = True
+                self._since_snapshot += len(entries)
+
+    def _catch_up(self, after: str) -> bool:
+        """Start over from the latest snapshot if it is ahead of `after`; True if it was."""
+        self._next_snapshot_check = time.monotonic() + SNAPSHOT_POLL_S
+        position = self.link.snapshot_position()
+        if position != self._snapshot_position:
+            self._snapshot_position = position
+            self._since_snapshot = 0  # another host folded the stream: count from here
+        if stream_key(position) <= stream_key(after):
+            return False
+        found = self.link.read_snapshot()
+        if found is None:
+            return False
+        with self._lock:
+            try:
+                adopted = self.shared.adopt(found[1])
+            except ValueError as exc:
+                self.metrics.incr(COUNTER_BAD_ENTRY)
+                log.error("cluster: the snapshot at %s is unreadable (%s); reading the stream on", found[0], exc)
+                self._snapshot_position = after  # not again until the next snapshot
+                return False
+            applied = self.shared.applied_count
+        if adopted:
+            self.metrics.incr(COUNTER_SNAPSHOTS_ADOPTED)
+            log.info("cluster: %s the snapshot at %s (%d learns); reading the stream after it",
+                     "started from" if after == "0" else "behind the trimmed stream, started over from", found[0], applied)
+        return adopted
+
+    def _compact(self) -> None:
+        """Fold the stream up to this host's position into a snapshot, if this host is elected
+        (another host that is doing it already makes one that covers these entries)."""
+        self._since_snapshot = 0  # this snapshot, or the elected host's, covers them: count again
+        if not self._compactor.acquire():
+            return
+        try:
+            with self._lock:
+                position, blob, applied = self.shared.position, self.shared.snapshot(), self.shared.applied_count
+            if self.link.store_snapshot(position, blob, self.host, self.keep_stream_ms):
+                self._snapshot_position = position
+                self.metrics.incr(COUNTER_SNAPSHOTS_STORED)
+                log.info("cluster: folded the stream up to %s into a snapshot (%d learns, %d bytes) and trimmed it",
+                         position, applied, len(blob))
+        finally:
+            self._compactor.release()
 
     def _swap(self) -> None:
         """Put the shared model in force. Only the thread (and start(), before it) swaps, and
@@ -204,5 +282,6 @@ def from_config(config: Any, base: Model, use_model: Callable[[Model], None]) ->
     """The daemon's shared learning as [cluster] configures it; None when it is off."""
     if not config.cluster.enabled:
         return None
-    return ClusterLearning(link_from_config(config.cluster), config.store.db, base, use_model, config.cluster.host,
-                           config.classifier.max_bytes)
+    cc = config.cluster
+    return ClusterLearning(link_from_config(cc), config.store.db, base, use_model, cc.host, config.classifier.max_bytes,
+                           compact_every=cc.compact_every, keep_stream=cc.keep_stream)

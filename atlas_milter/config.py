@@ -169,17 +169,23 @@ class ClusterConfig:
     sentinel_service: str = "atlas"
     password_file: str = ""  # or ATLAS_REDIS_PASSWORD, or the systemd credential redis-password
     host: str = ""  # this host's name in the shared stream ("" = the machine's host name)
-    key_prefix: str = "atlas"  # keys are {PREFIX}:learn and {PREFIX}:seen (one hash tag: Redis Cluster works)
+    key_prefix: str = "atlas"  # keys are {PREFIX}:learn, {PREFIX}:snapshot, ... (one hash tag: Redis Cluster works)
     timeout: float = 0.25  # seconds any Redis call may take before Redis counts as down
     cooldown: float = 1.0  # seconds the breaker keeps calls away after a failure
     min_replicas: int = 0  # a learn leaves the outbox once this many replicas have it (WAIT); 1 with Sentinel
     lease_ttl: float = 10.0  # seconds: an IMAP account's watcher renews its lease within this; a standby takes over after
+    compact_every: int = 1000  # stream entries after the last snapshot that make a host fold them into a new one
+    keep_stream: float = 600.0  # seconds of stream kept after a snapshot, for hosts still reading them
+    seen_days: float = 30.0  # a message learned again with the same label within this counts once
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0:
             raise ConfigError("config: [cluster] min_replicas must be 0 or more")
         if self.timeout <= 0 or self.cooldown <= 0 or self.lease_ttl < 1:
             raise ConfigError("config: [cluster] timeout and cooldown must be positive, lease_ttl at least 1 (seconds)")
+        if self.compact_every < 1 or self.keep_stream < 0 or self.seen_days <= 0:
+            raise ConfigError("config: [cluster] compact_every must be 1 or more, keep_stream 0 or more (seconds), "
+                              "seen_days positive")
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"config: [cluster] redis: {self.redis.split('@')[-1]!r}: use redis://HOST:PORT/DB")
 

@@ -1,8 +1,10 @@
 """Owns the connection to the shared Redis (a URL, or a Sentinel-monitored primary) and the
 few commands shared learning needs, each with an explicit short timeout and behind a
-circuit breaker: publishing a learn (one Lua script: the seen-set check and the stream
-append in one step, so the same message learned on three hosts is one event) and reading
-the stream after a position.
+circuit breaker: publishing a learn (one Lua script: the message's seen key, set with an
+expiry, and the stream append in one step, so the same message learned on three hosts is
+one event), reading the stream after a position, and storing and reading the snapshot the
+stream is folded into (one Lua script: store it unless a newer one is there, and trim the
+stream up to it).
 
 All keys share one hash tag (`{atlas}:...` by default), so the script also runs on Redis
 Cluster. redis-py's defaults wait for seconds on a hung server; here every call gives up
@@ -15,6 +17,7 @@ or decide what a learn means (learn_events.py).
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -24,19 +27,44 @@ from atlas_milter.learn_events import LearnEvent
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] the seen hash, KEYS[2] the stream; ARGV[1] fingerprint:label, ARGV[2] the event id,
-# ARGV[3...] the event's fields. Returns {the new entry's id, ""} or, when that message was
-# learned with that label already (by any host, or by this very event whose reply was
-# lost), {"", the event id that learned it}.
+# KEYS[1] the message's seen key, KEYS[2] the stream; ARGV[1] the seen key's time to live
+# (s), ARGV[2] the event id, ARGV[3...] the event's fields. Returns {the new entry's id, ""}
+# or, when that message was learned with that label already (by any host, or by this very
+# event whose reply was lost), {"", the event id that learned it}.
 PUBLISH_LUA = """
-local first = redis.call('HGET', KEYS[1], ARGV[1])
-if first then
-  return {'', first}
+if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', ARGV[1]) then
+  return {'', redis.call('GET', KEYS[1])}
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local fields = {}
 for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
 return {redis.call('XADD', KEYS[2], '*', unpack(fields)), ''}
+"""
+# KEYS[1] the snapshot hash, KEYS[2] the stream; ARGV[1] the snapshot's stream position,
+# ARGV[2] its data, ARGV[3] the compacting host, ARGV[4] ms of stream to keep before now.
+# Stores the snapshot unless one at or after that position is there (0), then trims the
+# stream up to it, keeping the last ARGV[4] ms for hosts still reading them (1).
+STORE_SNAPSHOT_LUA = """
+local function id(text)
+  local ms, seq = string.match(text, '^(%d+)-?(%d*)$')
+  return tonumber(ms), tonumber(seq) or 0
+end
+local new_ms, new_seq = id(ARGV[1])
+local current = redis.call('HGET', KEYS[1], 'position')
+if current then
+  local ms, seq = id(current)
+  if new_ms < ms or (new_ms == ms and new_seq <= seq) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'position', ARGV[1], 'data', ARGV[2], 'host', ARGV[3])
+local now = redis.call('TIME')
+local keep_from = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[4])
+local min_id
+if keep_from <= new_ms then
+  min_id = string.format('%.0f-0', keep_from)
+else
+  min_id = string.format('%.0f-%.0f', new_ms, new_seq + 1)
+end
+redis.call('XTRIM', KEYS[2], 'MINID', min_id)
+return 1
 """
 REDIS_PASSWORD_ENV = "ATLAS_REDIS_PASSWORD"
 REDIS_PASSWORD_CREDENTIAL = "redis-password"
@@ -51,19 +79,23 @@ class RedisLink:
     """The shared Redis of one host: `publish(event)`, `read(after, block_s)`, `ping()`."""
 
     def __init__(self, url: str = "", sentinels: tuple[str, ...] = (), service: str = "atlas", password: str = "",
-                 prefix: str = "atlas", timeout: float = 0.25, cooldown: float = 1.0, min_replicas: int = 0) -> None:
+                 prefix: str = "atlas", timeout: float = 0.25, cooldown: float = 1.0, min_replicas: int = 0,
+                 seen_ttl: int = 30 * 86400) -> None:
         if not url and not sentinels:
             raise AtlasError("[cluster]: give redis = \"redis://HOST:PORT/DB\" or sentinels = [\"HOST:PORT\", ...]")
         self.timeout = timeout
         self.min_replicas = min_replicas
+        self.seen_ttl = seen_ttl
+        self.prefix = prefix
         self.client = _client(url, sentinels, service, password, timeout)
         # A blocking read waits BLOCK_S on purpose: its own connection, with room for that.
         self.reader = _client(url, sentinels, service, password, BLOCK_S + timeout)
         where = f"sentinel {','.join(sentinels)} service {service}" if sentinels else url.split("@")[-1]  # no password
         self.breaker = Breaker(cooldown, f"cluster: Redis at {where}")
         self.stream_key = f"{{{prefix}}}:learn"
-        self.seen_key = f"{{{prefix}}}:seen"
+        self.snapshot_key = f"{{{prefix}}}:snapshot"
         self._publish = self.client.register_script(PUBLISH_LUA)
+        self._store_snapshot = self.client.register_script(STORE_SNAPSHOT_LUA)
 
     def call(self, fn: Any) -> Any:
         """`fn()` (redis-py calls) through the breaker: RedisDown when Redis is unreachable,
@@ -97,12 +129,12 @@ class RedisLink:
         replicated). `replicated`: `min_replicas` replicas have this connection's writes
         (WAIT, in the same round trip): until they do, a learn stays in the outbox, so a
         failover cannot lose it. RedisDown when Redis cannot take it now."""
-        argv = [f"{event.fingerprint}:{event.label}", event.event_id,
-                *[x for kv in event.fields().items() for x in kv]]
+        seen_key = f"{{{self.prefix}}}:seen:{event.fingerprint}:{event.label}"  # expires after seen_ttl
+        argv = [self.seen_ttl, event.event_id, *[x for kv in event.fields().items() for x in kv]]
 
         def run() -> Any:
             pipe = self.client.pipeline(transaction=False)  # one connection: WAIT covers the script's write
-            self._publish(keys=[self.seen_key, self.stream_key], args=argv, client=pipe)
+            self._publish(keys=[seen_key, self.stream_key], args=argv, client=pipe)
             if self.min_replicas > 0:  # WAIT's own limit stays inside the socket timeout
                 pipe.execute_command("ROLE")
                 pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.timeout * 600)))
@@ -130,6 +162,26 @@ class RedisLink:
             return []
         entries = next(iter(reply.values()))[0] if isinstance(reply, dict) else reply[0][1]  # RESP3 / RESP2
         return [(entry_id, data) for entry_id, data in entries]
+
+
+    def snapshot_position(self) -> str:
+        """The stream position of the latest snapshot ("0": none yet)."""
+        return self.call(lambda: self.client.hget(self.snapshot_key, "position")) or "0"
+
+    def read_snapshot(self) -> tuple[str, bytes] | None:
+        """(position, data) of the latest snapshot, or None. Read on the connection with room
+        for a larger reply."""
+        found = self.call(lambda: self.reader.hmget(self.snapshot_key, ["position", "data"]))
+        if not found or not found[0] or not found[1]:
+            return None
+        return found[0], base64.b64decode(found[1])
+
+    def store_snapshot(self, position: str, data: bytes, host: str, keep_ms: int) -> bool:
+        """Store a snapshot taken at `position` and trim the stream up to it (keeping the last
+        `keep_ms` of entries); False when a snapshot at or after `position` is there."""
+        encoded = base64.b64encode(data).decode()
+        return bool(self.call(lambda: self._store_snapshot(
+            keys=[self.snapshot_key, self.stream_key], args=[position, encoded, host, keep_ms], client=self.reader)))
 
 
 def _client(url: str, sentinels: tuple[str, ...], service: str, password: str, timeout: float) -> Any:
@@ -166,4 +218,4 @@ def link_from_config(cc: Any) -> "RedisLink":
 
     password = read_secret(cc.password_file, REDIS_PASSWORD_ENV, REDIS_PASSWORD_CREDENTIAL, "[cluster] password_file")
     return RedisLink(cc.redis, cc.sentinels, cc.sentinel_service, password, cc.key_prefix, cc.timeout, cc.cooldown,
-                     cc.min_replicas)
+                     cc.min_replicas, int(cc.seen_days * 86400))

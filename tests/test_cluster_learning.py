@@ -39,7 +39,8 @@ def redis_server():
 class Host:
     """One daemon's shared learning, and the model it would score with."""
 
-    def __init__(self, tmp_path, name: str, url: str, sentinels: tuple[str, ...] = (), min_replicas: int = 0) -> None:
+    def __init__(self, tmp_path, name: str, url: str, sentinels: tuple[str, ...] = (), min_replicas: int = 0,
+                 compact_every: int = 1000, keep_stream: float = 600.0) -> None:
         self.db = tmp_path / f"{name}.db"
         apply_migrations(self.db)
         self.model = load_model()
@@ -50,8 +51,8 @@ class Host:
             self.swaps += 1
 
         link = RedisLink(url, sentinels, timeout=0.25, cooldown=0.2, min_replicas=min_replicas)
-        self.cluster = ClusterLearning(link, str(self.db), load_model(),
-                                       use_model, host=name, max_bytes=MAX_BYTES)
+        self.cluster = ClusterLearning(link, str(self.db), load_model(), use_model, host=name, max_bytes=MAX_BYTES,
+                                       compact_every=compact_every, keep_stream=keep_stream)
         self.cluster.start()
 
     def score(self, raw: bytes) -> float:
@@ -109,6 +110,10 @@ def test_the_same_message_learned_on_several_hosts_counts_once(hosts, redis_serv
     assert stream_length(redis_server) == 1
     assert a.model.weights == b.model.weights == c.model.weights
     assert all(h.score(SPAM[1]) < 0.3 for h in hosts)
+    import redis
+
+    seen = list(redis.Redis.from_url(redis_server.url).scan_iter("{atlas}:seen:*"))
+    assert len(seen) == 1 and 29 * 86400 < redis.Redis.from_url(redis_server.url).ttl(seen[0]) <= 30 * 86400
 
 
 @pytest.mark.parametrize("outage", ["kill", "freeze"])
@@ -212,3 +217,62 @@ def test_a_sentinel_failover_blocks_learning_briefly_and_loses_no_learn(tmp_path
             host.cluster.stop()
         for server in (*sentinels, replica, primary):
             server.stop()
+
+
+def learn_new_messages(host: Host, count: int, tag: str) -> None:
+    for i in range(count):
+        host.cluster.learn(SPAM[i % 3] + f"\n{tag} {i}\n".encode(), is_spam=False)
+
+
+def snapshot_position(server: RedisInstance) -> str:
+    import redis
+
+    return (redis.Redis.from_url(server.url).hget("{atlas}:snapshot", "position") or b"").decode()
+
+
+def test_the_stream_is_folded_into_a_snapshot_and_a_new_host_starts_from_it(tmp_path, redis_server):
+    """compact_every = 4: after every 4 entries one host stores a snapshot and trims the
+    stream; a host started afterwards reads the snapshot and the rest and ends with exactly
+    the weights of the hosts that applied every event."""
+    hosts = [Host(tmp_path, name, redis_server.url, compact_every=4, keep_stream=0) for name in ("mx1", "mx2")]
+    try:
+        for i in range(5):
+            learn_new_messages(hosts[i % 2], 2, f"round {i}")
+            wait_until(lambda: converged(hosts), timeout=5, what="both hosts converged")
+        assert snapshot_position(redis_server)
+        assert stream_length(redis_server) < 10  # trimmed: the snapshot holds the rest
+        assert hosts[0].status()["applied"] == 10
+
+        newcomer = Host(tmp_path, "mx3", redis_server.url, compact_every=4, keep_stream=0)
+        hosts.append(newcomer)
+        wait_until(lambda: converged(hosts), timeout=5, what="the new host converged")
+        assert newcomer.status()["applied"] == 10 and newcomer.status()["snapshot"] == snapshot_position(redis_server)
+        assert newcomer.model.weights == hosts[0].model.weights == hosts[1].model.weights
+        assert newcomer.score(SPAM[0] + b"\nround 4 1\n") < 0.3
+    finally:
+        for host in hosts:
+            host.cluster.stop()
+
+
+def test_a_host_that_fell_behind_the_trimmed_stream_starts_over_from_the_snapshot(tmp_path, redis_server):
+    """A host whose thread stops (a hung process) while the others learn enough for two
+    snapshots, and learns one message of its own meanwhile: when it runs again it takes the
+    snapshot (the entries it missed are gone), keeps its own learn, and converges."""
+    a, b, c = (Host(tmp_path, name, redis_server.url, compact_every=3, keep_stream=0) for name in ("mx1", "mx2", "mx3"))
+    try:
+        learn_new_messages(a, 1, "before")
+        wait_until(lambda: converged([a, b, c]), timeout=5, what="the first learn everywhere")
+        c.cluster.stop()
+        learn_new_messages(a, 4, "while c hangs")
+        learn_new_messages(b, 4, "also while c hangs")
+        c.cluster.learn(SPAM[2] + b"\nc's own\n", is_spam=False)  # waits in c's outbox
+        wait_until(lambda: converged([a, b]) and stream_length(redis_server) < 9, timeout=5,
+                   what="a and b converged and the stream trimmed")
+        c.cluster.start()
+        wait_until(lambda: converged([a, b, c]), timeout=5, what="c caught up")
+        assert a.model.weights == b.model.weights == c.model.weights
+        assert a.status()["applied"] == c.status()["applied"] == 10
+        assert all(h.score(SPAM[2] + b"\nc's own\n") < 0.3 for h in (a, b, c))
+    finally:
+        for host in (a, b, c):
+            host.cluster.stop()
