@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Iterable
 
 from atlas_milter.errors import ModelError
 from atlas_milter.message import MAX_HEADER_CHARS, ParsedMessage
@@ -87,9 +88,8 @@ _SHORT_TLDS = {"uk", "au", "jp", "br", "nz", "za", "cn", "kr", "tw", "in", "il"}
 
 def hot_path() -> str:
     """Which implementation scores: for --version and the logs."""
-    if _hotpath is None:
-        return "classifier: pure Python (the compiled extension atlas_milter._hotpath is not built)"
-    return "classifier: compiled"
+    built = _hotpath is not None
+    return "classifier: compiled" if built else "classifier: pure Python (the compiled extension atlas_milter._hotpath is not built)"
 
 
 @functools.lru_cache(maxsize=8192)  # the same senders and link hosts recur in every message of a campaign
@@ -426,8 +426,13 @@ class Model:
                 self.weights, FUNCTION_WORDS, MAX_WORDS, MAX_PAIRS, WORD_SCAN_CHARS, TOP_REASONS))
         return cached[1]
 
-    def prepare(self) -> None:
-        """Build the compiled table now (~20 ms for 100,000 weights), not on the first message."""
+    def prepare(self, previous: "Model | None" = None, changed: Iterable[str] | None = None) -> None:
+        """Build the compiled table now (~10 ms), not on the first message; from `previous`'s (~2 ms)
+        when this model's weights are `previous`'s with the `changed` ones set or added."""
+        built = previous._table if previous is not None and changed is not None and self.compiled else None
+        if built is not None and built[0] == (id(previous.weights), len(previous.weights), previous.version):
+            self._table = ((id(self.weights), len(self.weights), self.version),
+                           built[1].updated({f: self.weights[f] for f in changed}))
         self._compiled_table()
 
     def __getstate__(self) -> dict:

@@ -86,6 +86,7 @@ class ClusterLearning:
         self._unshipped: dict[str, LearnEvent] = {}  # in the outbox, not yet accepted by Redis
         self._dirty = False  # a learn or a dropped duplicate not yet in the model in force
         self._in_force = ""  # the version of the model the daemon scores with (the last swap)
+        self._swapped: Model | None = None  # that model
         self.compact_every = compact_every
         self.keep_stream_ms = int(keep_stream * 1000)
         self._compactor = Lease(link, "compactor", COMPACTOR_LEASE_S, link.prefix)
@@ -189,7 +190,7 @@ class ClusterLearning:
                         self.shared.shipped[event.event_id] = entry
                 else:  # another host learned this message first: its event counts, not ours
                     self.metrics.incr(COUNTER_DUPLICATE)
-                    self.shared.pending.pop(event.event_id, None)
+                    self.shared.drop_pending(event.event_id)
                     self._dirty = True
         with self._lock:
             self.metrics.set_gauge(GAUGE_OUTBOX, len(self._unshipped))
@@ -273,9 +274,12 @@ class ClusterLearning:
         may hold those while it calls learn() or current_model()."""
         with self._lock:
             self._dirty = False  # a learn after this point is in the model below, or swaps again
-        model = self.current_model()
+            model, changed = self.shared.model(), self.shared.take_changes()
+        model.compiled = self._compiled
+        model.prepare(self._swapped, changed)  # the model in force's table with the few changed weights set
         self.use_model(model)
         self._in_force = model.version
+        self._swapped = model
 
 
 def from_config(config: Any, base: Model, use_model: Callable[[Model], None]) -> ClusterLearning | None:

@@ -116,6 +116,10 @@ class SharedModel:
         # (published again after a failover lost the first copy's replication, which a host
         # had read) counts once. Kept for DEDUP_WINDOW_MS of stream time.
         self.recent_ids: dict[str, int] = {}
+        # Features whose weight changed since take_changes() (None: more than that, e.g. an
+        # own event dropped, which may remove a feature), so a model's compiled table can be
+        # the previous one's with these few weights set instead of a new build.
+        self._changed: set[str] | None = None
 
     @property
     def version(self) -> str:
@@ -125,6 +129,14 @@ class SharedModel:
     def add_local(self, event: LearnEvent) -> None:
         """This host's own learn: counts at once, until it comes back on the stream."""
         self.pending[event.event_id] = event
+        self._note_changes(event.deltas)
+
+    def drop_pending(self, event_id: str) -> None:
+        """An own event that will not come back on the stream (another host's learn of the
+        same message counts instead)."""
+        if self.pending.pop(event_id, None) is not None:
+            self._changed = None
+        self.shipped.pop(event_id, None)
 
     def apply_stream(self, entry_id: str, event: LearnEvent) -> None:
         """The next stream entry, in order (entries at or before `position` are ignored)."""
@@ -139,6 +151,7 @@ class SharedModel:
         self.recent_ids[event.event_id] = at
         if len(self.recent_ids) > 1024 and next(iter(self.recent_ids.values())) < at - DEDUP_WINDOW_MS:
             self.recent_ids = {i: t for i, t in self.recent_ids.items() if t >= at - DEDUP_WINDOW_MS}
+        self._note_changes(event.deltas)
         base = self.base.weights
         for feature, delta in event.deltas.items():
             total = self.totals[feature] = self.totals.get(feature, 0.0) + delta
@@ -175,6 +188,7 @@ class SharedModel:
         if stream_key(position) <= stream_key(self.position):
             return False
         self.position, self.totals, self.recent_ids, self.applied_count = position, totals, recent, applied
+        self._changed = None
         base = self.base.weights
         self._weights = dict(base)
         for feature, total in totals.items():
@@ -185,6 +199,15 @@ class SharedModel:
                 self.pending.pop(event_id)
                 self.shipped.pop(event_id, None)
         return True
+
+    def _note_changes(self, deltas: Mapping[str, float]) -> None:
+        if self._changed is not None:
+            self._changed.update(deltas)
+
+    def take_changes(self) -> set[str] | None:
+        """The features whose weight changed since the last call (None: rebuild the whole table)."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def model(self) -> Model:
         """A new Model to score with: the stream's weights plus the pending own events, with

@@ -24,7 +24,8 @@ transport (the protocol loop); unix-libmilter and inet-libmilter on libmilter's 
 it with ENABLE_COMPILED=false: the pure-Python classifier, the yardstick of the compiled one.
 unix-cluster runs it with [cluster] on a private Redis (issue 18: throughput with Redis
 configured >= 0.95 of without); with --cluster-learns N another "host" publishes N learns a
-second to the shared stream during that mode's rounds, so every milter keeps applying them.
+second to the shared stream during that mode's rounds (events made beforehand, as on another
+machine), so every milter keeps applying them.
 
     python -m scripts.milter_bench --modes none,unix,unix-cluster --rounds 5 --cluster-learns 2
 
@@ -103,31 +104,34 @@ def own_cpu_seconds() -> float:
 
 class PeerLearner:
     """Another host of the cluster: publishes `rate` learns a second (each message of the
-    corpus in turn, as ham) to the shared stream from a thread, until stop()."""
+    corpus in turn, as ham) to the shared stream from a thread, between start() and stop().
+    The events are made before start(), the way another machine makes them: what this host
+    pays for them is applying them, not learning them."""
 
-    def __init__(self, url: str, messages: list[bytes], rate: float) -> None:
+    def __init__(self, url: str, messages: list[bytes], rate: float, seconds: float = 60.0) -> None:
         from atlas_milter.classifier import load_model
+        from atlas_milter.learn_events import make_event
         from atlas_milter.redis_link import RedisLink
 
         self.link = RedisLink(url)
-        self.model = load_model()
-        self.messages = messages
+        model = load_model()
+        self.events = [make_event(model, messages[i % len(messages)] + f"\npeer learn {uuid.uuid4().hex}\n".encode(),
+                                  False, 512 * 1024, "bench-peer")[0] for i in range(int(rate * seconds))]
         self.rate = rate
         self.published = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "PeerLearner":
         self._thread.start()
+        return self
 
     def _run(self) -> None:
-        from atlas_milter.learn_events import make_event
-
-        i = 0
-        while not self._stop.wait(1.0 / self.rate):
-            raw = self.messages[i % len(self.messages)] + f"\npeer learn {uuid.uuid4().hex}\n".encode()  # always new
-            event, _, _ = make_event(self.model, raw, False, 512 * 1024, "bench-peer")
+        for event in self.events:
+            if self._stop.wait(1.0 / self.rate):
+                return
             if self.link.publish(event)[0]:
                 self.published += 1
-            i += 1
 
     def stop(self) -> int:
         self._stop.set()
@@ -243,9 +247,11 @@ def main() -> int:
                     run_load(pf.host, pf.smtp_port, messages[:50], args.clients)  # warm the milter
                     wait_queue_empty(pf.queue_dir)
                 time.sleep(0.5)  # idle smtpd processes from before the reload exit
+                peer = PeerLearner(redis.url, messages, args.cluster_learns) if "cluster" in mode and args.cluster_learns else None
                 cpu0 = milter.cpu_seconds() if milter is not None else 0.0
                 machine0, own0 = machine_cpu_seconds(), own_cpu_seconds()
-                peer = PeerLearner(redis.url, messages, args.cluster_learns) if "cluster" in mode and args.cluster_learns else None
+                if peer is not None:
+                    peer.start()
                 try:
                     started = time.perf_counter()
                     took, codes = run_load(pf.host, pf.smtp_port, messages, args.clients)

@@ -9,6 +9,7 @@ Where the extension is not built these tests skip, except under ATLAS_REQUIRE_CO
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -219,6 +220,39 @@ def test_a_pickled_model_leaves_its_table_behind_and_builds_its_own(models):
     assert copy._table is None
     assert copy.score(msg) == compiled.score(msg)
     assert_same_score(copy, pure, msg)
+
+
+NAMES = st.one_of(st.sampled_from(["free", "money", "free money", "n:999", "s:free", "ж", "中文", "é" * 30, "a" * 40]),
+                  st.text(min_size=1, max_size=40))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(NAMES, st.floats(-5, 5), max_size=40), st.dictionaries(NAMES, st.floats(-5, 5), max_size=40),
+       st.one_of(WORDISH, ANY_TEXT))
+def test_an_updated_table_is_the_table_of_the_updated_weights(hotpath, weights, changes, text):
+    """Table(w).updated(changes) scores exactly as Table(w | changes): weights changed and
+    names added, inline and long keys, non-ASCII names, and growth past the table's room."""
+    limits = (FUNCTION_WORDS, MAX_WORDS, MAX_PAIRS, WORD_SCAN_CHARS, TOP_REASONS)
+    old = hotpath.Table(weights, *limits)
+    updated, built = old.updated(changes), hotpath.Table({**weights, **changes}, *limits)
+    assert updated.size() == built.size() == len({**weights, **changes})
+    extra = [name for name in list(changes)[:4] if name.isascii()]
+    lowered = (text + " " + " ".join(changes)).lower()
+    assert updated.score_body(lowered, extra) == built.score_body(lowered, extra)
+    assert old.score_body(lowered, extra) == hotpath.Table(weights, *limits).score_body(lowered, extra)  # untouched
+
+
+def test_a_model_prepared_from_the_previous_one_scores_as_one_built_whole(models):
+    """Shared learning's swap: the next model's table is the previous one's updated with the
+    weights that changed, and scores exactly as a table built from all of them."""
+    previous = load_model()
+    previous.prepare()
+    msg = parse_message(b"Subject: quarterly figures\n\nThe quarterly figures for the northern region are attached.\n")
+    changed = {"quarterly": 3.0, "figures": 2.5, "northern region": 1.0, "brand-new-word": 4.0}
+    derived, whole = (dataclasses.replace(previous, weights={**previous.weights, **changed}) for _ in range(2))
+    derived.prepare(previous, changed)
+    assert derived._table[1] is not previous._table[1]
+    assert derived.score(msg) == whole.score(msg) and derived.score(msg).score > previous.score(msg).score
 
 
 def test_the_table_refuses_what_is_not_a_model(hotpath):

@@ -9,6 +9,7 @@ import pytest
 
 from atlas_milter.classifier import load_model
 from atlas_milter.learn_events import LearnEvent, SharedModel, make_event
+from tests.support.requirements import _unavailable
 
 SAMPLE = resources.files("atlas_milter").joinpath("data", "sample")
 MESSAGES = [p.read_bytes() for p in sorted(SAMPLE.iterdir()) if p.name.endswith(".eml")]
@@ -101,3 +102,34 @@ def test_own_events_count_until_the_stream_or_a_snapshot_holds_them(base, stream
     host.adopt(applied(base, stream[:8]).snapshot())
     assert list(host.pending) == ["not-on-the-stream"]  # still waiting to be shipped: still counts
     assert host.model().weights["w:newword"] == 0.5
+
+
+def test_each_models_table_follows_from_the_previous_ones_changes(base, stream):
+    """What the cluster thread does at each swap: the next model's compiled table is the one
+    in force with the weights that changed since set (take_changes); it scores every sample
+    exactly as a table built from all the weights. Dropping an own event asks for a rebuild."""
+    from atlas_milter.classifier import _hotpath
+    from atlas_milter.message import parse_message
+
+    if _hotpath is None:
+        _unavailable("the compiled extension atlas_milter._hotpath is not built", require_env="ATLAS_REQUIRE_COMPILED")
+    host = SharedModel(base, "mx2")
+    assert host.take_changes() is None  # the first model: a whole table
+    in_force = host.model()
+    in_force.prepare()
+    parsed = [parse_message(raw, MAX_BYTES) for raw in MESSAGES]
+    for step in (stream[:3], stream[3:8], stream[8:]):
+        for entry, event in step:
+            host.apply_stream(entry, event)
+        noted_by_the_stream = {feature for _, event in step for feature in event.deltas}
+        own = {feature: 0.25 for _, event in stream for feature in event.deltas if feature not in noted_by_the_stream}
+        assert own  # features of the sample messages that only this own event changes
+        host.add_local(LearnEvent("mx2", f"own-{step[0][0]}", "fp", "spam", {**own, "never-seen-before": 0.25}))
+        derived, whole = host.model(), host.model()
+        derived.prepare(in_force, host.take_changes())
+        whole.prepare()
+        assert derived._table[1] is not whole._table[1]
+        assert [derived.score(m) for m in parsed] == [whole.score(m) for m in parsed]
+        in_force = derived
+    host.drop_pending("own-" + stream[0][0])
+    assert host.take_changes() is None
