@@ -437,9 +437,7 @@ class Model:
 
     def __getstate__(self) -> dict:
         """Pickled (to worker processes) without the compiled table: each process builds its own."""
-        state = dict(self.__dict__)
-        state["_table"] = None
-        return state
+        return {**self.__dict__, "_table": None}
 
     # --- persistence -------------------------------------------------------------------
     def to_json(self) -> dict:
