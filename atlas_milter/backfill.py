@@ -48,7 +48,7 @@ from atlas_milter.config import Config
 from atlas_milter.errors import AtlasError, SourceError
 from atlas_milter.sources import is_maildir, iter_mbox, maildir_names
 from atlas_milter.learning import with_learned_model
-from atlas_milter.queries import processed_uids
+from atlas_milter.queries import processed_uids, uids_with_action
 from atlas_milter.stream import StreamStats, peak_rss_mb
 from atlas_milter.verdict import Action
 
@@ -468,7 +468,8 @@ def _backfill_imap_folder(pipeline: Any, session: ImapSession, config: Config, a
     spam_action = config.imap.spam_action
     if not dry_run and spam_action == "move":
         pipeline.flush()
-        if redo_pending_moves(session, db, state, account):
+        moved = uids_with_action(db, folder, state.uidvalidity, Action.MOVE, account=account)
+        if redo_pending_moves(session, state, moved):
             state = session.select(folder)
     pipeline.flush()
     done = processed_uids(db, key, state.uidvalidity, account)

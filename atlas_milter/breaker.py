@@ -19,10 +19,11 @@ class Breaker:
     once); then one call may try (half-open): success closes it, failure opens it again."""
 
     def __init__(self, cooldown: float, name: str = "redis", while_down: str = "classifying with the local model, "
-                 "learns wait in the outbox") -> None:
+                 "learns wait in the outbox", when_back: str = "shipping what waited") -> None:
         self.cooldown = cooldown
         self.name = name
         self.while_down = while_down
+        self.when_back = when_back
         self.open_until = 0.0
         self.is_open = False
         self.opened = 0  # times it opened (counted)
@@ -36,7 +37,7 @@ class Breaker:
         with self._lock:
             if self.is_open:
                 self.is_open = False
-                log.warning("%s is back; shipping what waited", self.name)
+                log.warning("%s is back; %s", self.name, self.when_back)
 
     def failure(self, why: str) -> None:
         with self._lock:

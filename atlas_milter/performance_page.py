@@ -112,6 +112,18 @@ function render(d) {
     cells.forEach((c, i) => { const td = document.createElement("td"); td.textContent = c; if (i === 7 && s.errors) td.className = "err"; tr.appendChild(td); });
     body.appendChild(tr);
   }
+  const fleet = d.fleet, hosts = $("hosts");
+  $("fleet").hidden = !fleet && !d.cluster;
+  while (hosts.firstChild) hosts.removeChild(hosts.firstChild);
+  for (const [name, f] of Object.entries(fleet ? fleet.hosts : {})) {
+    const tr = document.createElement("tr"); tr.dataset.host = name;
+    const cells = [name + (name === fleet.this_host ? " (this host)" : ""), count(f.last_5m), count(f.spam_5m),
+                   count(f.last_hour), count(f.spam_hour), new Date(f.latest).toLocaleTimeString()];
+    cells.forEach((c) => { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); });
+    hosts.appendChild(tr);
+  }
+  set("fleet-sub", (fleet ? "from PostgreSQL, as of " + new Date(fleet.as_of * 1000).toLocaleTimeString() : "no shared store")
+      + (d.cluster ? " \u00b7 shared model " + d.cluster.version + (d.cluster.redis_up ? "" : " (Redis unreachable)") : ""));
   set("updated", new Date(d.generated_at * 1000).toLocaleTimeString());
   set("points", String(h.length)); set("interval", String(d.history.interval_s));
 }
@@ -165,6 +177,9 @@ unsure <b id="verdict-unsure">&ndash;</b> &middot; ham <b id="verdict-ham">&ndas
 </div>
 <table><thead><tr><th>stage</th><th>count</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>mean ms</th><th>max ms</th><th>errors</th></tr></thead>
 <tbody id="stages"></tbody></table>
+<section id="fleet" hidden><h2>Hosts</h2><p class="note" id="fleet-sub"></p>
+<table><thead><tr><th>host</th><th>messages, 5 min</th><th>spam, 5 min</th><th>messages, hour</th><th>spam, hour</th>
+<th>latest</th></tr></thead><tbody id="hosts"></tbody></table></section>
 <p class="note">Charts: the last <span id="points">{HISTORY_POINTS}</span> samples, one every <span id="interval">{SAMPLE_INTERVAL:g}</span> s. Percentiles over the last 4096 messages per stage.
 Raw figures: <a href="performance.json">performance.json</a>.</p>
 </main>

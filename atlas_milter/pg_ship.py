@@ -12,6 +12,9 @@ inserted, in the same transaction, so a replay never counts twice.
 While PostgreSQL is down, rows wait in SQLite and the breaker keeps calls away (one log
 line per change of state); mail never waits for PostgreSQL.
 
+The IMAP listener's folder marks (how far it looked at Junk) are shipped too, upserted
+(a mark never moves back), for a host that takes an account over (shared_records.py).
+
 Threads: one thread ("atlas-pg-ship"). Must not: be on the per-message path, or write the
 verdict database except its shipping mark (journal.py).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from atlas_milter import journal, queries
@@ -35,6 +39,8 @@ GAUGE_BACKLOG = "store.pg_backlog"
 GAUGE_PG_UP = "store.pg_up"
 COUNTER_SHIPPED = "store.pg_rows_shipped"
 CONNECT_TIMEOUT = 2  # seconds
+FLEET_EVERY = 5.0  # seconds between refreshes of the every-host summary /performance shows
+_current: "Shipper | None" = None  # the running daemon's, for /performance
 STATEMENT_TIMEOUT_MS = 10000
 
 # Column types in PostgreSQL for the SQLite columns (store.COLUMNS), in that order.
@@ -48,6 +54,10 @@ SCHEMA = (
     + ", PRIMARY KEY (db_id, local_id))",
     "CREATE INDEX IF NOT EXISTS verdicts_created_at ON verdicts (created_at)",
     "CREATE INDEX IF NOT EXISTS verdicts_queue_id ON verdicts (queue_id)",
+    "CREATE INDEX IF NOT EXISTS verdicts_message_id ON verdicts (message_id)",  # shared_records.py's lookups
+    "CREATE INDEX IF NOT EXISTS verdicts_mailbox ON verdicts (account, folder, uidvalidity, uid)",
+    "CREATE TABLE IF NOT EXISTS folder_marks (account TEXT NOT NULL, folder TEXT NOT NULL, uidvalidity BIGINT NOT NULL, "
+    "last_uid BIGINT NOT NULL, PRIMARY KEY (account, folder, uidvalidity))",
     "CREATE TABLE IF NOT EXISTS domains (domain TEXT PRIMARY KEY, ham BIGINT NOT NULL DEFAULT 0, "
     "spam BIGINT NOT NULL DEFAULT 0, unsure BIGINT NOT NULL DEFAULT 0, last_seen TIMESTAMPTZ)",
 )
@@ -80,17 +90,25 @@ class Shipper:
         where = url.split("@")[-1]  # never the password
         self.breaker = Breaker(cooldown, f"store: PostgreSQL at {where}", "verdicts wait in the local database")
         self._conn: Any = None
+        self._marks_shipped: dict[tuple, int] = {}  # (account, folder, uidvalidity) -> last_uid in PostgreSQL
+        self.fleet: dict[str, Any] | None = None  # every host's last hour, as of the last refresh (fleet())
+        self._fleet_due = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> "Shipper":
+        global _current
         self._thread = threading.Thread(target=self._run, name="atlas-pg-ship", daemon=True)
         with blocked(STOP_SIGNALS | {RELOAD_SIGNAL}):
             self._thread.start()
+        _current = self
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after one last round (what the daemon wrote before stopping is shipped if it can be)."""
+        global _current
+        if _current is self:
+            _current = None
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -104,6 +122,9 @@ class Shipper:
                 try:
                     while self.ship_once() == self.batch:  # a backlog: keep going
                         pass
+                    self.ship_folder_marks()
+                    if time.monotonic() >= self._fleet_due:
+                        self.fleet = self.refresh_fleet()
                     self.breaker.success()
                     self.metrics.set_gauge(GAUGE_PG_UP, 1)
                 except Exception as exc:  # psycopg.Error, OSError: PostgreSQL down or refusing
@@ -150,9 +171,42 @@ class Shipper:
         self.metrics.incr(COUNTER_SHIPPED, len(rows))
         return len(rows)
 
+    def refresh_fleet(self) -> dict[str, Any]:
+        """Every host's verdicts of the last hour in PostgreSQL (read through the created_at
+        index), for /performance: per host, messages in the last 5 minutes and hour, spam
+        among them, and its latest record."""
+        self._fleet_due = time.monotonic() + FLEET_EVERY
+        rows = self._connect().execute(
+            "SELECT host, count(*) FILTER (WHERE created_at > now() - interval '5 minutes'), "
+            "count(*) FILTER (WHERE created_at > now() - interval '5 minutes' AND verdict = 'spam'), "
+            "count(*), count(*) FILTER (WHERE verdict = 'spam'), max(created_at) "
+            "FROM verdicts WHERE created_at > now() - interval '1 hour' GROUP BY host ORDER BY host").fetchall()
+        self._conn.rollback()  # a read: leave no transaction open
+        hosts = {host: {"last_5m": m5, "spam_5m": s5, "last_hour": h, "spam_hour": sh, "latest": latest.isoformat()}
+                 for host, m5, s5, h, sh, latest in rows}
+        return {"as_of": round(time.time(), 3), "this_host": self.host, "hosts": hosts}
+
+    def ship_folder_marks(self) -> None:
+        """The IMAP listener's folder marks (a handful of rows): upserted, never moving back."""
+        marks = [m for m in queries.all_folder_marks(self.db) if self._marks_shipped.get(m[:3]) != m[3]]
+        if not marks:
+            return
+        conn = self._connect()
+        with conn.transaction():
+            conn.cursor().executemany(
+                "INSERT INTO folder_marks (account, folder, uidvalidity, last_uid) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (account, folder, uidvalidity) DO UPDATE SET "
+                "last_uid = greatest(folder_marks.last_uid, excluded.last_uid)", marks)
+        self._marks_shipped.update((m[:3], m[3]) for m in marks)
+
 
 PG_PASSWORD_ENV = "ATLAS_PG_PASSWORD"
 PG_PASSWORD_CREDENTIAL = "pg-password"
+
+
+def current() -> Shipper | None:
+    """The shipper this process runs, or None ([store] url not set, or not started)."""
+    return _current
 
 
 def from_config(config: Any) -> Shipper | None:

@@ -139,6 +139,11 @@ def folder_mark(db: str | Path, folder: str, uidvalidity: int, *, account: str) 
     return rows[0][0] if rows else None
 
 
+def all_folder_marks(db: str | Path) -> list[tuple[str, str, int, int]]:
+    """(account, folder, uidvalidity, last_uid) of every folder mark, for shipping them."""
+    return [tuple(row) for row in _lookup(db, "SELECT account, folder, uidvalidity, last_uid FROM imap_folder_marks", ())]
+
+
 def uids_with_action(db: str | Path, folder: str, uidvalidity: int, action: str, *, account: str) -> dict[int, str]:
     """{uid: Message-ID} of this mailbox's records whose action is `action`."""
     return {
@@ -160,6 +165,7 @@ class PriorRecord:
     folder: str
     uid: int | None
     sender_domain: str
+    created_at: str = ""  # ISO-8601
 
 
 def last_record(db: str | Path, message_id: str, except_action: str, *, account: str) -> PriorRecord | None:
@@ -168,8 +174,8 @@ def last_record(db: str | Path, message_id: str, except_action: str, *, account:
     runs)."""
     rows = _lookup(
         db,
-        "SELECT verdict, score, coalesce(action, ''), coalesce(folder, ''), uid, coalesce(sender_domain, '') "
-        "FROM processed_emails WHERE message_id = ? AND coalesce(action, '') != ? "
+        "SELECT verdict, score, coalesce(action, ''), coalesce(folder, ''), uid, coalesce(sender_domain, ''), "
+        "coalesce(created_at, '') FROM processed_emails WHERE message_id = ? AND coalesce(action, '') != ? "
         "AND (account = ? OR account IS NULL) ORDER BY id DESC LIMIT 1",
         (message_id, except_action, account),
     )

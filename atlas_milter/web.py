@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Mapping
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from atlas_milter import __version__, cluster_sync
+from atlas_milter import __version__, cluster_sync, pg_ship
 from atlas_milter.errors import AtlasError
 from atlas_milter.netaddr import is_loopback, is_loopback_literal
 from atlas_milter.monitor import (
@@ -130,7 +130,7 @@ def performance_info(
         errors = {f"{name} (stage)": int(s["errors"]) for name, s in stats.items() if s.get("errors")}
         errors.update({name: n for name, n in counters.items() if is_error_counter(name) and n})
         queue = store["queued"] if store else gauges.get(GAUGE_WRITER_QUEUE, 0)
-        cluster = cluster_sync.current()
+        cluster, shipper = cluster_sync.current(), pg_ship.current()
         return {
             "version": __version__,
             "model_version": model_version() if model_version else "",
@@ -151,6 +151,7 @@ def performance_info(
             "errors_by_name": errors,
             "counters": dict(sorted(counters.items())),
             "cluster": cluster.status() if cluster is not None else None,
+            "fleet": shipper.fleet if shipper is not None else None,  # every host, from PostgreSQL
             **(extra or {}),
         }
 

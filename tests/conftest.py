@@ -21,12 +21,15 @@ from tests.support.servers import (
     REPO_ROOT,
     DovecotInstance,
     PostfixInstance,
+    PostgresInstance,
     StatsdInstance,
+    postgres_bin,
+    private_tmpdir,
     sendmail_missing,
     sendmail_tree,
     statsd_js_path,
 )
-SERVER_FIXTURES = {"postfix", "dovecot", "dovecot_tls", "statsd_daemon", "sendmail_root"}
+SERVER_FIXTURES = {"postfix", "dovecot", "dovecot_tls", "statsd_daemon", "sendmail_root", "postgres"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -164,3 +167,13 @@ def sendmail_root() -> Path:
         _unavailable(why)
     require_root("sendmail")
     return sendmail_tree()
+
+
+@pytest.fixture
+def postgres():
+    """A private PostgreSQL (Debian's, run as the postgres user); its `url` has no password."""
+    if postgres_bin("postgres") is None:
+        _unavailable("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresInstance(private_tmpdir("atlas-pg-")).start()
+    yield server
+    server.stop()

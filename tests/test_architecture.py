@@ -22,6 +22,8 @@ HOMES = {
     "signal": {"signals.py"},  # one way of handling signals for every daemon and the CLI
     "cachetools": {"cache.py"},
     "statsd": {"monitor.py"},
+    "redis": {"redis_link.py"},  # every Redis call behind the breaker and its short timeouts
+    "psycopg": {"pg_ship.py", "shared_records.py"},
 }
 # The milter and the IMAP side (the listener and backfill, which shares its IMAP code)
 # translate different protocols into the core and must not lean on each other.

@@ -20,17 +20,27 @@ from tests.support.imap import (
 from tests.support.requirements import require_binary
 from tests.support.servers import RedisInstance, private_tmpdir
 
+
+def pg_count(url: str, sql: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        try:
+            return conn.execute(sql).fetchone()[0]
+        except psycopg.errors.UndefinedTable:
+            return 0
+
 pytestmark = pytest.mark.integration
 
 TTL = 2.0
 
 
-def start_listener(dovecot, tmp_path, name: str, folder: str, junk: str, redis_url: str):
+def start_listener(dovecot, tmp_path, name: str, folder: str, junk: str, redis_url: str, store: str = ""):
     db = tmp_path / f"{name}.db"
     conf = tmp_path / f"{name}.toml"
     extra = (f"reconnect_initial = 0.5\nreconnect_max = 2.0\n[cluster]\nredis = \"{redis_url}\"\nhost = \"{name}\"\n"
              f"lease_ttl = {TTL}\n")
-    conf.write_text(imap_config_toml(dovecot, db, junk, extra))
+    conf.write_text(imap_config_toml(dovecot, db, junk, extra).replace("[store]\n", f"[store]\n{store}", 1))
     log = tmp_path / f"{name}.log"
     proc = subprocess.Popen([sys.executable, "-m", "atlas_milter", "idle", folder, "--config", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
@@ -83,6 +93,58 @@ def test_one_listener_watches_an_account_and_a_standby_takes_over(dovecot, tmp_p
         import redis as redis_py
 
         assert redis_py.Redis.from_url(redis.url).keys("{atlas}:lease:*") == []
+    finally:
+        for proc, log in ((a, locals().get("log_a")), (b, locals().get("log_b"))):
+            if proc is not None and proc.poll() is None:
+                stop_listener(proc, log)
+        redis.stop()
+
+
+def test_with_a_shared_store_the_new_watcher_resumes_where_the_old_one_stopped(dovecot, tmp_path, postgres):
+    """[store] url on both hosts: the standby that takes over resumes after the last UID the
+    dead watcher recorded, so mail that arrived while nobody watched is classified; and a
+    message the dead watcher called ham, moved to Junk by the user afterwards, is learned as
+    spam by the new watcher (it reads the other host's verdict from PostgreSQL)."""
+    require_binary("redis-server")
+    redis = RedisInstance(private_tmpdir("atlas-lease-redis-")).start()
+    tag, folder, junk = unique_names()
+    store = f'url = "{postgres.url}"\nship_interval = 0.2\n'
+    with dovecot.client() as c:
+        c.create_folder(folder)
+    a = b = None
+    try:
+        a, db_a, log_a = start_listener(dovecot, tmp_path, "imap1", folder, junk, redis.url, store)
+        wait_for(lambda: a.poll() is not None or "imap: watching" in log_a.read_text(), 30, "imap1 watching")
+        b, db_b, log_b = start_listener(dovecot, tmp_path, "imap2", folder, junk, redis.url, store)
+        wait_for(lambda: b.poll() is not None or "standing by" in log_b.read_text(), 30, "imap2 standing by")
+
+        wanted, spam = f"<wanted-{tag}@lease.test>", f"<spam-{tag}@lease.test>"
+        with dovecot.client() as c:
+            c.append(folder, sample_message("01-team-meeting.eml", wanted))
+            c.append(folder, sample_message("07-crypto-scam.eml", spam))
+            wait_for(lambda: spam in folder_message_ids(c, junk), 15, "imap1 moves the spam")
+        assert last_row(db_a, wanted)[:2] == ("ham", "none")
+        wait_for(lambda: pg_count(postgres.url, "SELECT count(*) FROM verdicts") == 2
+                 and pg_count(postgres.url, "SELECT count(*) FROM folder_marks") >= 1, 10, "imap1's records shipped")
+
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        unwatched = f"<unwatched-{tag}@lease.test>"
+        with dovecot.client() as c:  # arrives before imap2 can hold the lease
+            c.append(folder, sample_message("09-phishing.eml", unwatched))
+        assert "imap: watching" not in log_b.read_text()
+        wait_for(lambda: "imap: watching" in log_b.read_text(), TTL + 10, "imap2 takes over")
+        wait_for(lambda: last_row(db_b, unwatched), 15, "imap2 classifies what arrived while nobody watched")
+        with dovecot.client() as c:
+            wait_for(lambda: unwatched in folder_message_ids(c, junk), 10, "the unwatched spam in Junk")
+            c.select_folder(folder)
+            c.move(c.search(["HEADER", "Message-ID", wanted]), junk)  # the user disagrees with imap1
+        events = wait_for(lambda: db_rows(db_b, "SELECT label, previous_verdict, message_id FROM learning_events"), 10,
+                          "imap2 learns from the move")
+        assert events == [("spam", "ham", wanted)]
+        with dovecot.client() as c:
+            assert sorted(folder_message_ids(c, junk)) == sorted([spam, unwatched, wanted])  # each once
+        assert last_row(db_b, spam) is None and last_row(db_b, wanted) is None  # imap1's, not redone
     finally:
         for proc, log in ((a, locals().get("log_a")), (b, locals().get("log_b"))):
             if proc is not None and proc.poll() is None:

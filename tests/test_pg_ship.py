@@ -18,8 +18,7 @@ from importlib import resources
 import pytest
 
 from tests.support.milter_process import MilterProcess, milter_workdir, unix_spec, wait_milter_active
-from tests.support.requirements import _unavailable
-from tests.support.servers import PostgresInstance, postgres_bin, private_tmpdir, wait_until
+from tests.support.servers import wait_until
 from tests.support.smtp import new_token, send_one, with_token
 
 from atlas_milter import journal
@@ -31,15 +30,6 @@ pytestmark = pytest.mark.integration
 
 SAMPLE = resources.files("atlas_milter").joinpath("data", "sample")
 DOMAINS = ("a.example", "b.example", "c.example")
-
-
-@pytest.fixture
-def postgres():
-    if postgres_bin("postgres") is None:
-        _unavailable("PostgreSQL is not installed (apt-get install postgresql)")
-    server = PostgresInstance(private_tmpdir("atlas-pg-")).start()
-    yield server
-    server.stop()
 
 
 def pg_rows(url: str, sql: str, params: tuple = ()) -> list[tuple]:

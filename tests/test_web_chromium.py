@@ -41,6 +41,8 @@ class _Figures(HTMLParser):
         self.by_id: dict[str, str] = {}
         self.attrs_by_id: dict[str, dict] = {}
         self.stages: dict[str, list[str]] = {}
+        self.hosts: dict[str, list[str]] = {}
+        self._rows = self.stages  # the table of the open row
         self._open: list[tuple[str | None, str | None]] = []  # (id, stage) per open element
         self._row: str | None = None
 
@@ -49,11 +51,12 @@ class _Figures(HTMLParser):
         if a.get("id"):
             self.by_id.setdefault(a["id"], "")
             self.attrs_by_id[a["id"]] = a
-        if tag == "tr" and a.get("data-stage"):
-            self._row = a["data-stage"]
-            self.stages[self._row] = []
+        if tag == "tr" and (a.get("data-stage") or a.get("data-host")):
+            self._row = a.get("data-stage") or a["data-host"]
+            self._rows = self.stages if a.get("data-stage") else self.hosts
+            self._rows[self._row] = []
         if tag == "td" and self._row is not None:
-            self.stages[self._row].append("")
+            self._rows[self._row].append("")
         if tag not in ("br", "meta", "input"):
             self._open.append((a.get("id"), tag))
 
@@ -70,7 +73,7 @@ class _Figures(HTMLParser):
             if ident:
                 self.by_id[ident] += data
         if self._row is not None and self._open and self._open[-1][1] == "td":
-            self.stages[self._row][-1] += data
+            self._rows[self._row][-1] += data
 
 
 def run_chromium(binary: str, tmp: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
@@ -132,3 +135,41 @@ def test_page_renders_the_live_figures(live_server, tmp_path):
         proc = run_chromium(chromium, tmp_path, live_server.url, "--hide-scrollbars", "--window-size=1280,720",
                             f"--screenshot={shot}")
         assert proc.returncode == 0 and Path(shot).stat().st_size > 10_000, proc.stderr[-2000:]
+
+
+def test_with_a_shared_store_the_page_shows_every_host(live_server, tmp_path, postgres):
+    """[store] url: the shipper's summary of every host's last hour in PostgreSQL is a table
+    on the page, this host marked."""
+    from atlas_milter import pg_ship
+    from atlas_milter.migrate import apply_migrations
+    from atlas_milter.store import DirectRecordWriter
+
+    chromium = require_binary("chromium")
+    shippers = []
+    for host, n_spam, n_ham in (("mx1", 3, 5), ("mx2", 1, 2)):
+        db = tmp_path / f"{host}.db"
+        apply_migrations(db)
+        writer = DirectRecordWriter(db)
+        for i in range(n_spam + n_ham):
+            writer.add_email_record({"source": "milter", "verdict": "spam" if i < n_spam else "ham", "score": 0.5})
+        writer.close()
+        shipper = pg_ship.Shipper(str(db), postgres.url, host)
+        assert shipper.ship_once() == n_spam + n_ham
+        shippers.append(shipper)
+    hidden = _Figures()
+    hidden.feed(run_chromium(chromium, tmp_path, live_server.url, "--dump-dom").stdout)
+    assert "hidden" in hidden.attrs_by_id["fleet"] and not hidden.hosts  # no shared store: no table
+
+    this_host = shippers[0]
+    this_host.fleet = this_host.refresh_fleet()
+    pg_ship._current = this_host  # as Shipper.start() registers it in a daemon
+    try:
+        proc = run_chromium(chromium, tmp_path, live_server.url, "--dump-dom")
+    finally:
+        pg_ship._current = None
+    page = _Figures()
+    page.feed(proc.stdout)
+    assert "hidden" not in page.attrs_by_id["fleet"]
+    assert page.hosts["mx1"][:5] == ["mx1 (this host)", "8", "3", "8", "3"]
+    assert page.hosts["mx2"][:5] == ["mx2", "3", "1", "3", "1"]
+    assert "from PostgreSQL" in page.by_id["fleet-sub"]

@@ -1313,3 +1313,27 @@ class PostgresInstance(_Server):
         if self.proc is not None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self._reap(timeout=10)
+
+    def freeze(self) -> None:
+        """SIGSTOP every PostgreSQL process: a hung server that still holds its connections
+        open. Each backend is a process group of its own (PostgreSQL calls setsid), so they
+        are found as the server's descendants."""
+        for pid in self._processes()[1:]:  # not runuser: it would stop itself when its child stops
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
+
+    def _processes(self) -> list[int]:
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue  # gone meanwhile
+        found = [self.proc.pid]
+        for pid in found:  # grows while walking: children, grandchildren, ...
+            found.extend(child for child, parent in parents.items() if parent == pid)
+        return found

@@ -11,13 +11,11 @@ first, so a crash between the two is repaired at the next start).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Mapping
 
 from atlas_milter.adapters.imap.connection import account_key
 from atlas_milter.adapters.imap.session import FolderState, ImapSession
 from atlas_milter.config import Config
-from atlas_milter.queries import uids_with_action
 from atlas_milter.journal import adopt_unowned_imap_rows
 from atlas_milter.verdict import HAM, SPAM, Action
 
@@ -30,13 +28,6 @@ FLAG_DELETED = "\\Deleted"
 # The `action` column of processed_emails holds verdict.Action values (move, flag, record, none,
 # dry-run, learned-ham on this side).
 DRY_RUN_SUFFIX = " [dry-run]"  # dry runs record under "<folder> [dry-run]", so a real run redoes them
-
-
-def pending_moves(db: str | Path, folder: str, uidvalidity: int, account: str) -> dict[int, str]:
-    """{uid: Message-ID} recorded as moved to Junk from this mailbox of `account` (see
-    connection.account_key): any still in it missed its move (or, on a server without
-    MOVE, its EXPUNGE after the COPY)."""
-    return uids_with_action(db, folder, uidvalidity, Action.MOVE, account=account)
 
 
 def action_for(verdict: str, spam_action: str) -> str:
@@ -61,11 +52,12 @@ def apply_actions(session: ImapSession, actions: Mapping[int, tuple[str, str]]) 
         session.move(to_move, session.junk_folder())
 
 
-def redo_pending_moves(session: ImapSession, db: str, state: FolderState, account: str) -> int:
+def redo_pending_moves(session: ImapSession, state: FolderState, recorded: Mapping[int, str]) -> int:
     """Move what we recorded as moved but is still in the folder (a crash between the
-    record and the move). UIDs are never reused within a UIDVALIDITY, so a message the user
-    moved back has a new UID and is left alone."""
-    recorded = pending_moves(db, state.name, state.uidvalidity, account)
+    record and the move): `recorded` is {uid: Message-ID} of the folder's records whose
+    action is move (any still in the folder missed its move, or on a server without MOVE
+    its EXPUNGE after the COPY). UIDs are never reused within a UIDVALIDITY, so a message
+    the user moved back has a new UID and is left alone."""
     if not recorded:
         return 0
     present = sorted(set(session.uids()) & recorded.keys())

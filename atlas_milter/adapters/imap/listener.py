@@ -23,7 +23,8 @@ from typing import Any, Mapping
 
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from atlas_milter import cluster_sync, pg_ship, signals
+from atlas_milter import cluster_sync, pg_ship, shared_records, signals
+from atlas_milter.shared_records import Lookups
 from atlas_milter.adapters.imap.actions import (
     action_for,
     adopt_rows_written_before_accounts,
@@ -51,7 +52,7 @@ from atlas_milter.learning import Learned, learn_and_swap, learned_model_path, w
 from atlas_milter.message import fingerprint
 from atlas_milter.notify import sd_notify
 from atlas_milter.pool import ItemError
-from atlas_milter.queries import PriorRecord, already_learned, folder_mark, highest_uid, last_record
+from atlas_milter.queries import PriorRecord
 from atlas_milter.reload import run_reload
 from atlas_milter.journal import add_learning_event, save_folder_mark
 from atlas_milter.verdict import HAM, SPAM, UNSURE, Action
@@ -79,6 +80,8 @@ class Listener:
         self.password, self.password_source = read_password(self.imap, account, env)
         log.info("imap: password from %s", self.password_source)
         self.db = config.store.db
+        # Earlier records: this host's, and with [store] url every host's (an account taken over)
+        self.lookups = Lookups(self.db, self.account_key, shared_records.from_config(config))
         self.lock = threading.RLock()
         self.stop = threading.Event()
         self.fatal: str | None = None
@@ -232,7 +235,7 @@ class FolderWatcher(threading.Thread):
         if not self.junk_role and imap.spam_action == "move":
             with lst.lock:
                 lst.pipeline.flush()
-            redo_pending_moves(session, lst.db, state, lst.account_key)
+            redo_pending_moves(session, state, lst.lookups.uids_with_action(state.name, state.uidvalidity, Action.MOVE))
             session.select(self.folder)
         self.catch_up(session, state)
         cycle = min(imap.keepalive, imap.idle_renew)
@@ -277,7 +280,7 @@ class FolderWatcher(threading.Thread):
         if not self.junk_role:
             with lst.lock:
                 lst.pipeline.flush()
-            db_high = highest_uid(lst.db, self.folder, state.uidvalidity, account=lst.account_key)
+            db_high = lst.lookups.highest_uid(self.folder, state.uidvalidity)
         if self.high is None:
             # First look at this folder (or a new UIDVALIDITY): earlier mail is backfill's
             # job, unless the DB says where we stopped last time.
@@ -312,7 +315,7 @@ class FolderWatcher(threading.Thread):
             action = action_for(verdict, imap.spam_action)
             mid = result.summary.message_id
             if imap.learn and mid and imap.spam_action == "move":
-                prior = last_record(lst.db, mid, Action.DRY_RUN, account=lst.account_key)
+                prior = lst.lookups.last_record(mid, Action.DRY_RUN)
                 if (prior is not None and prior.action == Action.MOVE and prior.verdict == SPAM
                         and (prior.folder, prior.uid) != (self.folder, uid)
                         and self.folder != session.junk_folder()
@@ -336,14 +339,14 @@ class FolderWatcher(threading.Thread):
             mid = fingerprint(raw, lst.config.classifier.max_bytes).message_id.strip()
             if not mid:
                 continue
-            prior = last_record(lst.db, mid, Action.DRY_RUN, account=lst.account_key)
+            prior = lst.lookups.last_record(mid, Action.DRY_RUN)
             if prior is None:
                 continue  # never scored by us (e.g. filed there by the server): not ours to judge
             if prior.action == Action.MOVE:
                 continue  # we moved it
             if prior.verdict == SPAM and prior.action != Action.LEARNED_HAM:
                 continue  # we already called it spam: nothing to learn
-            if prior.verdict not in (HAM, UNSURE, SPAM) or already_learned(lst.db, mid, SPAM, account=lst.account_key):
+            if prior.verdict not in (HAM, UNSURE, SPAM) or lst.lookups.already_learned(mid, SPAM):
                 continue
             with lst.lock:
                 lst.learn(raw, True, prior, self.folder, uid, mid)
@@ -395,9 +398,9 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
             # Where the last run stopped (catch up on what came meanwhile, including what the
             # user moved into Junk while we were stopped), else from now on.
             if w.junk_role:
-                stored = folder_mark(listener.db, w.folder, state.uidvalidity, account=listener.account_key)
+                stored = listener.lookups.folder_mark(w.folder, state.uidvalidity)
             else:
-                stored = highest_uid(listener.db, w.folder, state.uidvalidity, account=listener.account_key)
+                stored = listener.lookups.highest_uid(w.folder, state.uidvalidity)
             w.uidvalidity, w.high = state.uidvalidity, stored if stored is not None else state.uidnext - 1
             if w.junk_role and stored is None:
                 save_folder_mark(listener.db, w.folder, state.uidvalidity, w.high, account=listener.account_key)
@@ -452,6 +455,8 @@ def run_idle(config: Config, account: str | None = None, force_plain: bool = Fal
             listener.pipeline.close()
         if shipper is not None:  # after the last records are in SQLite: one more shipment
             shipper.stop()
+        if listener.lookups.shared is not None:
+            listener.lookups.shared.close()
     if listener.fatal:
         raise AtlasError(listener.fatal)
     return 0
