@@ -24,6 +24,7 @@ class Breaker:
         self.name = name
         self.while_down = while_down
         self.when_back = when_back
+        self.quiet = False  # True: no log lines (a one-shot caller reports the failure itself)
         self.open_until = 0.0
         self.is_open = False
         self.opened = 0  # times it opened (counted)
@@ -37,7 +38,8 @@ class Breaker:
         with self._lock:
             if self.is_open:
                 self.is_open = False
-                log.warning("%s is back; %s", self.name, self.when_back)
+                if not self.quiet:
+                    log.warning("%s is back; %s", self.name, self.when_back)
 
     def failure(self, why: str) -> None:
         with self._lock:
@@ -45,4 +47,5 @@ class Breaker:
             if not self.is_open:
                 self.is_open = True
                 self.opened += 1
-                log.warning("%s unreachable (%s); %s", self.name, why, self.while_down)
+                if not self.quiet:
+                    log.warning("%s unreachable (%s); %s", self.name, why, self.while_down)

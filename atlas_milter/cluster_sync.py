@@ -141,6 +141,23 @@ class ClusterLearning:
         self._wake.set()
         return before, after
 
+    def learn_now(self, raw: bytes, is_spam: bool,
+                  cutoffs: tuple[float, float] | None = None) -> tuple[float, float, bool]:
+        """For a process that runs no sync thread (the command line): catch up with the
+        shared stream, learn one message and publish it at once, not through the outbox:
+        (score before, after, whether it counts: False when another host had learned that
+        message with that label already). RedisDown when Redis cannot take it (nothing was
+        learned)."""
+        self._apply(block=False)
+        with self._lock:
+            event, before, after = make_event(self.shared.model(), raw, is_spam, self.max_bytes, self.host, cutoffs)
+        entry, first, _ = self.link.publish(event)
+        if not (entry or first == event.event_id):
+            return before, before, False
+        with self._lock:
+            self.shared.add_local(event)  # counts here for the next message of this run
+        return before, after, True
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"host": self.host, "version": self.shared.version, "in_force": self._in_force,
@@ -282,10 +299,35 @@ class ClusterLearning:
         self._swapped = model
 
 
-def from_config(config: Any, base: Model, use_model: Callable[[Model], None]) -> ClusterLearning | None:
-    """The daemon's shared learning as [cluster] configures it; None when it is off."""
+def from_config(config: Any, base: Model, use_model: Callable[[Model], None] = lambda model: None
+                ) -> ClusterLearning | None:
+    """The daemon's shared learning as [cluster] configures it (the command line's, with no
+    `use_model` and no thread: `learn_now`); None when it is off."""
     if not config.cluster.enabled:
         return None
     cc = config.cluster
     return ClusterLearning(link_from_config(cc), config.store.db, base, use_model, cc.host, config.classifier.max_bytes,
                            compact_every=cc.compact_every, keep_stream=cc.keep_stream)
+
+
+def learn_for_every_host(config: Any, raws: list[bytes], is_spam: bool) -> list[tuple[float, float, bool]]:
+    """The command line's learns with [cluster]: each message learned on the shared model as
+    it stands (the latest snapshot and the stream after it, toward the cutoffs in force) and
+    published for every host at once: (score before, after, counted) per message. AtlasError
+    when Redis cannot take them (what was published before stays; nothing else was learned)."""
+    from atlas_milter.classifier import load_model
+    from atlas_milter.errors import AtlasError
+    from atlas_milter.policy import resolve_cutoffs
+
+    base = load_model(config.classifier.model or None)
+    cutoffs = resolve_cutoffs(config.classifier, base)
+    cluster = from_config(config, base)
+    cluster.link.breaker.quiet = True  # the one error line below says it
+    results = []
+    for raw in raws:
+        try:
+            results.append(cluster.learn_now(raw, is_spam, (cutoffs.spam, cutoffs.ham)))
+        except RedisDown as exc:
+            raise AtlasError(f"{cluster.link.breaker.name} unreachable ({exc}): {len(raws) - len(results)} of "
+                             f"{len(raws)} message(s) not learned; run it again when Redis is back") from None
+    return results

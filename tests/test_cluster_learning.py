@@ -276,3 +276,39 @@ def test_a_host_that_fell_behind_the_trimmed_stream_starts_over_from_the_snapsho
     finally:
         for host in (a, b, c):
             host.cluster.stop()
+
+
+def run_cli(*argv: str) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "atlas_milter", *argv], capture_output=True, text=True, timeout=60)
+
+
+def test_the_command_lines_learn_reaches_every_host(tmp_path, redis_server, hosts):
+    """`atlas-milter learn` with [cluster] and no --model: published for every host at once
+    (no model file written); the same message again counts once; Redis down: one clear
+    line, non-zero exit, nothing learned."""
+    a, b, c = hosts
+    a.cluster.learn(SPAM[0], is_spam=False)  # the stream has an entry the command line must catch up with
+    wait_until(lambda: converged(hosts), timeout=5, what="the first learn everywhere")
+    message = tmp_path / "missed.eml"
+    message.write_bytes(SPAM[1])
+    conf = tmp_path / "cli.toml"
+    conf.write_text(f'[store]\ndb = "{tmp_path / "cli.db"}"\n[cluster]\nredis = "{redis_server.url}"\nhost = "admin"\n'
+                    "[statsd]\nenabled = false\n")
+    assert b.score(SPAM[1]) > 0.9
+    done = run_cli("learn", "--ham", str(message), "--config", str(conf))
+    assert done.returncode == 0, done.stderr
+    assert "learned as ham for every host ([cluster])" in done.stdout
+    wait_until(lambda: converged(hosts) and all(h.score(SPAM[1]) < 0.3 for h in hosts), timeout=5,
+               what="the command line's learn on every host")
+    assert stream_length(redis_server) == 2 and not list(tmp_path.glob("*.model.json*"))
+
+    again = run_cli("learn", "--ham", str(message), "--config", str(conf))
+    assert again.returncode == 0 and "already" in again.stdout and stream_length(redis_server) == 2
+
+    redis_server.kill()
+    down = run_cli("learn", "--spam", str(message), "--config", str(conf))
+    assert down.returncode != 0 and "Traceback" not in down.stderr
+    assert "unreachable" in down.stderr and "not learned" in down.stderr and len(down.stderr.strip().splitlines()) == 1

@@ -15,6 +15,7 @@ from pathlib import Path
 from atlas_milter.errors import AtlasError
 from atlas_milter.verdict import format_reasons
 from atlas_milter.cli.common import Stopped, _finite, _load_config
+from atlas_milter.config import Config
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -96,6 +97,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if not args.spam and not args.ham:
         raise AtlasError("learn needs --spam FILE... or --ham FILE...")
     config = _load_config(args)
+    if config.cluster.enabled and not args.model:  # shared learning: every host, not a file
+        return _learn_for_every_host(config, args)
     target = args.model or config.classifier.model
     if not target:
         raise AtlasError("learn updates a model file: give --model PATH (a new path starts from the shipped model)")
@@ -107,6 +110,18 @@ def cmd_learn(args: argparse.Namespace) -> int:
                 print(f"{item.key}: learned as {label}, now scores {score:.3f}")
     save_model(model, target)
     print(f"wrote {target} (version {model.version})")
+    return 0
+
+
+def _learn_for_every_host(config: Config, args: argparse.Namespace) -> int:
+    from atlas_milter.cluster_sync import learn_for_every_host
+    from atlas_milter.sources import iter_source
+
+    for label, specs in (("spam", args.spam or ()), ("ham", args.ham or ())):
+        items = [item for spec in specs for item in iter_source(spec)]
+        for item, (_, after, counted) in zip(items, learn_for_every_host(config, [i.raw for i in items], label == "spam")):
+            print(f"{item.key}: learned as {label} for every host ([cluster]), now scores {after:.3f}" if counted else
+                  f"{item.key}: another host learned it as {label} already (counted once)")
     return 0
 
 

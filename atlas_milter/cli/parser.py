@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="model file to write (.json or .json.gz)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("learn", parents=[common], help="update a model from messages you label")
+    p = sub.add_parser("learn", parents=[common], help="update a model from messages you label "
+                       "(with [cluster] and no --model: every host's shared model)")
     p.add_argument("--spam", nargs="+", metavar="FILE")
     p.add_argument("--ham", nargs="+", metavar="FILE")
     p.add_argument("--model", metavar="PATH", help="model file to update (created from the shipped model if absent)")
