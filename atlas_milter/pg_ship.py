@@ -22,9 +22,10 @@ verdict database except its shipping mark (journal.py).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from atlas_milter import journal, queries
 from atlas_milter.breaker import Breaker
@@ -33,6 +34,7 @@ from atlas_milter.signals import RELOAD_SIGNAL, STOP_SIGNALS, blocked
 from atlas_milter.store import COLUMNS
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TARGET = "postgresql"
 GAUGE_BACKLOG = "store.pg_backlog"
@@ -42,6 +44,7 @@ CONNECT_TIMEOUT = 2  # seconds
 FLEET_EVERY = 5.0  # seconds between refreshes of the every-host summary /performance shows
 _current: "Shipper | None" = None  # the running daemon's, for /performance
 STATEMENT_TIMEOUT_MS = 10000
+STEP_LIMIT = 12.0  # seconds one batch (or connect) may take before its connection is cut: a hung server
 
 # Column types in PostgreSQL for the SQLite columns (store.COLUMNS), in that order.
 _PG_TYPES = {"uidvalidity": "BIGINT", "uid": "BIGINT", "recipients_count": "INTEGER", "score": "DOUBLE PRECISION",
@@ -120,11 +123,11 @@ class Shipper:
             stopping = self._stop.wait(self.interval)
             if self.breaker.allow():
                 try:
-                    while self.ship_once() == self.batch:  # a backlog: keep going
+                    while self._guarded(self.ship_once) == self.batch:  # a backlog: keep going
                         pass
-                    self.ship_folder_marks()
+                    self._guarded(self.ship_folder_marks)
                     if time.monotonic() >= self._fleet_due:
-                        self.fleet = self.refresh_fleet()
+                        self.fleet = self._guarded(self.refresh_fleet)
                     self.breaker.success()
                     self.metrics.set_gauge(GAUGE_PG_UP, 1)
                 except Exception as exc:  # psycopg.Error, OSError: PostgreSQL down or refusing
@@ -133,6 +136,29 @@ class Shipper:
                     self.metrics.set_gauge(GAUGE_PG_UP, 0)
             if stopping:
                 return
+
+    def _guarded(self, step: Callable[[], T]) -> T:
+        """`step()`, its connection's socket cut if it takes longer than STEP_LIMIT: a hung
+        server (frozen, or a network that drops packets) answers no statement_timeout, and
+        libpq would wait on it for as long as TCP lets it. The blocked call then fails, the
+        breaker opens, and the rows wait locally (the batch goes again: written once)."""
+        def cut() -> None:
+            conn = self._conn
+            if conn is not None and not conn.closed:
+                try:
+                    with socket.fromfd(conn.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)  # a duplicate descriptor of the same socket
+                except OSError:
+                    pass
+                log.warning("store: PostgreSQL gave no answer within %g s; cutting the connection", STEP_LIMIT)
+
+        timer = threading.Timer(STEP_LIMIT, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            return step()
+        finally:
+            timer.cancel()
 
     def _connect(self) -> Any:
         import psycopg

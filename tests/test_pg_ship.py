@@ -127,6 +127,35 @@ def test_postgresql_stopped_under_load_every_row_arrives_once(tmp_path, postgres
     assert pg_rows(postgres.url, "SELECT sum(ham + spam + unsure) FROM domains") == [(total,)]
 
 
+def test_a_hung_postgresql_is_cut_off_and_every_row_arrives_once_after(tmp_path, postgres, monkeypatch):
+    """PostgreSQL frozen (SIGSTOP: connections open, no answers, no statement_timeout) while
+    a batch is on its way: the shipper cuts the connection after STEP_LIMIT, the breaker
+    opens, rows wait locally; after the thaw every row arrives exactly once."""
+    from atlas_milter import pg_ship
+
+    monkeypatch.setattr(pg_ship, "STEP_LIMIT", 2.0)
+    db = tmp_path / "v.db"
+    apply_migrations(db)
+    write_records(db, 0, 100)
+    shipper = Shipper(str(db), postgres.url, "mx1", interval=0.2, cooldown=1.0).start()
+    try:
+        wait_until(lambda: pg_rows(postgres.url, "SELECT count(*) FROM verdicts") == [(100,)], timeout=10,
+                   what="the first rows shipped")
+        postgres.freeze()
+        frozen = time.monotonic()
+        write_records(db, 100, 100)
+        wait_until(lambda: shipper.breaker.is_open, timeout=10, what="the breaker open after the cut")
+        assert time.monotonic() - frozen <= 2.0 + 0.2 + 2.0  # the limit, one interval, slack
+        assert shipper._thread.is_alive()
+    finally:
+        postgres.thaw()
+    wait_until(lambda: pg_rows(postgres.url, "SELECT count(*) FROM verdicts") == [(200,)], timeout=20,
+               what="every row after the thaw")
+    shipper.stop()
+    assert pg_rows(postgres.url, "SELECT count(DISTINCT local_id), sum(1) FROM verdicts") == [(200, 200)]
+    assert pg_rows(postgres.url, "SELECT sum(ham + spam + unsure) FROM domains") == [(200,)]
+
+
 def test_a_milter_killed_while_shipping_loses_and_doubles_nothing(postfix, postgres):
     work = milter_workdir("atlas-pg-milter-")
     config = (f"[statsd]\nenabled = false\n[milter]\nsocket_mode = 0o666\n"
