@@ -165,6 +165,7 @@ class ClusterConfig:
     """[cluster]: learning shared between hosts through Redis (atlas_milter/cluster_sync.py)."""
 
     redis: str = ""  # redis://HOST:PORT/DB (rediss:// for TLS); "" and no sentinels = off
+    redis_cluster: bool = False  # `redis` is one node of a Redis Cluster (every key has one hash tag: one slot)
     sentinels: tuple[str, ...] = ()  # ["HOST:PORT", ...] of Redis Sentinels watching `sentinel_service`
     sentinel_service: str = "atlas"
     password_file: str = ""  # or ATLAS_REDIS_PASSWORD, or the systemd credential redis-password
@@ -183,6 +184,9 @@ class ClusterConfig:
             raise ConfigError("config: [cluster] min_replicas must be 0 or more")
         if self.timeout <= 0 or self.cooldown <= 0 or self.lease_ttl < 1:
             raise ConfigError("config: [cluster] timeout and cooldown must be positive, lease_ttl at least 1 (seconds)")
+        if self.redis_cluster and (not self.redis or self.sentinels or self.min_replicas):
+            raise ConfigError("config: [cluster] redis_cluster = true needs redis = one node's URL, and neither "
+                              "sentinels nor min_replicas (Redis Cluster has its own failover; WAIT is not used there)")
         if self.compact_every < 1 or self.keep_stream < 0 or self.seen_days <= 0:
             raise ConfigError("config: [cluster] compact_every must be 1 or more, keep_stream 0 or more (seconds), "
                               "seen_days positive")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import base64
 import logging
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from atlas_milter.breaker import Breaker
 from atlas_milter.errors import AtlasError
@@ -80,16 +81,19 @@ class RedisLink:
 
     def __init__(self, url: str = "", sentinels: tuple[str, ...] = (), service: str = "atlas", password: str = "",
                  prefix: str = "atlas", timeout: float = 0.25, cooldown: float = 1.0, min_replicas: int = 0,
-                 seen_ttl: int = 30 * 86400) -> None:
+                 seen_ttl: int = 30 * 86400, redis_cluster: bool = False) -> None:
         if not url and not sentinels:
             raise AtlasError("[cluster]: give redis = \"redis://HOST:PORT/DB\" or sentinels = [\"HOST:PORT\", ...]")
         self.timeout = timeout
         self.min_replicas = min_replicas
         self.seen_ttl = seen_ttl
         self.prefix = prefix
-        self.client = _client(url, sentinels, service, password, timeout)
+        if redis_cluster and (sentinels or min_replicas):
+            raise AtlasError("[cluster] redis_cluster: give redis = one node's URL, and no sentinels or min_replicas")
+        self.redis_cluster = redis_cluster
+        self.client = _client(url, sentinels, service, password, timeout, redis_cluster)
         # A blocking read waits BLOCK_S on purpose: its own connection, with room for that.
-        self.reader = _client(url, sentinels, service, password, BLOCK_S + timeout)
+        self.reader = _client(url, sentinels, service, password, BLOCK_S + timeout, redis_cluster)
         where = f"sentinel {','.join(sentinels)} service {service}" if sentinels else url.split("@")[-1]  # no password
         self.breaker = Breaker(cooldown, f"cluster: Redis at {where}")
         self.stream_key = f"{{{prefix}}}:learn"
@@ -106,7 +110,8 @@ class RedisLink:
             raise RedisDown("breaker open")
         try:
             result = fn()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OSError, redis.exceptions.ClusterError,
+                redis.exceptions.RedisClusterException) as exc:  # a Redis Cluster down or without its slot
             self.breaker.failure(type(exc).__name__)
             raise RedisDown(str(exc)) from None
         except redis.ResponseError as exc:
@@ -131,6 +136,10 @@ class RedisLink:
         failover cannot lose it. RedisDown when Redis cannot take it now."""
         seen_key = f"{{{self.prefix}}}:seen:{event.fingerprint}:{event.label}"  # expires after seen_ttl
         argv = [self.seen_ttl, event.event_id, *[x for kv in event.fields().items() for x in kv]]
+
+        if self.redis_cluster:  # one node holds every key (the hash tag): the script alone
+            entry, first = self.call(lambda: self._publish(keys=[seen_key, self.stream_key], args=argv))
+            return entry or "", first or "", True
 
         def run() -> Any:
             pipe = self.client.pipeline(transaction=False)  # one connection: WAIT covers the script's write
@@ -184,7 +193,29 @@ class RedisLink:
             keys=[self.snapshot_key, self.stream_key], args=[position, encoded, host, keep_ms], client=self.reader)))
 
 
-def _client(url: str, sentinels: tuple[str, ...], service: str, password: str, timeout: float) -> Any:
+class _LazyCluster:
+    """A redis-py RedisCluster made on first use: its constructor asks a node for the slot
+    map, and a daemon must start (and count Redis as down) while the cluster is down."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def register_script(self, script: str) -> Any:
+        from redis.commands.core import Script
+
+        return Script(self, script.encode())  # as bytes: no encoder needed, so no connection yet
+
+    def __getattr__(self, name: str) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._make()
+        return getattr(self._client, name)
+
+
+def _client(url: str, sentinels: tuple[str, ...], service: str, password: str, timeout: float,
+            redis_cluster: bool = False) -> Any:
     """A redis-py client whose every call gives up after `timeout` and is never retried."""
     import redis
     from redis.backoff import NoBackoff
@@ -201,6 +232,11 @@ def _client(url: str, sentinels: tuple[str, ...], service: str, password: str, t
         sentinel = Sentinel([_host_port(s) for s in sentinels],
                             sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout}, **options)
         return sentinel.master_for(service, **options)
+    if redis_cluster:
+        from redis.cluster import RedisCluster
+
+        del options["health_check_interval"]
+        return _LazyCluster(lambda: RedisCluster.from_url(url, **options))
     return redis.Redis.from_url(url, **options)
 
 
@@ -218,4 +254,4 @@ def link_from_config(cc: Any) -> "RedisLink":
 
     password = read_secret(cc.password_file, REDIS_PASSWORD_ENV, REDIS_PASSWORD_CREDENTIAL, "[cluster] password_file")
     return RedisLink(cc.redis, cc.sentinels, cc.sentinel_service, password, cc.key_prefix, cc.timeout, cc.cooldown,
-                     cc.min_replicas, int(cc.seen_days * 86400))
+                     cc.min_replicas, int(cc.seen_days * 86400), cc.redis_cluster)

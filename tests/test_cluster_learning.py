@@ -7,6 +7,8 @@ exactly once after Redis returns; all hosts end with the same weights and versio
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from importlib import resources
 
@@ -40,7 +42,7 @@ class Host:
     """One daemon's shared learning, and the model it would score with."""
 
     def __init__(self, tmp_path, name: str, url: str, sentinels: tuple[str, ...] = (), min_replicas: int = 0,
-                 compact_every: int = 1000, keep_stream: float = 600.0) -> None:
+                 compact_every: int = 1000, keep_stream: float = 600.0, redis_cluster: bool = False) -> None:
         self.db = tmp_path / f"{name}.db"
         apply_migrations(self.db)
         self.model = load_model()
@@ -50,7 +52,7 @@ class Host:
             self.model = model
             self.swaps += 1
 
-        link = RedisLink(url, sentinels, timeout=0.25, cooldown=0.2, min_replicas=min_replicas)
+        link = RedisLink(url, sentinels, timeout=0.25, cooldown=0.2, min_replicas=min_replicas, redis_cluster=redis_cluster)
         self.cluster = ClusterLearning(link, str(self.db), load_model(), use_model, host=name, max_bytes=MAX_BYTES,
                                        compact_every=compact_every, keep_stream=keep_stream)
         self.cluster.start()
@@ -278,10 +280,7 @@ def test_a_host_that_fell_behind_the_trimmed_stream_starts_over_from_the_snapsho
             host.cluster.stop()
 
 
-def run_cli(*argv: str) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
-
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "atlas_milter", *argv], capture_output=True, text=True, timeout=60)
 
 
@@ -312,3 +311,49 @@ def test_the_command_lines_learn_reaches_every_host(tmp_path, redis_server, host
     down = run_cli("learn", "--spam", str(message), "--config", str(conf))
     assert down.returncode != 0 and "Traceback" not in down.stderr
     assert "unreachable" in down.stderr and "not learned" in down.stderr and len(down.stderr.strip().splitlines()) == 1
+
+
+def test_on_a_redis_cluster_learning_is_shared_compacted_and_survives_the_node_going_away(tmp_path):
+    """[cluster] redis_cluster = true against a real three-node Redis Cluster: every key is in
+    the one slot of the {atlas} hash tag, so the scripts run; hosts learn from each other, the
+    stream is folded into snapshots; with the node that holds the slot killed, learns wait in
+    the outbox and arrive once after it returns; a host can start while the cluster is down."""
+    import redis as redis_py
+
+    from tests.support.servers import start_redis_cluster
+
+    require_binary("redis-server")
+    nodes = start_redis_cluster(private_tmpdir("atlas-rcluster-"))
+    hosts = []
+    try:
+        url = nodes[0].url
+        holder = redis_py.RedisCluster.from_url(url).get_node_from_key("{atlas}:learn")
+        owner = next(n for n in nodes if n.port == holder.port)  # the node of the {atlas} slot
+
+        def make(name: str) -> Host:
+            hosts.append(Host(tmp_path, name, url, compact_every=3, keep_stream=0, redis_cluster=True))
+            return hosts[-1]
+
+        a, b = make("mx1"), make("mx2")
+        learn_new_messages(a, 2, "on the cluster")
+        learn_new_messages(b, 2, "also on the cluster")
+        wait_until(lambda: converged(hosts), timeout=5, what="both hosts converged on the Redis Cluster")
+        on_owner = redis_py.Redis(port=owner.port)
+        assert on_owner.hget("{atlas}:snapshot", "position")  # compacted there, every key on that node
+        assert on_owner.xlen("{atlas}:learn") < 4 and len(on_owner.keys("{atlas}:seen:*")) == 4
+
+        owner.kill()
+        a.cluster.learn(SPAM[0] + b"\nwhile the node is away\n", is_spam=False)
+        wait_until(lambda: a.cluster.link.breaker.is_open, timeout=2, what="the breaker open")
+        late = make("mx3")  # starts while the slot's node is down: no error, it waits
+        assert a.status()["outbox"] == 1
+        owner.start()
+        wait_until(lambda: converged(hosts), timeout=20, what="every host converged after the node returned")
+        assert a.model.weights == b.model.weights == late.model.weights
+        assert late.score(SPAM[0] + b"\nwhile the node is away\n") < 0.3
+        assert a.status()["applied"] == late.status()["applied"] == 5
+    finally:
+        for host in hosts:
+            host.cluster.stop()
+        for node in nodes:
+            node.stop()

@@ -77,3 +77,16 @@ def test_auto_profile_follows_the_machine():
     assert auto_profile(cpus=4, mem_mb=8000) == "medium"
     assert auto_profile(cpus=16, mem_mb=64000) == "large"
     assert auto_profile(cpus=16, mem_mb=1000) == "small"
+
+
+@pytest.mark.parametrize("cluster, fragment", [
+    ('redis_cluster = true\nsentinels = ["10.0.0.1:26379"]', "redis_cluster = true needs redis"),
+    ('redis = "redis://10.0.0.5:7000/0"\nredis_cluster = true\nmin_replicas = 1', "neither sentinels nor min_replicas"),
+    ('redis = "redis://10.0.0.5:6379/0"\ncompact_every = 0', "compact_every must be 1 or more"),
+    ('redis = "redis://10.0.0.5:6379/0"\nseen_days = 0', "seen_days positive"),
+])
+def test_cluster_settings_that_cannot_work_are_refused(tmp_path, cluster, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(write(tmp_path, f"[cluster]\n{cluster}\n"), env={})
+    assert load_config(write(tmp_path, '[cluster]\nredis = "redis://10.0.0.5:7000/0"\nredis_cluster = true\n'),
+                       env={}).cluster.redis_cluster

@@ -28,6 +28,7 @@ import imaplib
 import json
 import ipaddress
 import os
+import random
 import re
 import secrets
 import shlex
@@ -1168,7 +1169,7 @@ class RedisInstance(_Server):
 
     def __init__(self, tmpdir: Path | str, port: int | None = None, *, aof: bool = True,
                  replica_of: tuple[str, int] | None = None, sentinel_of: tuple[str, int] | None = None,
-                 service: str = "atlas") -> None:
+                 service: str = "atlas", cluster: bool = False) -> None:
         self.base = Path(tmpdir).resolve()
         self.base.mkdir(parents=True, exist_ok=True)
         self.host = LOCALHOST
@@ -1177,6 +1178,7 @@ class RedisInstance(_Server):
         self.replica_of = replica_of
         self.sentinel_of = sentinel_of
         self.service = service
+        self.cluster = cluster
         self.log_path = self.base / f"redis-{self.port}.log"
         self.url = f"redis://{LOCALHOST}:{self.port}/0"
 
@@ -1195,6 +1197,8 @@ class RedisInstance(_Server):
                 lines += ["appendonly yes", "appendfsync always", f"appenddirname aof-{self.port}"]
             if self.replica_of:
                 lines.append(f"replicaof {self.replica_of[0]} {self.replica_of[1]}")
+            if self.cluster:
+                lines += ["cluster-enabled yes", f"cluster-config-file nodes-{self.port}.conf", "cluster-node-timeout 2000"]
         conf = self.base / f"redis-{self.port}.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf
@@ -1243,6 +1247,45 @@ class RedisInstance(_Server):
     def thaw(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _cluster_port() -> int:
+    """A free port for a Redis Cluster node: at most 55535, with its bus port (+10000) free too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind((LOCALHOST, port))
+                b.bind((LOCALHOST, port + 10000))
+            return port
+        except OSError:
+            continue
+    raise ServerError("no free port pair for a Redis Cluster node")
+
+
+def start_redis_cluster(tmpdir: Path | str, nodes: int = 3) -> list[RedisInstance]:
+    """A Redis Cluster of `nodes` primaries (no replicas) on loopback, every slot covered:
+    `redis-cli --cluster create`, then wait until every node says cluster_state:ok."""
+    servers = [RedisInstance(tmpdir, _cluster_port(), cluster=True).start() for _ in range(nodes)]
+    try:
+        subprocess.run([_binary("redis-cli"), "--cluster", "create", *[f"{LOCALHOST}:{s.port}" for s in servers],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+
+        def ready() -> bool:
+            for server in servers:
+                out = subprocess.run([_binary("redis-cli"), "-p", str(server.port), "cluster", "info"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                if "cluster_state:ok" not in out:
+                    return False
+            return True
+
+        wait_until(ready, timeout=30, what="the Redis Cluster ok on every node")
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 # --------------------------------------------------------------------------- PostgreSQL
