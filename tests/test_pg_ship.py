@@ -141,17 +141,19 @@ def test_a_hung_postgresql_is_cut_off_and_every_row_arrives_once_after(tmp_path,
     try:
         wait_until(lambda: pg_rows(postgres.url, "SELECT count(*) FROM verdicts") == [(100,)], timeout=10,
                    what="the first rows shipped")
-        postgres.freeze()
-        frozen = time.monotonic()
-        write_records(db, 100, 100)
-        wait_until(lambda: shipper.breaker.is_open, timeout=10, what="the breaker open after the cut")
-        assert time.monotonic() - frozen <= 2.0 + 0.2 + 2.0  # the limit, one interval, slack
-        assert shipper._thread.is_alive()
+        try:
+            postgres.freeze()
+            frozen = time.monotonic()
+            write_records(db, 100, 100)
+            wait_until(lambda: shipper.breaker.is_open, timeout=10, what="the breaker open after the cut")
+            assert time.monotonic() - frozen <= 2.0 + 0.2 + 2.0  # the limit, one interval, slack
+            assert shipper._thread.is_alive()
+        finally:
+            postgres.thaw()
+        wait_until(lambda: pg_rows(postgres.url, "SELECT count(*) FROM verdicts") == [(200,)], timeout=20,
+                   what="every row after the thaw")
     finally:
-        postgres.thaw()
-    wait_until(lambda: pg_rows(postgres.url, "SELECT count(*) FROM verdicts") == [(200,)], timeout=20,
-               what="every row after the thaw")
-    shipper.stop()
+        shipper.stop()
     assert pg_rows(postgres.url, "SELECT count(DISTINCT local_id), sum(1) FROM verdicts") == [(200, 200)]
     assert pg_rows(postgres.url, "SELECT sum(ham + spam + unsure) FROM domains") == [(200,)]
 

@@ -137,14 +137,18 @@ def test_page_renders_the_live_figures(live_server, tmp_path):
         assert proc.returncode == 0 and Path(shot).stat().st_size > 10_000, proc.stderr[-2000:]
 
 
-def test_with_a_shared_store_the_page_shows_every_host(live_server, tmp_path, postgres):
+def test_with_a_shared_store_the_page_shows_every_host(live_server, tmp_path, postgres, monkeypatch):
     """[store] url: the shipper's summary of every host's last hour in PostgreSQL is a table
     on the page, this host marked."""
     from atlas_milter import pg_ship
     from atlas_milter.migrate import apply_migrations
     from atlas_milter.store import DirectRecordWriter
 
+    from atlas_milter import cluster_sync
+
     chromium = require_binary("chromium")
+    monkeypatch.setattr(pg_ship, "_current", None)  # whatever another test left: this test sets it
+    monkeypatch.setattr(cluster_sync, "_current", None)
     shippers = []
     for host, n_spam, n_ham in (("mx1", 3, 5), ("mx2", 1, 2)):
         db = tmp_path / f"{host}.db"
@@ -162,11 +166,8 @@ def test_with_a_shared_store_the_page_shows_every_host(live_server, tmp_path, po
 
     this_host = shippers[0]
     this_host.fleet = this_host.refresh_fleet()
-    pg_ship._current = this_host  # as Shipper.start() registers it in a daemon
-    try:
-        proc = run_chromium(chromium, tmp_path, live_server.url, "--dump-dom")
-    finally:
-        pg_ship._current = None
+    monkeypatch.setattr(pg_ship, "_current", this_host)  # as Shipper.start() registers it in a daemon
+    proc = run_chromium(chromium, tmp_path, live_server.url, "--dump-dom")
     page = _Figures()
     page.feed(proc.stdout)
     assert "hidden" not in page.attrs_by_id["fleet"]

@@ -1361,12 +1361,18 @@ class PostgresInstance(_Server):
         """SIGSTOP every PostgreSQL process: a hung server that still holds its connections
         open. Each backend is a process group of its own (PostgreSQL calls setsid), so they
         are found as the server's descendants."""
-        for pid in self._processes()[1:]:  # not runuser: it would stop itself when its child stops
-            os.kill(pid, signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP, self._processes()[1:])  # not runuser: it stops itself when its child stops
 
     def thaw(self) -> None:
-        for pid in self._processes():
-            os.kill(pid, signal.SIGCONT)
+        self._signal_all(signal.SIGCONT, self._processes())
+
+    @staticmethod
+    def _signal_all(signum: int, pids: list[int]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # a backend that ended since it was listed
 
     def _processes(self) -> list[int]:
         parents: dict[int, int] = {}
