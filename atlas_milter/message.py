@@ -380,6 +380,12 @@ def _walk(msg: Message, parsed: ParsedMessage, compiled: bool) -> list[str]:
         maintype = part.get_content_maintype()
         if filename or "attachment" in disposition or maintype not in ("text", "message", "multipart"):
             parsed.attachments.append((decode_header_value(filename or "")[:200], ctype))
+            # Attached HTML is read too (and stays an attachment): mail clients show it, and
+            # notifications and today's phishing send their whole content that way.
+            if ctype == "text/html":
+                text, links, _images = html_to_text(_read_part_text(part, parsed), compiled)
+                parsed.urls.extend(links)
+                texts.append(text)
             continue
         if ctype == "text/html":
             markup = _read_part_text(part, parsed)

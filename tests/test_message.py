@@ -1,5 +1,6 @@
 """Parsing survives what real mail throws at it, and extracts what the classifier needs."""
 
+import base64
 import re
 import time
 
@@ -75,6 +76,25 @@ def test_attachments_are_features_not_text():
     msg = parse_message(raw)
     assert msg.attachments == [("invoice.pdf", "application/pdf")]
     assert "JVBER" not in msg.text
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_attached_html_is_read_as_text_and_stays_an_attachment(compiled):
+    """What a mail client shows of an attached HTML file (a common phishing form: a login
+    page sent as a file) is judged like the body: its text and links are read."""
+    raw = (
+        b"Subject: document\nContent-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n\nsee attached\n"
+        b"--b\nContent-Type: text/html; name=\"Payment.html\"\nContent-Disposition: attachment; filename=\"Payment.html\"\n"
+        b"Content-Transfer-Encoding: base64\n\n"
+        + base64.encodebytes(b"<html><body><p>Verify your mailbox password</p>"
+                             b"<a href=\"http://login.example.net/verify\">sign in</a><script>var x=1;</script></body></html>")
+        + b"--b--\n"
+    )
+    msg = parse_message(raw, compiled=compiled)
+    assert msg.attachments == [("Payment.html", "text/html")]
+    assert "Verify your mailbox password" in msg.text and "see attached" in msg.text
+    assert "var x" not in msg.text
+    assert any("login.example.net" in url for url in msg.urls)
 
 
 def test_nul_bytes_and_cr_only_garbage():
