@@ -219,10 +219,10 @@ class SharedModel:
         return current
 
 
-def _own_copy(model: Model, meta: dict | None = None) -> Model:
+def _own_copy(model: Model) -> Model:
     """`model` with weights and meta of its own (changing them leaves `model` as it is) and
     no compiled table yet (dataclasses.replace leaves out the init=False field)."""
-    return dataclasses.replace(model, weights=dict(model.weights), meta=dict(model.meta if meta is None else meta))
+    return dataclasses.replace(model, weights=dict(model.weights), meta=dict(model.meta))
 
 
 def stream_key(entry_id: str) -> tuple[int, int]:

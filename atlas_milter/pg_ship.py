@@ -94,7 +94,7 @@ class Shipper:
         self.breaker = Breaker(cooldown, f"store: PostgreSQL at {where}", "verdicts wait in the local database")
         self._conn: Any = None
         self._marks_shipped: dict[tuple, int] = {}  # (account, folder, uidvalidity) -> last_uid in PostgreSQL
-        self.fleet: dict[str, Any] | None = None  # every host's last hour, as of the last refresh (fleet())
+        self.fleet: dict[str, Any] | None = None  # every host's last hour, as of the last refresh_fleet()
         self._fleet_due = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
