@@ -161,14 +161,8 @@ class Shipper:
             timer.cancel()
 
     def _connect(self) -> Any:
-        import psycopg
-
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.url, password=self.password or None, connect_timeout=CONNECT_TIMEOUT,
-                                         options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", autocommit=False)
-            with self._conn.transaction():
-                for statement in SCHEMA:
-                    self._conn.execute(statement)
+            self._conn = connect(self.url, self.password)
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -230,6 +224,21 @@ PG_PASSWORD_ENV = "ATLAS_PG_PASSWORD"
 PG_PASSWORD_CREDENTIAL = "pg-password"
 
 
+def connect(url: str, password: str = "", *, autocommit: bool = False,
+            statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> Any:
+    """A psycopg connection to the shared store with its limits (CONNECT_TIMEOUT to connect,
+    `statement_timeout_ms` per statement, 0 = none), the tables created if missing: no host
+    may have shipped yet."""
+    import psycopg
+
+    conn = psycopg.connect(url, password=password or None, connect_timeout=CONNECT_TIMEOUT, autocommit=autocommit,
+                           options=f"-c statement_timeout={statement_timeout_ms}")
+    with conn.transaction():
+        for statement in SCHEMA:
+            conn.execute(statement)
+    return conn
+
+
 def current() -> Shipper | None:
     """The shipper this process runs, or None ([store] url not set, or not started)."""
     return _current
@@ -258,9 +267,7 @@ def query_stats(url: str, password: str = "", top: int = 10) -> dict[str, Any]:
     from atlas_milter.errors import AtlasError
 
     try:
-        with psycopg.connect(url, password=password or None, connect_timeout=CONNECT_TIMEOUT) as conn:
-            for statement in SCHEMA:
-                conn.execute(statement)
+        with connect(url, password, statement_timeout_ms=0) as conn:
             total, first, last = conn.execute("SELECT count(*), min(created_at), max(created_at) FROM verdicts").fetchone()
             by = {}
             for column in ("verdict", "action", "host"):  # fixed names, never user input

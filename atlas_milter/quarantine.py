@@ -176,7 +176,6 @@ def learn_ham(config: Config, raw: bytes) -> tuple[float, float, str]:
     after, where it went)."""
     from atlas_milter import cluster_sync
     from atlas_milter.classifier import save_model
-    from atlas_milter.cluster_sync import learn_for_every_host
     from atlas_milter.learning import learn_message, learned_model_path, model_to_learn
     from atlas_milter.policy import resolve_cutoffs
 
@@ -186,7 +185,7 @@ def learn_ham(config: Config, raw: bytes) -> tuple[float, float, str]:
         before, after = cluster.learn(raw, False, (cutoffs.spam, cutoffs.ham))
         return before, after, "for every host ([cluster])"
     if config.cluster.enabled:  # the command line: published at once (the model files are not used)
-        before, after, _ = learn_for_every_host(config, [raw], False)[0]
+        before, after, _ = cluster_sync.learn_for_every_host(config, [raw], False)[0]
         return before, after, "for every host ([cluster])"
     path = learned_model_path(config)
     with _file_lock(Path(path + ".lock")):

@@ -30,7 +30,6 @@ from atlas_milter.queries import PriorRecord
 log = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 1.0  # seconds a lookup waits for PostgreSQL before answering from the local database
-CONNECT_TIMEOUT = 2  # seconds (libpq's connect_timeout: whole seconds)
 
 
 class SharedRecords:
@@ -70,16 +69,10 @@ class SharedRecords:
         return rows
 
     def _run(self, sql: str, params: tuple) -> list[tuple]:
-        import psycopg
-
-        from atlas_milter.pg_ship import SCHEMA
+        from atlas_milter.pg_ship import connect
 
         if self._conn is None or self._conn.closed:
-            conn = psycopg.connect(self.url, password=self.password or None, connect_timeout=CONNECT_TIMEOUT,
-                                   autocommit=True, options="-c statement_timeout=2000")
-            for statement in SCHEMA:  # the tables may not exist yet: no host has shipped
-                conn.execute(statement)
-            self._conn = conn
+            self._conn = connect(self.url, self.password, autocommit=True, statement_timeout_ms=2000)
         return self._conn.execute(sql, params).fetchall()
 
     def close(self) -> None:

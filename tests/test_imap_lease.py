@@ -18,17 +18,7 @@ from tests.support.imap import (
     db_rows, folder_message_ids, imap_config_toml, last_row, sample_message, stop_listener, unique_names, wait_for,
 )
 from tests.support.requirements import require_binary
-from tests.support.servers import RedisInstance, private_tmpdir
-
-
-def pg_count(url: str, sql: str) -> int:
-    import psycopg
-
-    with psycopg.connect(url, connect_timeout=5) as conn:
-        try:
-            return conn.execute(sql).fetchone()[0]
-        except psycopg.errors.UndefinedTable:
-            return 0
+from tests.support.servers import RedisInstance, pg_rows, private_tmpdir
 
 pytestmark = pytest.mark.integration
 
@@ -124,8 +114,8 @@ def test_with_a_shared_store_the_new_watcher_resumes_where_the_old_one_stopped(d
             c.append(folder, sample_message("07-crypto-scam.eml", spam))
             wait_for(lambda: spam in folder_message_ids(c, junk), 15, "imap1 moves the spam")
         assert last_row(db_a, wanted)[:2] == ("ham", "none")
-        wait_for(lambda: pg_count(postgres.url, "SELECT count(*) FROM verdicts") == 2
-                 and pg_count(postgres.url, "SELECT count(*) FROM folder_marks") >= 1, 10, "imap1's records shipped")
+        wait_for(lambda: pg_rows(postgres.url, "SELECT count(*) FROM verdicts") == [(2,)]
+                 and pg_rows(postgres.url, "SELECT 1 FROM folder_marks LIMIT 1"), 10, "imap1's records shipped")
 
         a.send_signal(signal.SIGKILL)
         a.wait(10)

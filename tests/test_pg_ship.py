@@ -18,7 +18,7 @@ from importlib import resources
 import pytest
 
 from tests.support.milter_process import MilterProcess, milter_workdir, unix_spec, wait_milter_active
-from tests.support.servers import wait_until
+from tests.support.servers import pg_rows, wait_until
 from tests.support.smtp import new_token, send_one, with_token
 
 from atlas_milter import journal
@@ -30,16 +30,6 @@ pytestmark = pytest.mark.integration
 
 SAMPLE = resources.files("atlas_milter").joinpath("data", "sample")
 DOMAINS = ("a.example", "b.example", "c.example")
-
-
-def pg_rows(url: str, sql: str, params: tuple = ()) -> list[tuple]:
-    import psycopg
-
-    with psycopg.connect(url, connect_timeout=5) as conn:
-        try:
-            return conn.execute(sql, params).fetchall()
-        except psycopg.errors.UndefinedTable:
-            return []
 
 
 def write_records(db, start: int, n: int) -> None:

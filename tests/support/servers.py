@@ -1291,6 +1291,17 @@ def start_redis_cluster(tmpdir: Path | str, nodes: int = 3) -> list[RedisInstanc
 # --------------------------------------------------------------------------- PostgreSQL
 
 
+def pg_rows(url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    """The rows of `sql` on the PostgreSQL at `url`; [] while its table does not exist yet."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        try:
+            return conn.execute(sql, params).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+
+
 def postgres_bin(name: str) -> str | None:
     """A PostgreSQL server program (initdb, postgres, pg_ctl) of Debian's newest installed version."""
     found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
