@@ -15,6 +15,10 @@
  * text with scripts, styles, comments and tags as spaces, as message.py's regular
  * expressions define them, in linear time.
  *
+ * split_commands(buf, max_packet, prefixes) is adapters/milter/wire.split_commands_reference()
+ * compiled: a milter connection's buffer split into packets, each run of header packets
+ * gathered into one header block (tests/test_milter_wire.py keeps the two equal).
+ *
  * The pure-Python code in classifier.py is the reference: tests/test_hotpath.py proves both
  * give the same features, the same reasons and the same score (to 1e-12: the sum is taken
  * in a different order). Every rule below names the Python it mirrors.
@@ -1237,6 +1241,204 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------- milter packets */
+
+/* split_commands(buf, max_packet, prefixes) is adapters/milter/wire.split_commands_reference()
+ * compiled: the whole milter packets waiting in a connection's buffer, up to and including
+ * an end of message or quit, as (cmd, data) pairs -- except that a run of header packets
+ * ('L', each with exactly two NUL-terminated strings) and the end-of-header-stage macro
+ * packets Postfix sends before each of them ('D' whose first byte is 'L') comes as one item:
+ * (b"*", the run's packets, the headers as "Name: value\r\n" lines with every LF a CRLF,
+ * the names starting with one of `prefixes` (ASCII, lowercase; compared case-insensitively),
+ * the last macro packet's strings or None). Returns (bytes consumed, items, bad length or -1). */
+
+typedef struct {
+    char *at;
+    Py_ssize_t len, size;
+} Buf;
+
+static int buf_reserve(Buf *out, Py_ssize_t more)
+{
+    if (out->len + more <= out->size)
+        return 0;
+    Py_ssize_t size = out->size ? out->size : 4096;
+    while (size < out->len + more)
+        size *= 2;
+    char *grown = PyMem_Realloc(out->at, (size_t)size);
+    if (!grown) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    out->at = grown;
+    out->size = size;
+    return 0;
+}
+
+static int is_header_packet(char cmd, const unsigned char *data, Py_ssize_t n)
+{
+    if (cmd == 'D')
+        return n >= 1 && data[0] == 'L';
+    if (cmd != 'L')
+        return 0;
+    Py_ssize_t nuls = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        nuls += data[i] == 0;
+    return nuls == 2;
+}
+
+static int has_prefix_ci(const unsigned char *name, Py_ssize_t n, PyObject *prefixes)
+{
+    Py_ssize_t count = PyTuple_GET_SIZE(prefixes);
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *prefix = PyTuple_GET_ITEM(prefixes, k);
+        Py_ssize_t len = PyBytes_GET_SIZE(prefix);
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(prefix);
+        if (len > n)
+            continue;
+        Py_ssize_t i = 0;
+        while (i < len) {
+            unsigned char c = name[i];
+            if (c >= 'A' && c <= 'Z')
+                c += 'a' - 'A';
+            if (c != p[i])
+                break;
+            i++;
+        }
+        if (i == len)
+            return 1;
+    }
+    return 0;
+}
+
+/* Appends "name: value\r\n" to out (value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")). */
+static int append_header(Buf *out, const unsigned char *data, Py_ssize_t name_len, Py_ssize_t value_len)
+{
+    const unsigned char *value = data + name_len + 1;
+    if (buf_reserve(out, name_len + 4 + 2 * value_len) < 0)
+        return -1;
+    memcpy(out->at + out->len, data, name_len);
+    out->len += name_len;
+    out->at[out->len++] = ':';
+    out->at[out->len++] = ' ';
+    for (Py_ssize_t i = 0; i < value_len; i++) {
+        unsigned char c = value[i];
+        if (c == '\r' && i + 1 < value_len && value[i + 1] == '\n')
+            continue; /* "\r\n" -> "\n", which the next step makes "\r\n" again */
+        if (c == '\n')
+            out->at[out->len++] = '\r';
+        out->at[out->len++] = (char)c;
+    }
+    out->at[out->len++] = '\r';
+    out->at[out->len++] = '\n';
+    return 0;
+}
+
+static PyObject *header_run_item(const char *buf, Py_ssize_t start, Py_ssize_t end, Buf *block, PyObject *forged,
+                                 const unsigned char *macros, Py_ssize_t macros_len)
+{
+    PyObject *none_or_macros = macros ? PyBytes_FromStringAndSize((const char *)macros, macros_len) : Py_NewRef(Py_None);
+    if (!none_or_macros)
+        return NULL;
+    return Py_BuildValue("(y#y#y#ON)", "*", (Py_ssize_t)1, buf + start, end - start, block->len ? block->at : "", block->len,
+                         forged, none_or_macros);
+}
+
+static PyObject *split_commands(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t max_packet;
+    PyObject *prefixes;
+    if (!PyArg_ParseTuple(args, "y*nO!", &view, &max_packet, &PyTuple_Type, &prefixes))
+        return NULL;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(prefixes); k++)
+        if (!PyBytes_Check(PyTuple_GET_ITEM(prefixes, k))) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_TypeError, "prefixes must be bytes");
+            return NULL;
+        }
+    const char *buf = view.buf;
+    Py_ssize_t n = view.len, pos = 0, bad = -1;
+    Py_ssize_t run_start = -1;
+    const unsigned char *macros = NULL;
+    Py_ssize_t macros_len = 0;
+    Buf block = {0};
+    PyObject *items = PyList_New(0), *forged = NULL, *item = NULL;
+    if (!items)
+        goto fail;
+    while (n - pos >= 4) {
+        const unsigned char *head = (const unsigned char *)buf + pos;
+        uint32_t length = ((uint32_t)head[0] << 24) | ((uint32_t)head[1] << 16) | ((uint32_t)head[2] << 8) | head[3];
+        if (length < 1 || (Py_ssize_t)length > max_packet) {
+            bad = (Py_ssize_t)length;
+            break;
+        }
+        if (n - pos - 4 < (Py_ssize_t)length)
+            break;
+        char cmd = (char)head[4];
+        const unsigned char *data = head + 5;
+        Py_ssize_t data_len = (Py_ssize_t)length - 1;
+        if (is_header_packet(cmd, data, data_len)) {
+            if (run_start < 0) {
+                run_start = pos;
+                block.len = 0;
+                macros = NULL;
+                if (!(forged = PyList_New(0)))
+                    goto fail;
+            }
+            if (cmd == 'D') {
+                macros = data + 1;
+                macros_len = data_len - 1;
+            } else {
+                Py_ssize_t name_len = (Py_ssize_t)strlen((const char *)data);
+                Py_ssize_t value_len = (Py_ssize_t)strlen((const char *)data + name_len + 1);
+                if (append_header(&block, data, name_len, value_len) < 0)
+                    goto fail;
+                if (has_prefix_ci(data, name_len, prefixes)) {
+                    PyObject *name = PyBytes_FromStringAndSize((const char *)data, name_len);
+                    if (!name || PyList_Append(forged, name) < 0) {
+                        Py_XDECREF(name);
+                        goto fail;
+                    }
+                    Py_DECREF(name);
+                }
+            }
+        } else {
+            if (run_start >= 0) {
+                item = header_run_item(buf, run_start, pos, &block, forged, macros, macros_len);
+                Py_CLEAR(forged);
+                run_start = -1;
+                if (!item || PyList_Append(items, item) < 0)
+                    goto fail;
+                Py_CLEAR(item);
+            }
+            if (!(item = Py_BuildValue("(y#y#)", &cmd, (Py_ssize_t)1, (const char *)data, data_len))
+                || PyList_Append(items, item) < 0)
+                goto fail;
+            Py_CLEAR(item);
+        }
+        pos += 4 + (Py_ssize_t)length;
+        if (cmd == 'E' || cmd == 'Q')
+            break;
+    }
+    if (run_start >= 0 && bad < 0) {
+        item = header_run_item(buf, run_start, pos, &block, forged, macros, macros_len);
+        if (!item || PyList_Append(items, item) < 0)
+            goto fail;
+        Py_CLEAR(item);
+    }
+    Py_XDECREF(forged);
+    PyMem_Free(block.at);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nNn)", pos, items, bad);
+fail:
+    Py_XDECREF(item);
+    Py_XDECREF(forged);
+    Py_XDECREF(items);
+    PyMem_Free(block.at);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"split_headers", split_headers, METH_VARARGS,
      "split_headers(head) -> [(name, value), ...] as compat32 stores them, or None when the block is not simple"},
@@ -1245,6 +1447,8 @@ static PyMethodDef module_methods[] = {
      "html_parts(markup) -> (text with tags, scripts, styles and comments as spaces, links, <img> count)"},
     {"style_counts", style_counts, METH_VARARGS,
      "style_counts(text, scan_chars) -> (shouted words, '!', money amounts, '%') in text[:scan_chars]"},
+    {"split_commands", split_commands, METH_VARARGS,
+     "split_commands(buf, max_packet, prefixes) -> (consumed, [(cmd, data) or (b'*', run, header block, forged names, macros)], bad length or -1)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1274,7 +1478,7 @@ static PyTypeObject TableType = {
 static struct PyModuleDef hotpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "atlas_milter._hotpath",
-    .m_doc = "The hot path compiled: header split (message.py) and body block (classifier.py) -- the Python code is the reference.",
+    .m_doc = "The hot path compiled: header split (message.py), body block (classifier.py) and milter packet framing (adapters/milter/wire.py) -- the Python code is the reference.",
     .m_size = -1,
     .m_methods = module_methods,
 };

@@ -31,7 +31,7 @@ from typing import Any
 
 import Milter
 
-from atlas_milter.adapters.milter import libmilter
+from atlas_milter.adapters.milter import libmilter, wire
 from atlas_milter.adapters.milter.engine import ClassifyFailed, MilterEngine
 from atlas_milter.adapters.milter.metrics import (
     COUNTER_ACTION_PREFIX,
@@ -182,12 +182,35 @@ class AtlasMilter(Milter.Base):
                 self._name_counts[lname] = n
                 self.forged.append((name, n))
             if not self.truncated:
-                # Folded values arrive with bare LF between lines; mail wants CRLF.
-                value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-                self._add(name.encode("latin-1", "replace") + b": " + value + b"\r\n")
+                self._add(wire.header_line(name.encode("latin-1", "replace"), value))
         except Exception as exc:
             self._fail("header", exc)
         self.cb_seconds += time.perf_counter() - t0
+
+    def header_block(self, block: bytes, forged: list[bytes]) -> bool:
+        """Several headers at once, as the loop transport gathers them (wire.py): `block` their
+        "Name: value\\r\\n" lines, `forged` the names among them that start with one of
+        FORGED_PREFIXES, in order. Taken whole (True) only when all of it fits under the size
+        cap and the memory budget; else (False) the caller hands them over one by one, so the
+        cap cuts exactly where it would."""
+        t0 = time.perf_counter()
+        try:
+            if self.truncated or self.size + len(block) >= self.engine.max_bytes or not self.engine.reserve(len(block)):
+                return False
+            self._held += len(block)
+            self.parts.append(block)
+            self.size += len(block)
+            for raw_name in forged:
+                name = raw_name.decode("latin-1")
+                lname = name.lower()
+                n = self._name_counts.get(lname, 0) + 1
+                self._name_counts[lname] = n
+                self.forged.append((name, n))
+        except Exception as exc:
+            self._fail("header", exc)
+        finally:
+            self.cb_seconds += time.perf_counter() - t0
+        return True
 
     def _add(self, data: bytes) -> None:
         room = self.engine.max_bytes - self.size

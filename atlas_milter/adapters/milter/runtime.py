@@ -148,7 +148,8 @@ def _serve_loop(engine: MilterEngine, sock: SocketSpec) -> None:
     if sock.kind == "unix":
         _own_socket(sock, engine.config.milter)
     server = LoopServer(listener, functools.partial(AtlasMilter, engine), workers=engine.max_in_flight + 4,
-                        idle_timeout=LIBMILTER_TIMEOUT, nodelay=sock.kind != "unix", busy_wait=BUSY_WAIT)
+                        idle_timeout=LIBMILTER_TIMEOUT, nodelay=sock.kind != "unix", busy_wait=BUSY_WAIT,
+                        compiled=engine.config.features.compiled)
 
     def stop(why: str) -> None:
         log.info("atlas-milter: stop requested (%s)", why)
