@@ -3,16 +3,15 @@ scoring with reasons, and the incremental update of one labelled message (`learn
 Training a model from corpora is `training.py`; saving and swapping a learned model is
 `learning.py`.
 
-The model is logistic regression over sparse binary features: body words and word pairs,
-subject words, sender / reply-to / URL domains, and structural signals (HTML-only, links
-to the sender or elsewhere, delivery reports, one-click unsubscribe, DKIM signer vs From,
-invisible and look-alike characters, how the body is written, attachment types, shouting
-subjects). Headers that only say which mailing list or relay a message came through
-(Received, List-Id, In-Reply-To, To, Delivered-To, any X-Spam-* verdict of another filter)
-and which software sent it (X-Mailer, X-MimeOLE, ...: forged by spam software) are
-deliberately not features: they describe where and when the training mail happened to be
-collected, not whether it is spam, and a model that leans on them loses its recall on
-mail from anywhere else.
+Logistic regression over sparse binary features: body words and word pairs, subject
+words, sender / reply-to / URL domains, structural signals (HTML-only, links to the sender
+or elsewhere, delivery reports, one-click unsubscribe, DKIM signer vs From, invisible and
+look-alike characters, how the body is written, attachment types, shouting subjects), and
+the results of the admin's own verifier (auth_results.py). Headers that only say which list
+or relay a message came through (Received, List-Id, In-Reply-To, To, Delivered-To, other
+filters' verdicts) or which software sent it (X-Mailer, ...: forged by spam software) are
+deliberately not features: they say where the training mail was collected, not whether
+it is spam.
 
 Scoring runs the body block (words, pairs, their weights, the strongest for the reasons)
 in the compiled extension `_hotpath` when it is built and `Model.compiled` (ENABLE_COMPILED)
@@ -37,6 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
+from atlas_milter import auth_results
 from atlas_milter.errors import ModelError
 from atlas_milter.message import MAX_HEADER_CHARS, ParsedMessage
 from atlas_milter.verdict import Score
@@ -164,8 +164,8 @@ META_BLOCK_WEIGHT = 1.5
 FeatureSets = tuple[set[str], set[str]]  # (body words and pairs, header and structure signals)
 
 
-def features(msg: ParsedMessage) -> FeatureSets:
-    """The sparse binary features of one message, as (body, meta) sets."""
+def features(msg: ParsedMessage, trusted: tuple[str, ...] = ()) -> FeatureSets:
+    """The (body, meta) feature sets of one message; `trusted`: see auth_results.py."""
     text = msg.text.lower()
     words = _body_words(text)
     tokens = [w if w.isalpha() else _word_token(w) for w in words if w not in FUNCTION_WORDS]
@@ -173,7 +173,7 @@ def features(msg: ParsedMessage) -> FeatureSets:
     pairs = tokens[: MAX_PAIRS + 1]
     body.update(map(" ".join, zip(pairs, pairs[1:])))
     body.update(_named_tokens(msg))
-    return body, _meta_features(msg, text, len(words))
+    return body, _meta_features(msg, text, len(words), trusted=trusted)
 
 
 def _body_words(lowered_text: str) -> list[str]:
@@ -189,7 +189,8 @@ def _named_tokens(msg: ParsedMessage) -> list[str]:
     return named
 
 
-def _meta_features(msg: ParsedMessage, text: str, n_words: int, compiled: bool = False) -> set[str]:
+def _meta_features(msg: ParsedMessage, text: str, n_words: int, compiled: bool = False,
+                   trusted: tuple[str, ...] = ()) -> set[str]:
     """The header and structure signals of a message whose lowercased body text is `text`
     and has `n_words` body words (`compiled`: count with the compiled extension)."""
     feats: set[str] = set()
@@ -222,6 +223,8 @@ def _meta_features(msg: ParsedMessage, text: str, n_words: int, compiled: bool =
     if not msg.message_id:
         add("sig:no-message-id")
     _sender_signals(msg, add)
+    if trusted:
+        feats |= auth_results.features(msg.headers, msg.sender_domain, trusted, _domain_tail)
     if not msg.header("date"):
         add("sig:no-date")
     if subject.lower().startswith("re:") and not (msg.header("in-reply-to") or msg.header("references")):
@@ -276,15 +279,13 @@ def _meta_features(msg: ParsedMessage, text: str, n_words: int, compiled: bool =
 
 
 def _style_counts(text: str, scan_chars: int) -> tuple[int, int, int, int]:
-    """Shouted words, exclamation marks, money amounts and percent signs in text[:scan_chars]
-    (the reference of the compiled _hotpath.style_counts)."""
+    """Shouted words, '!', money amounts and '%' in text[:scan_chars] (_hotpath.style_counts' reference)."""
     return (len(_CAPS_WORD_RE.findall(text, 0, scan_chars)), text.count("!", 0, scan_chars),
             len(_MONEY_RE.findall(text, 0, scan_chars)), text.count("%", 0, scan_chars))
 
 
 def _body_style(text: str, n_words: int, add, compiled: bool = False) -> None:
-    """How the body is written, whatever its words: shouting, exclamation marks, money
-    amounts and percentages, each counted per 100 words of the text."""
+    """How the body is written, whatever its words: shouting, '!', money, '%' per 100 words."""
     if n_words < 20:
         return
     counts = _hotpath.style_counts if compiled else _style_counts
@@ -375,6 +376,7 @@ class Model:
     meta: dict = field(default_factory=dict)
     # score() through the compiled extension when it is built (ENABLE_COMPILED); not saved
     compiled: bool = field(default=True, compare=False)
+    trusted_authserv: tuple[str, ...] = field(default=(), compare=False)  # [classifier] trusted_authserv_id; not saved
     _table: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -394,7 +396,7 @@ class Model:
     def score(self, msg: ParsedMessage) -> Score:
         table = self._compiled_table()
         if table is None:  # the reference
-            margin, blocks = _weigh(self.weights, self.bias, features(msg))
+            margin, blocks = _weigh(self.weights, self.bias, features(msg, self.trusted_authserv))
             prob = self.probability(margin)
             toward_spam = prob >= 0.5
             candidates = [c for names, found, scale in blocks for c in _candidates(names, found, scale, toward_spam)]
@@ -403,7 +405,7 @@ class Model:
         text = msg.text.lower()
         n_words, body_sum, body_known, toward_spam_body, toward_ham_body = table.score_body(text, _named_tokens(msg))
         meta_names, meta_found, meta_scale = _weigh_block(
-            self.weights, _meta_features(msg, text, n_words, compiled=True), META_BLOCK_WEIGHT)
+            self.weights, _meta_features(msg, text, n_words, True, self.trusted_authserv), META_BLOCK_WEIGHT)
         margin = self.bias
         margin += 1.0 / math.sqrt(body_known + 1) * body_sum
         margin += meta_scale * sum(filter(None, meta_found))
@@ -568,7 +570,7 @@ def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_rounds: int = 8,
     shift the weights of the message's features, all by the same amount, until the model
     scores it a clear 0.05 past the cutoff on the label's side. Returns the new score.
     `cutoffs` (spam, ham): the ones in force when they are not the model's own."""
-    body, meta = features(msg)
+    body, meta = features(msg, model.trusted_authserv)
     spam_cutoff, ham_cutoff = cutoffs if cutoffs is not None else (model.spam_cutoff, model.ham_cutoff)
     goal = min(0.99, spam_cutoff + 0.05) if is_spam else max(0.01, ham_cutoff - 0.05)
     goal_margin = math.log(goal / (1.0 - goal)) * model.temperature
@@ -592,8 +594,7 @@ def learn(model: Model, msg: ParsedMessage, is_spam: bool, max_rounds: int = 8,
 
 def _stamp_learned(model: Model, feats: set[str], is_spam: bool) -> None:
     """A new version after a learn that changed weights, chained from the old version and
-    what was learnt: the same model taught the same message gets the same version.
-    Re-hashing every weight, as _stamp_version does after training, took ~0.5 s per learn
-    on the shipped model (130,000 weights); this takes well under a millisecond."""
+    what was learnt: the same model taught the same message gets the same version (re-hashing
+    every weight, as _stamp_version does, took ~0.5 s a learn; this, well under 1 ms)."""
     seed = f"{model.version}\0{int(is_spam)}\0" + "\0".join(sorted(feats))
     model.meta["version"] = f"{model.meta.get('name', 'model')}-{hashlib.sha256(seed.encode()).hexdigest()[:10]}"

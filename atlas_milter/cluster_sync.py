@@ -320,6 +320,7 @@ def learn_for_every_host(config: Any, raws: list[bytes], is_spam: bool) -> list[
     from atlas_milter.policy import resolve_cutoffs
 
     base = load_model(config.classifier.model or None)
+    base.trusted_authserv = config.classifier.trusted_authserv_id
     cutoffs = resolve_cutoffs(config.classifier, base)
     cluster = from_config(config, base)
     cluster.link.breaker.quiet = True  # the one error line below says it

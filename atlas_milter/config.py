@@ -61,8 +61,14 @@ class ClassifierConfig:
     spam_cutoff: float = 0.0  # 0 means: the cutoff stored in the model
     ham_cutoff: float = 0.0  # 0 means: the cutoff stored in the model
     max_bytes: int = 512 * 1024  # bytes of each message analysed; the rest is ignored
+    # authserv-ids of your own verifier (OpenDKIM, OpenDMARC, ...): only their Authentication-Results are read
+    trusted_authserv_id: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for ident in self.trusted_authserv_id:
+            if not ident or any(ch.isspace() or ch in ";()" for ch in ident):
+                raise ConfigError(f"config: [classifier] trusted_authserv_id: {ident!r} is not an authserv-id "
+                                  "(the first word of your verifier's Authentication-Results, e.g. \"mx.example.org\")")
         for key in ("spam_cutoff", "ham_cutoff"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"config: [classifier] {key}: must be between 0 and 1")

@@ -77,7 +77,7 @@ def make_event(model: Model, raw: bytes, is_spam: bool, max_bytes: int, host: st
     message's score before and after. `model` itself is not touched."""
     parsed = parse_message(raw, max_bytes)
     trial = _own_copy(model)
-    before = model.probability(model.margin(features(parsed)))
+    before = model.probability(model.margin(features(parsed, model.trusted_authserv)))
     after = learn(trial, parsed, is_spam, cutoffs=cutoffs)
     deltas = {f: round(w - model.weights.get(f, 0.0), WEIGHT_DECIMALS + 2)
               for f, w in trial.weights.items() if w != model.weights.get(f, 0.0)}

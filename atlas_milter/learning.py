@@ -69,7 +69,7 @@ def learn_message(model: Model, raw: bytes, is_spam: bool, max_bytes: int,
                   cutoffs: tuple[float, float] | None = None) -> tuple[float, float]:
     """Update `model` in place from one labelled message; its score (before, after)."""
     parsed = parse_message(raw, max_bytes)
-    before = model.probability(model.margin(features(parsed)))
+    before = model.probability(model.margin(features(parsed, model.trusted_authserv)))
     return before, learn(model, parsed, is_spam, cutoffs=cutoffs)
 
 

@@ -175,9 +175,11 @@ class Pipeline:
     def make_scorer(self, model: Model, classifier: ClassifierConfig | None = None) -> Scorer:
         """A scorer for `model` (cutoffs from `classifier`, default this pipeline's config,
         else the model's): its own worker pool and an empty cache. Not in use until `use`."""
-        cutoffs = resolve_cutoffs(classifier or self.config.classifier, model)
+        classifier = classifier or self.config.classifier
+        cutoffs = resolve_cutoffs(classifier, model)
         if isinstance(model, Model):
             model.compiled = self.features.compiled
+            model.trusted_authserv = classifier.trusted_authserv_id
             model.prepare()
         cache = configure_cache(self.perf.cache_size, self.perf.cache_ttl) if self.features.caching else None
         return Scorer(model, cutoffs, self._make_pool(model), cache)

@@ -190,6 +190,7 @@ def learn_ham(config: Config, raw: bytes) -> tuple[float, float, str]:
     path = learned_model_path(config)
     with _file_lock(Path(path + ".lock")):
         model = model_to_learn(path)
+        model.trusted_authserv = config.classifier.trusted_authserv_id
         cutoffs = resolve_cutoffs(config.classifier, model)
         before, after = learn_message(model, raw, False, config.classifier.max_bytes, (cutoffs.spam, cutoffs.ham))
         save_model(model, path)

@@ -103,6 +103,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if not target:
         raise AtlasError("learn updates a model file: give --model PATH (a new path starts from the shipped model)")
     model = learning.model_to_learn(target)
+    model.trusted_authserv = config.classifier.trusted_authserv_id
     for label, specs in (("spam", args.spam or ()), ("ham", args.ham or ())):
         for spec in specs:
             for item in iter_source(spec):
@@ -135,6 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _load_config(args)
     model = load_model(config.classifier.model or None)
     model.compiled = config.features.compiled
+    model.trusted_authserv = config.classifier.trusted_authserv_id
     cutoffs = resolve_cutoffs(config.classifier, model)
     report = evaluate(model, labelled_items(args.ham or (), args.spam or (), args.index, args.split), cutoffs,
                       config.classifier.max_bytes)
