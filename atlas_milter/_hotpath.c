@@ -1252,28 +1252,6 @@ done:
  * the names starting with one of `prefixes` (ASCII, lowercase; compared case-insensitively),
  * the last macro packet's strings or None). Returns (bytes consumed, items, bad length or -1). */
 
-typedef struct {
-    char *at;
-    Py_ssize_t len, size;
-} Buf;
-
-static int buf_reserve(Buf *out, Py_ssize_t more)
-{
-    if (out->len + more <= out->size)
-        return 0;
-    Py_ssize_t size = out->size ? out->size : 4096;
-    while (size < out->len + more)
-        size *= 2;
-    char *grown = PyMem_Realloc(out->at, (size_t)size);
-    if (!grown) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    out->at = grown;
-    out->size = size;
-    return 0;
-}
-
 static int is_header_packet(char cmd, const unsigned char *data, Py_ssize_t n)
 {
     if (cmd == 'D')
@@ -1311,35 +1289,35 @@ static int has_prefix_ci(const unsigned char *name, Py_ssize_t n, PyObject *pref
 }
 
 /* Appends "name: value\r\n" to out (value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")). */
-static int append_header(Buf *out, const unsigned char *data, Py_ssize_t name_len, Py_ssize_t value_len)
+static int append_header(Bytes *out, const unsigned char *data, Py_ssize_t name_len, Py_ssize_t value_len)
 {
     const unsigned char *value = data + name_len + 1;
-    if (buf_reserve(out, name_len + 4 + 2 * value_len) < 0)
+    if (bytes_reserve(out, name_len + 4 + 2 * value_len) < 0)
         return -1;
-    memcpy(out->at + out->len, data, name_len);
-    out->len += name_len;
-    out->at[out->len++] = ':';
-    out->at[out->len++] = ' ';
+    memcpy(out->buf + out->used, data, name_len);
+    out->used += name_len;
+    out->buf[out->used++] = ':';
+    out->buf[out->used++] = ' ';
     for (Py_ssize_t i = 0; i < value_len; i++) {
         unsigned char c = value[i];
         if (c == '\r' && i + 1 < value_len && value[i + 1] == '\n')
             continue; /* "\r\n" -> "\n", which the next step makes "\r\n" again */
         if (c == '\n')
-            out->at[out->len++] = '\r';
-        out->at[out->len++] = (char)c;
+            out->buf[out->used++] = '\r';
+        out->buf[out->used++] = (char)c;
     }
-    out->at[out->len++] = '\r';
-    out->at[out->len++] = '\n';
+    out->buf[out->used++] = '\r';
+    out->buf[out->used++] = '\n';
     return 0;
 }
 
-static PyObject *header_run_item(const char *buf, Py_ssize_t start, Py_ssize_t end, Buf *block, PyObject *forged,
+static PyObject *header_run_item(const char *buf, Py_ssize_t start, Py_ssize_t end, Bytes *block, PyObject *forged,
                                  const unsigned char *macros, Py_ssize_t macros_len)
 {
     PyObject *none_or_macros = macros ? PyBytes_FromStringAndSize((const char *)macros, macros_len) : Py_NewRef(Py_None);
     if (!none_or_macros)
         return NULL;
-    return Py_BuildValue("(y#y#y#ON)", "*", (Py_ssize_t)1, buf + start, end - start, block->len ? block->at : "", block->len,
+    return Py_BuildValue("(y#y#y#ON)", "*", (Py_ssize_t)1, buf + start, end - start, block->used ? block->buf : "", block->used,
                          forged, none_or_macros);
 }
 
@@ -1361,7 +1339,7 @@ static PyObject *split_commands(PyObject *Py_UNUSED(module), PyObject *args)
     Py_ssize_t run_start = -1;
     const unsigned char *macros = NULL;
     Py_ssize_t macros_len = 0;
-    Buf block = {0};
+    Bytes block = {0};
     PyObject *items = PyList_New(0), *forged = NULL, *item = NULL;
     if (!items)
         goto fail;
@@ -1380,7 +1358,7 @@ static PyObject *split_commands(PyObject *Py_UNUSED(module), PyObject *args)
         if (is_header_packet(cmd, data, data_len)) {
             if (run_start < 0) {
                 run_start = pos;
-                block.len = 0;
+                block.used = 0;
                 macros = NULL;
                 if (!(forged = PyList_New(0)))
                     goto fail;
@@ -1427,14 +1405,14 @@ static PyObject *split_commands(PyObject *Py_UNUSED(module), PyObject *args)
         Py_CLEAR(item);
     }
     Py_XDECREF(forged);
-    PyMem_Free(block.at);
+    PyMem_Free(block.buf);
     PyBuffer_Release(&view);
     return Py_BuildValue("(nNn)", pos, items, bad);
 fail:
     Py_XDECREF(item);
     Py_XDECREF(forged);
     Py_XDECREF(items);
-    PyMem_Free(block.at);
+    PyMem_Free(block.buf);
     PyBuffer_Release(&view);
     return NULL;
 }
