@@ -11,8 +11,8 @@ has the receiving MTA delete incoming fields that carry its own authserv-id (Ope
 unless KeepAuthResults is set); where that is not done, a sender can forge these features.
 
 The shipped model was trained without them (no training corpus was verified by the admin's
-server), so their weights start at zero and the learn path (Junk moves, `atlas-milter learn`)
-weighs them for the mail of the site that configures them.
+server), so their weights start at zero; the learn path (Junk moves, `atlas-milter learn`) and
+`atlas-milter train` with the setting weigh them for the mail of the site that configures them.
 
 Must not: read a field whose authserv-id is not trusted, or raise on any header value.
 """

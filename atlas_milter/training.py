@@ -28,6 +28,7 @@ class TrainingOptions:
     target_ham_fpr: float = 0.003  # the spam cutoff keeps out-of-fold ham false positives at or below this
     source_ham_fpr: float = 0.01  # ... and at or below this on the ham of each training source
     source_weights: dict[str, float] = field(default_factory=dict)  # how much a source's messages count (default 1)
+    trusted_authserv: tuple[str, ...] = ()  # whose Authentication-Results are features ([classifier] trusted_authserv_id)
 
 
 Example = tuple[tuple[frozenset[str], frozenset[str]], int, float]  # (features, label, weight)
@@ -119,7 +120,8 @@ def train_model(
     if len(ham_src) != len(ham) or len(spam_src) != len(spam):
         raise ModelError("one source name per training message is needed")
     sources = ham_src + spam_src
-    raw_examples = [(features(m), 0) for m in ham] + [(features(m), 1) for m in spam]
+    trusted = opts.trusted_authserv
+    raw_examples = [(features(m, trusted), 0) for m in ham] + [(features(m, trusted), 1) for m in spam]
     raw_examples = [
         (feats, y, float(opts.source_weights.get(src, 1.0))) for (feats, y), src in zip(raw_examples, sources)
     ]

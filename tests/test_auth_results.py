@@ -128,3 +128,27 @@ def test_learn_then_classify_from_the_command_line(tmp_path):
         assert proc.returncode == 0, proc.stderr
         scores[name] = json.loads(proc.stdout)["score"]
     assert scores["trusted"] > scores["plain"] + 0.01
+
+
+def test_train_reads_them_for_a_site_model_only_with_the_setting(tmp_path):
+    """`atlas-milter train` on a site's own verified mail: with trusted_authserv_id the
+    verifier's results are features of the trained model; without it they are not."""
+    ham_dir, spam_dir = tmp_path / "ham", tmp_path / "spam"
+    ham_dir.mkdir(), spam_dir.mkdir()
+    topics = ["invoice", "meeting", "report", "delivery", "review", "budget", "travel", "release"]
+    for i, topic in enumerate(topics):
+        (ham_dir / f"{i}.eml").write_bytes(message("mx.example.org; dkim=pass header.d=shop.example; dmarc=pass")
+                                           .replace(b"invoice 4711", f"{topic} {i}".encode()))
+        (spam_dir / f"{i}.eml").write_bytes(message("mx.example.org; dkim=fail header.d=shop.example; dmarc=fail",
+                                                    sender=f"win{i}@prize{i}.example")
+                                            .replace(b"invoice 4711", f"WIN a {topic} now {i}".encode()))
+    cfg = tmp_path / "site.toml"
+    cfg.write_text('[classifier]\ntrusted_authserv_id = ["mx.example.org"]\n')
+    trained = {}
+    for name, extra in (("site", ["--config", str(cfg)]), ("plain", [])):
+        out = tmp_path / f"{name}.json"
+        proc = run("train", "--ham", str(ham_dir), "--spam", str(spam_dir), "-o", str(out), *extra)
+        assert proc.returncode == 0, proc.stderr
+        trained[name] = json.loads(out.read_text())["weights"]
+    assert trained["site"]["auth:dmarc-fail"] > 0 > trained["site"]["auth:dmarc-pass"]
+    assert not any(name.startswith("auth:") for name in trained["plain"])

@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = train_from_sources(
         args.ham or (), args.spam or (), args.index, args.split,
         name=args.name or Path(args.output).name.split(".")[0], max_bytes=config.classifier.max_bytes,
-        options=TrainingOptions(source_weights=weights),
+        options=TrainingOptions(source_weights=weights, trusted_authserv=config.classifier.trusted_authserv_id),
     )
     save_model(model, args.output)
     print(
