@@ -176,11 +176,8 @@ class AtlasMilter(Milter.Base):
         try:
             if isinstance(name, bytes):
                 name = name.decode("latin-1")
-            lname = name.lower()
-            if lname.startswith(FORGED_PREFIXES):
-                n = self._name_counts.get(lname, 0) + 1
-                self._name_counts[lname] = n
-                self.forged.append((name, n))
+            if name.lower().startswith(FORGED_PREFIXES):
+                self._note_forged(name)
             if not self.truncated:
                 self._add(wire.header_line(name.encode("latin-1", "replace"), value))
         except Exception as exc:
@@ -200,17 +197,20 @@ class AtlasMilter(Milter.Base):
             self._held += len(block)
             self.parts.append(block)
             self.size += len(block)
-            for raw_name in forged:
-                name = raw_name.decode("latin-1")
-                lname = name.lower()
-                n = self._name_counts.get(lname, 0) + 1
-                self._name_counts[lname] = n
-                self.forged.append((name, n))
+            for name in forged:
+                self._note_forged(name.decode("latin-1"))
         except Exception as exc:
             self._fail("header", exc)
         finally:
             self.cb_seconds += time.perf_counter() - t0
         return True
+
+    def _note_forged(self, name: str) -> None:
+        """A verdict header the sender wrote (FORGED_PREFIXES): deleted at end of message by
+        its 1-based index among the headers of that name."""
+        lname = name.lower()
+        n = self._name_counts[lname] = self._name_counts.get(lname, 0) + 1
+        self.forged.append((name, n))
 
     def _add(self, data: bytes) -> None:
         room = self.engine.max_bytes - self.size
