@@ -473,13 +473,32 @@ class PostfixInstance(_Server):
             wait_until(lambda: not pid_alive(master), timeout=10, what="postfix master exit")
 
     def reload(self, timeout: float = 10.0) -> None:
-        """``postfix reload`` and wait until the master logged it (new smtpd processes use the new config)."""
+        """``postfix reload``, wait until the master logged it, then until the smtpd processes of the
+        old configuration have exited: an idle one can still accept the next connection in the moment
+        before it notices the reload, and would serve it with the old milter settings."""
         before = self.maillog().count("reload -- version")
+        old_smtpd = self._smtpd_pids()
         self._run([_binary("postfix"), "-c", str(self.conf_dir), "reload"])
         wait_until(
             lambda: self.maillog().count("reload -- version") > before,
             timeout=timeout, what="postfix reload", proc=self.proc, logs=(self.maillog_path,),
         )
+        wait_until(lambda: not any(pid_alive(pid) for pid in old_smtpd), timeout=timeout,
+                   what="smtpd processes of the old configuration to exit", proc=self.proc)
+
+    def _smtpd_pids(self) -> list[int]:
+        """The master's smtpd children (from /proc: their parent and their command name)."""
+        master = self._master_pid()
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            name, _, rest = text[text.index("(") + 1:].rpartition(")")
+            if name == "smtpd" and int(rest.split()[1]) == master:
+                pids.append(int(stat.parent.name))
+        return pids
 
     def postconf(self, **settings: str) -> None:
         """Edit main.cf (``postconf -e``); call reload() afterwards when running."""
